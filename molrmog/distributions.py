@@ -1,0 +1,454 @@
+"""Analytic MoLR-MoG distributions (ground truths) built on `molrmog.mixture`.
+
+    p0(x) = sum_k w_k sum_l pi_{k,l} N(x; A_k mu_{k,l}, A_k U_{k,l} U_{k,l}^T A_k^T)
+
+`MoLRMoG` is the general class; `MoLRG` (one zero-mean Gaussian per subspace) and
+`GaussianMixture` (K = 1, A = I) are the same object built from fewer parameters.
+Every distribution has the verbs `sample`, `log_prob`, `score`, `denoise`,
+`responsibilities`, a `random` constructor, and `save` / `load` to a directory
+(`config.json` + `params.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import mixture as mx
+from .schedules import Schedule, get_schedule
+
+__all__ = ["MoLRMoG", "MoLRG", "GaussianMixture", "load_distribution", "random_orthonormal"]
+
+FORMAT_VERSION = 1
+
+
+def random_orthonormal(D: int, d: int, generator: torch.Generator | None = None,
+                       dtype=torch.float64) -> Tensor:
+    """A (D, d) matrix with orthonormal columns, uniformly distributed (QR of a Gaussian)."""
+    if d > D:
+        raise ValueError(f"cannot have d = {d} orthonormal columns in dimension D = {D}; need d <= D")
+    G = torch.randn(D, d, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(G)
+    return (Q * torch.sign(torch.diagonal(R))).to(dtype)
+
+
+def _check_weights(p: Tensor, what: str, normalize: bool) -> Tensor:
+    if p.ndim != 1 or p.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty vector, got shape {tuple(p.shape)}")
+    if not torch.isfinite(p).all():
+        raise ValueError(f"{what} contains NaN or Inf: {p.tolist()}")
+    if bool((p <= 0).any()):
+        raise ValueError(f"{what} must be strictly positive, got {p.tolist()}; drop empty components instead")
+    total = float(p.sum())
+    if normalize:
+        return p / p.sum()
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(
+            f"{what} must sum to 1, got sum {total:.8g}; pass normalize=True to rescale them on purpose"
+        )
+    return p
+
+
+def _as_list(x, K: int, what: str) -> list:
+    if isinstance(x, int):
+        return [x] * K
+    x = list(x)
+    if len(x) != K:
+        raise ValueError(f"{what} must be an int or a list of K = {K} values, got {len(x)} values")
+    return x
+
+
+class MoLRMoG:
+    """Mixture of low-rank subspaces, each carrying a mixture of low-rank Gaussians.
+
+    Args:
+        A: K matrices (D, d_k) with orthonormal columns, or None for A = I (then K = 1).
+        mu: K tensors (n_k, d_k) of latent means.
+        U: K entries, each a tensor (n_k, d_k, r_k) or a list of n_k tensors (d_k, r_{k,l}).
+        w: (K,) subspace weights (default uniform).
+        pi: K tensors (n_k,) of mode weights (default uniform).
+        schedule: noise schedule used by the t-dependent verbs ('vp', 've', 'cosine' or a Schedule).
+        normalize: rescale w and pi to sum to 1 instead of rejecting them.
+        orth_tol: largest accepted ||A_k^T A_k - I||_F.
+    """
+
+    def __init__(self, A: Sequence[Tensor] | None, mu: Sequence[Tensor], U: Sequence, w=None, pi=None,
+                 *, schedule: str | Schedule | dict = "vp", normalize: bool = False,
+                 orth_tol: float = 1e-4, dtype: torch.dtype | None = None):
+        mu = [torch.as_tensor(m) for m in mu]
+        K = len(mu)
+        if K == 0:
+            raise ValueError("a mixture needs at least one subspace (mu is empty)")
+        dtype = dtype or mu[0].dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float64
+        if len(U) != K:
+            raise ValueError(f"U must have one entry per subspace: K = {K} from mu, got {len(U)}")
+        self.schedule = get_schedule(schedule)
+
+        # latent dims and modes
+        d, n, r = [], [], []
+        for k, m in enumerate(mu):
+            if m.ndim != 2 or m.shape[0] < 1:
+                raise ValueError(f"mu[{k}] must have shape (n_k >= 1, d_k), got {tuple(m.shape)}")
+            n.append(m.shape[0])
+            d.append(m.shape[1])
+        Us: list[list[Tensor]] = []
+        for k, Uk in enumerate(U):
+            Uk = list(Uk) if not isinstance(Uk, Tensor) else list(Uk.unbind(0)) if Uk.ndim == 3 else None
+            if Uk is None or len(Uk) != n[k]:
+                raise ValueError(
+                    f"U[{k}] must be a tensor (n_k, d_k, r) or a list of n_k = {n[k]} tensors (d_k, r)"
+                )
+            for l, Ukl in enumerate(Uk):
+                Ukl = torch.as_tensor(Ukl)
+                if Ukl.ndim != 2 or Ukl.shape[0] != d[k] or Ukl.shape[1] > d[k] or Ukl.shape[1] < 1:
+                    raise ValueError(
+                        f"U[{k}][{l}] must have shape (d_k, r) with d_k = {d[k]} and 1 <= r <= d_k, "
+                        f"got {tuple(Ukl.shape)}"
+                    )
+                Uk[l] = Ukl.to(dtype)
+            Us.append(Uk)
+            r.append([u.shape[1] for u in Uk])
+
+        if A is None:
+            if K != 1:
+                raise ValueError(f"A = None (identity) needs K = 1, got K = {K}")
+            D = d[0]
+            As = None
+        else:
+            if len(A) != K:
+                raise ValueError(f"A must have one matrix per subspace: K = {K} from mu, got {len(A)}")
+            As = [torch.as_tensor(a).to(dtype) for a in A]
+            D = As[0].shape[0]
+            for k, a in enumerate(As):
+                if a.ndim != 2 or a.shape != (D, d[k]):
+                    raise ValueError(f"A[{k}] must have shape (D, d_k) = ({D}, {d[k]}), got {tuple(a.shape)}")
+                if not torch.isfinite(a).all():
+                    raise ValueError(f"A[{k}] contains NaN or Inf")
+                a64 = a.double()
+                err = torch.linalg.norm(a64.T @ a64 - torch.eye(d[k], dtype=torch.float64)).item()
+                if err > orth_tol:
+                    raise ValueError(
+                        f"A[{k}] must have orthonormal columns: ||A^T A - I||_F = {err:.3g} > {orth_tol:g}; "
+                        "orthonormalise it first (torch.linalg.qr(A).Q)"
+                    )
+        for k, m in enumerate(mu):
+            if not torch.isfinite(m).all():
+                raise ValueError(f"mu[{k}] contains NaN or Inf")
+        for k, Uk in enumerate(Us):
+            for l, u in enumerate(Uk):
+                if not torch.isfinite(u).all():
+                    raise ValueError(f"U[{k}][{l}] contains NaN or Inf")
+
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if w is None else torch.as_tensor(w).double()
+        if w.shape != (K,):
+            raise ValueError(f"w must have shape (K,) = ({K},), got {tuple(w.shape)}")
+        w = _check_weights(w, "w (subspace weights)", normalize)
+        if pi is None:
+            pi = [torch.full((nk,), 1.0 / nk, dtype=torch.float64) for nk in n]
+        if len(pi) != K:
+            raise ValueError(f"pi must have one vector per subspace: K = {K}, got {len(pi)}")
+        pis = []
+        for k, p in enumerate(pi):
+            p = torch.as_tensor(p).double()
+            if p.shape != (n[k],):
+                raise ValueError(f"pi[{k}] must have shape (n_k,) = ({n[k]},), got {tuple(p.shape)}")
+            pis.append(_check_weights(p, f"pi[{k}] (mode weights)", normalize))
+
+        self.D, self.K, self.d, self.n, self.r = D, K, d, n, r
+        self.dtype = dtype
+        self.mixture = self._pad(As, [m.to(dtype) for m in mu], Us, w, pis)
+        self._cache: dict = {}
+
+    # --- construction helpers ---------------------------------------------------------
+    def _pad(self, As, mus, Us, w, pis) -> mx.Mixture:
+        K, dm, Lm = self.K, max(self.d), max(self.n)
+        rm = max(max(rk) for rk in self.r)
+        dt = self.dtype
+        A = None
+        if As is not None:
+            A = torch.zeros(K, self.D, dm, dtype=dt)
+        mu = torch.zeros(K, Lm, dm, dtype=dt)
+        U = torch.zeros(K, Lm, dm, rm, dtype=dt)
+        log_pi = torch.full((K, Lm), -math.inf, dtype=dt)
+        for k in range(K):
+            dk, nk = self.d[k], self.n[k]
+            if A is not None:
+                A[k, :, :dk] = As[k]
+            mu[k, :nk, :dk] = mus[k]
+            for l in range(nk):
+                U[k, l, :dk, : self.r[k][l]] = Us[k][l]
+            log_pi[k, :nk] = torch.log(pis[k]).to(dt)
+        return mx.Mixture(torch.log(w).to(dt), A, log_pi, mu, U)
+
+    def _mix_for(self, x: Tensor) -> mx.Mixture:
+        key = (x.dtype, x.device)
+        if key not in self._cache:
+            self._cache[key] = self.mixture.to(dtype=x.dtype, device=x.device)
+        return self._cache[key]
+
+    # --- parameters as lists (unpadded) -----------------------------------------------
+    @property
+    def weights(self) -> Tensor:
+        """(K,) subspace weights w_k."""
+        return self.mixture.log_w.exp()
+
+    @property
+    def mode_weights(self) -> Tensor:
+        """(K, L) joint weights w_k pi_{k,l} (0 on padded modes)."""
+        return self.mixture.log_weights.exp()
+
+    def parts(self) -> dict:
+        """Unpadded parameters: A (list or None), mu, U (lists of lists), w, pi."""
+        m = self.mixture
+        A = None if m.A is None else [m.A[k, :, : self.d[k]].clone() for k in range(self.K)]
+        mu = [m.mu[k, : self.n[k], : self.d[k]].clone() for k in range(self.K)]
+        U = [[m.U[k, l, : self.d[k], : self.r[k][l]].clone() for l in range(self.n[k])]
+             for k in range(self.K)]
+        pi = [m.log_pi[k, : self.n[k]].exp().double() for k in range(self.K)]
+        return {"A": A, "mu": mu, "U": U, "w": m.log_w.exp().double(), "pi": pi}
+
+    def component_moments(self) -> tuple[Tensor, Tensor]:
+        """Ambient means (K, L, D) and covariances (K, L, D, D) of the clean components."""
+        m = self.mixture
+        A = m.A if m.A is not None else torch.eye(self.D, dtype=self.dtype)[None]
+        mean = torch.einsum("kDd,kld->klD", A, m.mu)
+        F = torch.einsum("kDd,kldr->klDr", A, m.U)
+        return mean, F @ F.transpose(-1, -2)
+
+    # --- input checks -----------------------------------------------------------------
+    def _check_x(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            x = torch.as_tensor(x, dtype=self.dtype)
+        if x.ndim != 2 or x.shape[1] != self.D:
+            raise ValueError(f"x must have shape (B, D) with D = {self.D}, got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            x = x.to(self.dtype)
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"x contains NaN or Inf (rows {bad}...); clean the input first")
+        return x
+
+    def _st(self, x: Tensor, t, allow_zero: bool = False):
+        self.schedule.check_t(t, allow_zero=allow_zero)
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
+            raise ValueError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+        s = self.schedule.s(t).to(x.dtype).to(x.device)
+        g = self.schedule.gamma(t).to(x.dtype).to(x.device)
+        return s, g
+
+    # --- the verbs --------------------------------------------------------------------
+    def log_prob(self, x: Tensor, t: float | Tensor = 0.0) -> Tensor:
+        """log p_t(x): (B,). At t = 0 only for distributions with a density in R^D (full rank)."""
+        x = self._check_x(x)
+        tt = torch.as_tensor(t, dtype=torch.float64)
+        if bool((tt == 0).all()):
+            return mx.log_prob_clean(self._mix_for(x), x)
+        if bool((tt == 0).any()):
+            raise ValueError("mixing t = 0 with t > 0 in one call is not supported; split the batch")
+        s, g = self._st(x, t)
+        return mx.log_prob(self._mix_for(x), x, s, g)
+
+    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """grad_x log p_t(x): (B, D)."""
+        x = self._check_x(x)
+        return mx.score(self._mix_for(x), x, *self._st(x, t))
+
+    def denoise(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """E[x_0 | x_t = x] (Tweedie): (B, D)."""
+        x = self._check_x(x)
+        return mx.denoise(self._mix_for(x), x, *self._st(x, t))
+
+    def responsibilities(self, x: Tensor, t: float | Tensor) -> Tensor:
+        """Posterior probabilities R_{k,l}(x) of each component: (B, K, max n_k), padded modes 0."""
+        x = self._check_x(x)
+        return mx.responsibilities(self._mix_for(x), x, *self._st(x, t))
+
+    def posterior(self, x: Tensor, t: float | Tensor) -> mx.Posterior:
+        """log p_t, R and s E[x0|x_t] from one evaluation."""
+        x = self._check_x(x)
+        return mx.posterior(self._mix_for(x), x, *self._st(x, t))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw n points: x (n, D) and labels (n, 2) = (k, l)."""
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        m = self.mixture
+        probs = m.log_weights.exp().flatten().double()
+        idx = torch.multinomial(probs, int(n), replacement=True, generator=generator)
+        k, l = idx // m.L, idx % m.L
+        eps = torch.randn(int(n), m.r, generator=generator, dtype=torch.float64).to(self.dtype)
+        z = m.mu[k, l] + torch.einsum("ndr,nr->nd", m.U[k, l], eps)  # (n, d)
+        c = torch.zeros(int(n), m.K, m.d, dtype=self.dtype)
+        c[torch.arange(int(n)), k] = z
+        return mx._decode(m, c), torch.stack([k, l], 1)
+
+    def noise(self, x0: Tensor, t, generator: torch.Generator | None = None) -> Tensor:
+        """x_t = s_t x_0 + gamma_t eps."""
+        s, g = self._st(x0, t)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        sv = s if s.ndim == 0 else s[:, None]
+        gv = g if g.ndim == 0 else g[:, None]
+        return sv * x0 + gv * eps
+
+    # --- constructors -----------------------------------------------------------------
+    @classmethod
+    def random(cls, D: int, K: int, d: int | Sequence[int], n: int | Sequence[int] = 2,
+               r: int | Sequence[int] | None = None, *, separation: float = 4.0, scale: float = 1.0,
+               w=None, seed: int = 0, dtype=torch.float64, schedule="vp") -> MoLRMoG:
+        """A random MoLR-MoG: uniform random subspaces, means of norm ~separation, factors of scale ~scale.
+
+        separation: typical norm of the latent means mu_{k,l} (pairwise distance ~ separation * sqrt 2),
+            in units of the component standard deviation along each factor direction (~scale).
+        r: rank of every U_{k,l} (default d_k: full rank in the latent).
+        """
+        _check_dims(D, K, d, n, r)
+        g = torch.Generator().manual_seed(seed)
+        d, n = _as_list(d, K, "d"), _as_list(n, K, "n")
+        r = _as_list(d if r is None else r, K, "r")
+        A = [random_orthonormal(D, d[k], g) for k in range(K)]
+        mu = [separation * torch.randn(n[k], d[k], generator=g, dtype=torch.float64) / math.sqrt(d[k])
+              for k in range(K)]
+        U = [scale * torch.randn(n[k], d[k], r[k], generator=g, dtype=torch.float64) / math.sqrt(d[k])
+             for k in range(K)]
+        return MoLRMoG(A, mu, U, w=w, schedule=schedule, dtype=dtype)
+
+    # --- save / load ------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"class": type(self).__name__, "format_version": FORMAT_VERSION, "D": self.D, "K": self.K,
+                "d": self.d, "n": self.n, "r": self.r, "identity_A": self.mixture.A is None,
+                "dtype": str(self.dtype).removeprefix("torch."), "schedule": self.schedule.config()}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and params.safetensors into directory (created; files replaced atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        m = self.mixture
+        tensors = {"log_w": m.log_w, "log_pi": m.log_pi, "mu": m.mu, "U": m.U}
+        if m.A is not None:
+            tensors["A"] = m.A
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        _atomic_write(directory / "params.safetensors", lambda p: save_file(tensors, p))
+        _atomic_write(directory / "config.json",
+                      lambda p: Path(p).write_text(json.dumps(self.config(), indent=2)))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> MoLRMoG:
+        return load_distribution(directory)
+
+
+class MoLRG(MoLRMoG):
+    """Mixture of low-rank Gaussians: one zero-mean Gaussian N(0, A_k U_k U_k^T A_k^T) per subspace."""
+
+    def __init__(self, A: Sequence[Tensor], U: Sequence[Tensor] | None = None, w=None, **kwargs):
+        A = [torch.as_tensor(a) for a in A]
+        if U is None:  # isotropic unit covariance in each subspace
+            U = [torch.eye(a.shape[1], dtype=a.dtype) for a in A]
+        if len(U) != len(A):
+            raise ValueError(f"U must have one factor per subspace: K = {len(A)}, got {len(U)}")
+        mu = [torch.zeros(1, a.shape[1], dtype=a.dtype) for a in A]
+        super().__init__(A, mu, [[torch.as_tensor(u)] for u in U], w=w, **kwargs)
+
+    @classmethod
+    def random(cls, D: int, K: int, d: int | Sequence[int], r: int | Sequence[int] | None = None, *,
+               scale: float = 1.0, w=None, seed: int = 0, dtype=torch.float64, schedule="vp") -> MoLRG:
+        """Random subspaces; U_k = scale * I (r = d) or a random (d_k, r_k) factor when r is given."""
+        _check_dims(D, K, d, 1, r)
+        g = torch.Generator().manual_seed(seed)
+        d = _as_list(d, K, "d")
+        A = [random_orthonormal(D, d[k], g) for k in range(K)]
+        if r is None:
+            U = [scale * torch.eye(d[k], dtype=torch.float64) for k in range(K)]
+        else:
+            r = _as_list(r, K, "r")
+            U = [scale * torch.randn(d[k], r[k], generator=g, dtype=torch.float64) / math.sqrt(d[k])
+                 for k in range(K)]
+        return cls(A, U, w=w, schedule=schedule, dtype=dtype)
+
+
+class GaussianMixture(MoLRMoG):
+    """A Gaussian mixture in R^D (K = 1, A = I): sum_l pi_l N(mu_l, U_l U_l^T)."""
+
+    def __init__(self, mu: Tensor, U: Tensor | Sequence[Tensor], pi=None, **kwargs):
+        mu = torch.as_tensor(mu)
+        super().__init__(None, [mu], [U], pi=None if pi is None else [pi], **kwargs)
+
+    @classmethod
+    def random(cls, D: int, n: int = 3, r: int | None = None, *, separation: float = 4.0,
+               scale: float = 1.0, pi=None, seed: int = 0, dtype=torch.float64,
+               schedule="vp") -> GaussianMixture:
+        _check_dims(D, 1, D, n, r)
+        g = torch.Generator().manual_seed(seed)
+        r = D if r is None else r
+        mu = separation * torch.randn(n, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+        U = scale * torch.randn(n, D, r, generator=g, dtype=torch.float64) / math.sqrt(D)
+        return cls(mu, U, pi=pi, schedule=schedule, dtype=dtype)
+
+
+def _check_dims(D, K, d, n, r) -> None:
+    if int(K) < 1:
+        raise ValueError(f"K (number of subspaces) must be >= 1, got {K}")
+    for name, v in (("d", d), ("n", n), ("r", r)):
+        if v is None:
+            continue
+        vals = [v] if isinstance(v, int) else list(v)
+        if any(int(x) < 1 for x in vals):
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    dl = [d] * K if isinstance(d, int) else list(d)
+    if any(x > D for x in dl):
+        raise ValueError(f"latent dimensions d = {d} must not exceed the ambient D = {D}")
+    if r is not None:
+        rl = [r] * len(dl) if isinstance(r, int) else list(r)
+        if len(rl) == len(dl) and any(a > b for a, b in zip(rl, dl, strict=True)):
+            raise ValueError(f"rank r = {r} must not exceed the latent dimension d = {d}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+_CLASSES = {"MoLRMoG": MoLRMoG, "MoLRG": MoLRG, "GaussianMixture": GaussianMixture}
+
+
+def load_distribution(directory: str | os.PathLike) -> MoLRMoG:
+    """Rebuild a distribution saved with `save` (its class comes from config.json)."""
+    directory = Path(directory)
+    cfg_path, par_path = directory / "config.json", directory / "params.safetensors"
+    for p in (cfg_path, par_path):
+        if not p.is_file():
+            raise ValueError(f"{p} is missing; a saved distribution has config.json and params.safetensors")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        t = load_file(str(par_path))
+    except Exception as e:  # noqa: BLE001 - report any corruption with the file name
+        raise ValueError(f"cannot read the saved distribution in {directory}: {e}") from e
+    if cfg.get("class") not in _CLASSES:
+        raise ValueError(f"{cfg_path}: unknown class {cfg.get('class')!r}")
+    K, d, n, r = cfg["K"], cfg["d"], cfg["n"], cfg["r"]
+    A = None if cfg["identity_A"] else [t["A"][k, :, : d[k]] for k in range(K)]
+    mu = [t["mu"][k, : n[k], : d[k]] for k in range(K)]
+    U = [[t["U"][k, l, : d[k], : r[k][l]] for l in range(n[k])] for k in range(K)]
+    w = t["log_w"].double().exp()
+    pi = [t["log_pi"][k, : n[k]].double().exp() for k in range(K)]
+    obj = MoLRMoG.__new__(_CLASSES[cfg["class"]])
+    MoLRMoG.__init__(obj, A, mu, U, w=w, pi=pi, schedule=cfg["schedule"], normalize=True,
+                     dtype=getattr(torch, cfg["dtype"]))
+    return obj

@@ -1,0 +1,261 @@
+"""The closed-form mathematics of noised MoLR-MoG mixtures — written once.
+
+A mixture is given by padded tensors (see `Mixture`); the noised density is
+
+    p_t(x) = sum_{k,l} w_k pi_{k,l} N(x; s A_k mu_{k,l}, s^2 A_k U_{k,l} U_{k,l}^T A_k^T + gamma^2 I_D)
+
+and everything (log p_t, responsibilities R_{k,l}, the Tweedie denoiser and the score)
+comes out of one batched evaluation over (batch b, subspace k, mode l) using only the
+r x r capacitance matrix M = sigma^2 I_r + U^T U (Woodbury) and the determinant lemma.
+
+Ragged mixtures (different d_k, n_k, r_{k,l}) are *padded*, which is exact here:
+padded latent dimensions have zero columns in A_k and zero rows in mu and U, padded
+rank columns of U are zero (they add sigma^2 to M's diagonal and cancel in the
+log-determinant), and padded modes carry log-weight -inf (responsibility exactly 0).
+
+The same functions serve the analytic ground truth (buffers) and the learnable experts
+(parameters): gradients flow through every operation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Padded parameters of a MoLR-MoG mixture.
+
+    log_w:  (K,)          log subspace weights (sum exp = 1)
+    A:      (K, D, d)     orthonormal columns per subspace, zero-padded; None means A = I (K = 1, d = D)
+    log_pi: (K, L)        log mode weights within each subspace, -inf for padded modes
+    mu:     (K, L, d)     latent means
+    U:      (K, L, d, r)  latent covariance factors (Sigma = U U^T), zero-padded
+    """
+
+    log_w: Tensor
+    A: Tensor | None
+    log_pi: Tensor
+    mu: Tensor
+    U: Tensor
+
+    @property
+    def K(self) -> int:
+        return self.mu.shape[0]
+
+    @property
+    def L(self) -> int:
+        return self.mu.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.mu.shape[2]
+
+    @property
+    def r(self) -> int:
+        return self.U.shape[3]
+
+    @property
+    def D(self) -> int:
+        return self.d if self.A is None else self.A.shape[1]
+
+    @property
+    def log_weights(self) -> Tensor:
+        """(K, L) joint log-weights log w_k + log pi_{k,l}."""
+        return self.log_w[:, None] + self.log_pi
+
+    def to(self, *args, **kwargs) -> Mixture:
+        return replace(
+            self,
+            **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(*args, **kwargs))
+               for f in fields(self)},
+        )
+
+    def check_shapes(self) -> None:
+        """Raise ValueError when the padded tensors do not fit together."""
+        K, L, d, r = self.U.shape if self.U.ndim == 4 else (None,) * 4
+        if self.U.ndim != 4:
+            raise ValueError(f"U must have shape (K, L, d, r), got {tuple(self.U.shape)}")
+        if self.mu.shape != (K, L, d):
+            raise ValueError(f"mu must have shape (K, L, d) = {(K, L, d)}, got {tuple(self.mu.shape)}")
+        if self.log_pi.shape != (K, L):
+            raise ValueError(f"log_pi must have shape (K, L) = {(K, L)}, got {tuple(self.log_pi.shape)}")
+        if self.log_w.shape != (K,):
+            raise ValueError(f"log_w must have shape (K,) = {(K,)}, got {tuple(self.log_w.shape)}")
+        if self.A is None:
+            if K != 1:
+                raise ValueError(f"A = None (identity) needs K = 1 subspace, got K = {K}")
+        elif self.A.ndim != 3 or self.A.shape[0] != K or self.A.shape[2] != d:
+            raise ValueError(f"A must have shape (K, D, d) = ({K}, D, {d}), got {tuple(self.A.shape)}")
+        elif self.A.shape[1] < d:
+            raise ValueError(f"A must have D >= d, got D = {self.A.shape[1]} < d = {d}")
+
+
+class Posterior(NamedTuple):
+    """Everything one evaluation gives.
+
+    log_p: (B,)       log p_t(x)
+    R:     (B, K, L)  responsibilities R_{k,l}(x)
+    m:     (B, D)     s_t E[x_0 | x_t] = sum_{k,l} R_{k,l} A_k (s mu_{k,l} + U_{k,l} w_{k,l})
+    """
+
+    log_p: Tensor
+    R: Tensor
+    m: Tensor
+
+
+def _per_sample(v: Tensor | float, x: Tensor) -> Tensor:
+    """s or gamma as a tensor of shape () or (B,), in x's dtype/device."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, x.shape[0])):
+        raise ValueError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(v.shape)}")
+    return v.reshape(()) if v.numel() == 1 else v
+
+
+def _bkl(v: Tensor) -> Tensor:
+    """Shape () -> (), (B,) -> (B, 1, 1) for broadcasting against (B, K, L)."""
+    return v if v.ndim == 0 else v[:, None, None]
+
+
+def _encode(mix: Mixture, x: Tensor) -> Tensor:
+    """z_k = A_k^T x: (B, K, d). One GEMM (B x D) @ (D x K d)."""
+    if mix.A is None:
+        return x[:, None, :]
+    K, D, d = mix.A.shape
+    return (x @ mix.A.permute(1, 0, 2).reshape(D, K * d)).view(x.shape[0], K, d)
+
+
+def _decode(mix: Mixture, c: Tensor) -> Tensor:
+    """sum_k A_k c_k: (B, K, d) -> (B, D). One GEMM (B x K d) @ (K d x D)."""
+    if mix.A is None:
+        return c[:, 0, :]
+    K, D, d = mix.A.shape
+    return c.reshape(c.shape[0], K * d) @ mix.A.permute(0, 2, 1).reshape(K * d, D)
+
+
+def _capacitance_inverse(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
+    """M^{-1} and log det(I_r + U^T U / sigma^2) with M = sigma^2 I_r + U^T U.
+
+    sigma2 of shape () gives (K, L, r, r) and (K, L); of shape (B,) gives (B, K, L, r, r), (B, K, L).
+    """
+    UtU = mix.U.transpose(-1, -2) @ mix.U  # (K, L, r, r)
+    eye = torch.eye(mix.r, dtype=UtU.dtype, device=UtU.device)
+    s2 = sigma2 if sigma2.ndim == 0 else sigma2[:, None, None, None, None]
+    M = s2 * eye + UtU
+    chol, info = torch.linalg.cholesky_ex(M)
+    if bool((info != 0).any()):
+        raise ValueError(
+            "capacitance matrix sigma^2 I + U^T U is not positive definite at this t "
+            "(sigma too small for the dtype); use float64 or a larger t_min"
+        )
+    logdet_M = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    logdet = logdet_M - mix.r * torch.log(sigma2 if sigma2.ndim == 0 else sigma2[:, None, None])
+    return torch.cholesky_inverse(chol), logdet
+
+
+def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float) -> Posterior:
+    """One batched evaluation of the noised mixture at x (B, D), scale s and noise gamma > 0.
+
+    s and gamma are scalars or per-sample (B,) tensors.
+    """
+    s, gamma = _per_sample(s, x), _per_sample(gamma, x)
+    if bool((gamma <= 0).any()):
+        raise ValueError("gamma_t must be > 0 for the noised mixture; use t > 0")
+    sigma2 = (gamma / s) ** 2
+    sb, g2b = _bkl(s), _bkl(gamma**2)
+    mu, U = mix.mu, mix.U
+
+    z = _encode(mix, x)  # (B, K, d)
+    zz = (z * z).sum(-1)  # (B, K)
+    if mix.A is None:
+        perp = torch.zeros_like(zz)
+    else:  # ||x - A A^T x||^2 = ||x||^2 - ||A^T x||^2 (A orthonormal)
+        perp = ((x * x).sum(-1, keepdim=True) - zz).clamp_min(0)
+
+    # y = U^T v with v = z - s mu: (B, K, L, r)
+    Utz = torch.einsum("bkd,kldr->bklr", z, U)
+    Utmu = torch.einsum("kld,kldr->klr", mu, U)
+    sb4 = s if s.ndim == 0 else s[:, None, None, None]
+    y = Utz - sb4 * Utmu
+    # ||v||^2 = ||z||^2 - 2 s z.mu + s^2 ||mu||^2: (B, K, L)
+    zmu = torch.einsum("bkd,kld->bkl", z, mu)
+    vv = zz[:, :, None] - 2 * sb * zmu + sb**2 * (mu * mu).sum(-1)
+
+    Minv, logdet = _capacitance_inverse(mix, sigma2)
+    if sigma2.ndim == 0:
+        w = torch.einsum("klrq,bklq->bklr", Minv, y)  # w = M^{-1} U^T v
+    else:
+        w = torch.einsum("bklrq,bklq->bklr", Minv, y)
+
+    # log N_{k,l}(x) (design notes, section 2)
+    quad = (perp[:, :, None] + vv - (y * w).sum(-1)) / g2b
+    D = mix.D
+    log_N = -0.5 * (quad + D * (LOG_2PI + torch.log(g2b)) + logdet)
+    logits = mix.log_weights + log_N  # (B, K, L)
+    log_p = torch.logsumexp(logits.flatten(1), dim=1)
+    R = torch.softmax(logits.flatten(1), dim=1).view_as(logits)
+
+    # c_k = sum_l R_kl (s mu_kl + U_kl w_kl);  m = sum_k A_k c_k = s E[x0 | x_t]
+    sc = s if s.ndim == 0 else s[:, None, None]
+    c = sc * torch.einsum("bkl,kld->bkd", R, mu)
+    c = c + torch.einsum("bklr,kldr->bkd", R[..., None] * w, U)
+    return Posterior(log_p, R, _decode(mix, c))
+
+
+def log_prob(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+    """log p_t(x): (B,)."""
+    return posterior(mix, x, s, gamma).log_p
+
+
+def responsibilities(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+    """R_{k,l}(x): (B, K, L), padded modes 0."""
+    return posterior(mix, x, s, gamma).R
+
+
+def denoise(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+    """Tweedie: E[x_0 | x_t = x] = (x + gamma^2 score)/s: (B, D)."""
+    s = _per_sample(s, x)
+    m = posterior(mix, x, s, gamma).m
+    return m / (s if s.ndim == 0 else s[:, None])
+
+
+def score(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+    """grad_x log p_t(x) = -(1/gamma^2) sum R_{k,l} delta_{k,l}(x) = (s E[x0|x_t] - x)/gamma^2: (B, D)."""
+    g = _per_sample(gamma, x)
+    m = posterior(mix, x, s, g).m
+    return (m - x) / (g**2 if g.ndim == 0 else (g**2)[:, None])
+
+
+def log_prob_clean(mix: Mixture, x: Tensor) -> Tensor:
+    """log p_0(x) at t = 0, defined only when every component is full rank in R^D.
+
+    With A_k square and U_kl square invertible, log N(x; A mu, A U U^T A^T) =
+    -1/2 [ ||M0^{-1} U^T v||^2 + D log 2 pi + log det M0 ], M0 = U^T U, v = A^T x - mu.
+    """
+    if mix.r != mix.D or mix.d != mix.D:
+        raise ValueError(
+            f"p_0 lives on a union of subspaces (latent d = {mix.d}, rank r = {mix.r}, ambient "
+            f"D = {mix.D}) and has no density in R^D; evaluate log_prob at t > 0 instead"
+        )
+    z = _encode(mix, x)
+    v = z[:, :, None, :] - mix.mu  # (B, K, L, d)
+    M0 = mix.U.transpose(-1, -2) @ mix.U
+    chol, info = torch.linalg.cholesky_ex(M0)
+    valid = torch.isfinite(mix.log_pi)
+    if bool((info[valid] != 0).any()):
+        raise ValueError("p_0 has a singular covariance (U U^T not invertible); evaluate at t > 0")
+    y = torch.einsum("bkld,kldr->bklr", v, mix.U)
+    sol = torch.cholesky_solve(y[..., None], chol).squeeze(-1)
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    log_N = -0.5 * ((sol * sol).sum(-1) + mix.D * LOG_2PI + logdet)
+    log_N = torch.where(valid, log_N, torch.full_like(log_N, -math.inf))
+    return torch.logsumexp((mix.log_weights + log_N).flatten(1), dim=1)

@@ -1,0 +1,134 @@
+"""Constructors, save/load, bad input and the synth command."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from molrmog.cli import main
+from molrmog.distributions import GaussianMixture, MoLRG, MoLRMoG, load_distribution
+
+from .conftest import ragged_molrmog
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ragged_molrmog(0), lambda: MoLRG.random(20, 3, [2, 3, 4], seed=1),
+     lambda: GaussianMixture.random(6, n=4, r=2, seed=2),
+     lambda: MoLRMoG.random(30, 2, 5, [2, 4], 3, seed=3, schedule="cosine", dtype=torch.float32)],
+)
+def test_save_load_round_trip(tmp_path, make):
+    dist = make()
+    dist.save(tmp_path / "d")
+    back = load_distribution(tmp_path / "d")
+    assert type(back) is type(dist)
+    assert (back.d, back.n, back.r, back.dtype) == (dist.d, dist.n, dist.r, dist.dtype)
+    assert back.schedule.config() == dist.schedule.config()
+    x = torch.randn(5, dist.D, dtype=dist.dtype)
+    assert torch.allclose(back.score(x, 0.3), dist.score(x, 0.3), rtol=1e-6)
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["class"] == type(dist).__name__
+
+
+def test_load_reports_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        load_distribution(tmp_path)
+    ragged_molrmog(0).save(tmp_path)
+    (tmp_path / "params.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_distribution(tmp_path)
+
+
+def test_random_constructor_separation_controls_mean_spread():
+    near = MoLRMoG.random(40, 2, 6, 5, seed=0, separation=1.0)
+    far = MoLRMoG.random(40, 2, 6, 5, seed=0, separation=8.0)
+    assert far.mixture.mu.norm().item() == pytest.approx(8 * near.mixture.mu.norm().item(), rel=1e-12)
+
+
+def _A(D=6, d=2):
+    return torch.linalg.qr(torch.randn(D, d, dtype=torch.float64))[0]
+
+
+def test_non_orthonormal_A_names_the_measured_error():
+    A = 1.5 * _A()
+    with pytest.raises(ValueError, match=r"orthonormal columns: \|\|A\^T A - I\|\|_F = 1\.77"):
+        MoLRMoG([A], [torch.zeros(1, 2)], [torch.ones(1, 2, 1)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mu=[torch.zeros(1, 3)], U=[torch.ones(1, 3, 1)]), "A\\[0\\] must have shape"),
+        (dict(U=[torch.ones(1, 3, 1)]), "U\\[0\\]\\[0\\] must have shape"),
+        (dict(U=[torch.ones(1, 2, 3)]), "1 <= r <= d_k"),
+        (dict(w=[0.5, 0.5]), "w must have shape"),
+        (dict(pi=[[0.5, 0.5]]), "pi\\[0\\] must have shape"),
+        (dict(mu=[torch.zeros(2, 2)], U=[torch.ones(2, 2, 1)], pi=[[1.0, 0.0]]), "strictly positive"),
+        (dict(mu=[torch.zeros(2, 2)], U=[torch.ones(2, 2, 1)], pi=[[0.7, -0.3]]), "strictly positive"),
+        (dict(mu=[torch.zeros(2, 2)], U=[torch.ones(2, 2, 1)], pi=[[0.7, 0.7]]), "normalize=True"),
+        (dict(mu=[torch.full((1, 2), float("nan"))]), "NaN"),
+    ],
+)
+def test_bad_parameters_fail_with_clear_messages(kwargs, match):
+    args = dict(A=[_A()], mu=[torch.zeros(1, 2)], U=[torch.ones(1, 2, 1)], w=None, pi=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MoLRMoG(args["A"], args["mu"], args["U"], w=args["w"], pi=args["pi"])
+
+
+def test_weights_normalised_on_purpose():
+    d = MoLRMoG([_A()], [torch.zeros(2, 2)], [torch.ones(2, 2, 1)], pi=[[2.0, 6.0]], normalize=True)
+    assert torch.allclose(d.mode_weights[0], torch.tensor([0.25, 0.75], dtype=d.mode_weights.dtype))
+
+
+def test_bad_x_and_t_fail_with_clear_messages():
+    dist = ragged_molrmog(0)
+    x = torch.zeros(3, dist.D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="range"):
+        dist.score(x, 50.0)
+    with pytest.raises(ValueError, match="range"):
+        dist.score(x, 0.0)
+    with pytest.raises(ValueError, match="shape \\(B,\\)"):
+        dist.score(x, torch.full((5,), 0.5))
+    with pytest.raises(ValueError, match="shape \\(B, D\\) with D = 12"):
+        dist.score(torch.zeros(3, 5), 0.5)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf \\(rows \\[1\\]"):
+        dist.score(x, 0.5)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        dist.sample(0)
+    with pytest.raises(ValueError, match="must not exceed the ambient"):
+        MoLRMoG.random(4, 2, 6)
+    with pytest.raises(ValueError, match="rank r"):
+        MoLRMoG.random(10, 2, 3, 2, r=4)
+
+
+def test_synth_command_writes_png_and_json_and_matches_truth(tmp_path):
+    out = tmp_path / "synth"
+    code = main(["synth", "--D", "16", "--K", "2", "--d", "3", "--n", "2", "--samples", "600",
+                 "--steps", "20", "--out", str(out), "--no-progress"])
+    assert code == 0
+    res = json.loads((out / "synth.json").read_text())
+    assert (out / "synth.png").stat().st_size > 10_000
+    assert (out / "distribution" / "params.safetensors").is_file()
+    # generated points are as close to the data as a second true sample is (up to a small factor)
+    assert res["energy_distance"] < 3 * res["energy_distance_true_vs_true"] + 0.01
+    assert res["mode_weights_generated"]["max_abs"] < 0.08
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "molrmog.cli", "synth", "--D", "4", "--d", "9",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("molrmog: error:")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_every_subcommand_has_help():
+    proc = subprocess.run([sys.executable, "-m", "molrmog.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "synth" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "molrmog.cli", "synth", "--help"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "--separation" in proc.stdout
