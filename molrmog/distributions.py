@@ -289,8 +289,8 @@ class MoLRMoG:
         k, l = idx // m.L, idx % m.L
         eps = torch.randn(int(n), m.r, generator=generator, dtype=torch.float64).to(self.dtype)
         z = m.mu[k, l] + torch.einsum("ndr,nr->nd", m.U[k, l], eps)  # (n, d)
-        c = torch.zeros(int(n), m.K, m.d, dtype=self.dtype)
-        c[torch.arange(int(n)), k] = z
+        c = torch.zeros(m.K, int(n), m.d, dtype=self.dtype)
+        c[k, torch.arange(int(n))] = z
         return mx._decode(m, c), torch.stack([k, l], 1)
 
     def noise(self, x0: Tensor, t, generator: torch.Generator | None = None) -> Tensor:

@@ -121,37 +121,36 @@ def _per_sample(v: Tensor | float, x: Tensor) -> Tensor:
     return v.reshape(()) if v.numel() == 1 else v
 
 
-def _bkl(v: Tensor) -> Tensor:
-    """Shape () -> (), (B,) -> (B, 1, 1) for broadcasting against (B, K, L)."""
-    return v if v.ndim == 0 else v[:, None, None]
+def _kb(v: Tensor) -> Tensor:
+    """Shape () -> (), (B,) -> (1, B, 1) for broadcasting against (K, B, L)."""
+    return v if v.ndim == 0 else v[None, :, None]
 
 
 def _encode(mix: Mixture, x: Tensor) -> Tensor:
-    """z_k = A_k^T x: (B, K, d). One GEMM (B x D) @ (D x K d)."""
+    """z_k = A_k^T x as a (K, B, d) view. One GEMM (B x D) @ (D x K d)."""
     if mix.A is None:
-        return x[:, None, :]
+        return x[None]
     K, D, d = mix.A.shape
-    return (x @ mix.A.permute(1, 0, 2).reshape(D, K * d)).view(x.shape[0], K, d)
+    return (x @ mix.A.permute(1, 0, 2).reshape(D, K * d)).view(x.shape[0], K, d).transpose(0, 1)
 
 
 def _decode(mix: Mixture, c: Tensor) -> Tensor:
-    """sum_k A_k c_k: (B, K, d) -> (B, D). One GEMM (B x K d) @ (K d x D)."""
+    """sum_k A_k c_k: (K, B, d) -> (B, D). One GEMM (B x K d) @ (K d x D)."""
     if mix.A is None:
-        return c[:, 0, :]
+        return c[0]
     K, D, d = mix.A.shape
-    return c.reshape(c.shape[0], K * d) @ mix.A.permute(0, 2, 1).reshape(K * d, D)
+    return c.transpose(0, 1).reshape(c.shape[1], K * d) @ mix.A.permute(0, 2, 1).reshape(K * d, D)
 
 
-def _capacitance_inverse(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
-    """M^{-1} and log det(I_r + U^T U / sigma^2) with M = sigma^2 I_r + U^T U.
+def _capacitance(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
+    """Cholesky factor C of M = sigma^2 I_r + U^T U and log det(I_r + U^T U / sigma^2).
 
     sigma2 of shape () gives (K, L, r, r) and (K, L); of shape (B,) gives (B, K, L, r, r), (B, K, L).
     """
     UtU = mix.U.transpose(-1, -2) @ mix.U  # (K, L, r, r)
     eye = torch.eye(mix.r, dtype=UtU.dtype, device=UtU.device)
     s2 = sigma2 if sigma2.ndim == 0 else sigma2[:, None, None, None, None]
-    M = s2 * eye + UtU
-    chol, info = torch.linalg.cholesky_ex(M)
+    chol, info = torch.linalg.cholesky_ex(s2 * eye + UtU)
     if bool((info != 0).any()):
         raise ValueError(
             "capacitance matrix sigma^2 I + U^T U is not positive definite at this t "
@@ -159,56 +158,86 @@ def _capacitance_inverse(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
         )
     logdet_M = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     logdet = logdet_M - mix.r * torch.log(sigma2 if sigma2.ndim == 0 else sigma2[:, None, None])
-    return torch.cholesky_inverse(chol), logdet
+    return chol, logdet
+
+
+# Rows per evaluation block: keeps the (K, B, r + 1, L) working arrays near 8 MB (cache and
+# allocator friendly); blocks are independent, so this changes no result.
+BLOCK_ELEMENTS = 2**21
 
 
 def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float) -> Posterior:
     """One batched evaluation of the noised mixture at x (B, D), scale s and noise gamma > 0.
 
-    s and gamma are scalars or per-sample (B,) tensors.
+    s and gamma are scalars or per-sample (B,) tensors. Internally (K, B, L)-major so that
+    every product is one batched GEMM over k; no Python loop over k or l. Large batches are
+    evaluated in row blocks.
     """
     s, gamma = _per_sample(s, x), _per_sample(gamma, x)
     if bool((gamma <= 0).any()):
         raise ValueError("gamma_t must be > 0 for the noised mixture; use t > 0")
+    rows = max(64, BLOCK_ELEMENTS // (mix.K * mix.L * (mix.r + 1)))
+    if x.shape[0] <= rows:
+        return _posterior_block(mix, x, s, gamma)
+    parts = [
+        _posterior_block(mix, x[i : i + rows], s if s.ndim == 0 else s[i : i + rows],
+                         gamma if gamma.ndim == 0 else gamma[i : i + rows])
+        for i in range(0, x.shape[0], rows)
+    ]
+    return Posterior(*(torch.cat(p) for p in zip(*parts, strict=True)))
+
+
+def _posterior_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor) -> Posterior:
     sigma2 = (gamma / s) ** 2
-    sb, g2b = _bkl(s), _bkl(gamma**2)
+    per_sample = sigma2.ndim == 1
+    sk, g2k = _kb(s), _kb(gamma**2)
     mu, U = mix.mu, mix.U
+    K, L, d, r = U.shape
+    B = x.shape[0]
 
-    z = _encode(mix, x)  # (B, K, d)
-    zz = (z * z).sum(-1)  # (B, K)
-    if mix.A is None:
-        perp = torch.zeros_like(zz)
-    else:  # ||x - A A^T x||^2 = ||x||^2 - ||A^T x||^2 (A orthonormal)
-        perp = ((x * x).sum(-1, keepdim=True) - zz).clamp_min(0)
+    z = _encode(mix, x)  # (K, B, d)
+    chol, logdet = _capacitance(mix, sigma2)
+    if per_sample:
+        F = U
+    else:  # whitened factor F = U C^{-T}: U M^{-1} U^T = F F^T
+        F = torch.linalg.solve_triangular(chol, U.transpose(-1, -2), upper=False).transpose(-1, -2)
 
-    # y = U^T v with v = z - s mu: (B, K, L, r)
-    Utz = torch.einsum("bkd,kldr->bklr", z, U)
-    Utmu = torch.einsum("kld,kldr->klr", mu, U)
-    sb4 = s if s.ndim == 0 else s[:, None, None, None]
-    y = Utz - sb4 * Utmu
-    # ||v||^2 = ||z||^2 - 2 s z.mu + s^2 ||mu||^2: (B, K, L)
-    zmu = torch.einsum("bkd,kld->bkl", z, mu)
-    vv = zz[:, :, None] - 2 * sb * zmu + sb**2 * (mu * mu).sum(-1)
-
-    Minv, logdet = _capacitance_inverse(mix, sigma2)
-    if sigma2.ndim == 0:
-        w = torch.einsum("klrq,bklq->bklr", Minv, y)  # w = M^{-1} U^T v
+    # P = [[F | mu], [F^T mu | ||mu||^2 / 2]] per k, columns ordered (r + 1, L): (K, d + 1, (r + 1) L).
+    # One bmm of [z, -s] with P gives proj = F^T v (v = z - s mu) and zmu = z.mu - s ||mu||^2 / 2.
+    top = torch.cat([F, mu[..., None]], -1).permute(0, 2, 3, 1)  # (K, d, r + 1, L)
+    bottom = torch.cat([(F * mu[..., None]).sum(2), 0.5 * (mu * mu).sum(-1, keepdim=True)], -1)
+    P = torch.cat([top, bottom.permute(0, 2, 1)[:, None]], 1).reshape(K, d + 1, (r + 1) * L)
+    P = P.transpose(1, 2).contiguous().transpose(1, 2)  # column-major per k: faster bmm for thin z
+    minus_s = (-s).expand(B) if s.ndim == 0 else -s
+    z1 = torch.cat([z, minus_s[None, :, None].expand(K, B, 1)], -1)
+    Zp = torch.bmm(z1, P).view(K, B, r + 1, L)
+    proj, zmu = Zp[:, :, :r], Zp[:, :, r]
+    if per_sample:  # a = M^{-1} U^T v with a per-sample capacitance
+        a = torch.einsum("bklrq,kbql->kbrl", torch.cholesky_inverse(chol), proj)
+        vMv = (proj * a).sum(2)
+        logdet = logdet.transpose(0, 1)
     else:
-        w = torch.einsum("bklrq,bklq->bklr", Minv, y)
+        a = proj
+        vMv = proj.square().sum(2)
+        logdet = logdet[:, None]
 
-    # log N_{k,l}(x) (design notes, section 2)
-    quad = (perp[:, :, None] + vv - (y * w).sum(-1)) / g2b
-    D = mix.D
-    log_N = -0.5 * (quad + D * (LOG_2PI + torch.log(g2b)) + logdet)
-    logits = mix.log_weights + log_N  # (B, K, L)
-    log_p = torch.logsumexp(logits.flatten(1), dim=1)
-    R = torch.softmax(logits.flatten(1), dim=1).view_as(logits)
+    # log N_{k,l}(x) (design notes, section 2) with ||x - A A^T x||^2 + ||v||^2 = ||x||^2 - 2 s zmu:
+    # log N = -||x||^2 / (2 gamma^2) + (s zmu + vMv / 2) / gamma^2 - (D log(2 pi gamma^2) + logdet) / 2.
+    # The first term is the same for every (k, l), so it is added to log p only.
+    logits = (mix.log_weights[:, None] - 0.5 * (mix.D * (LOG_2PI + torch.log(g2k)) + logdet)
+              + (sk * zmu + 0.5 * vMv) / g2k)  # (K, B, L)
+    lse = torch.logsumexp(logits, dim=(0, 2))
+    log_p = lse - 0.5 * (x * x).sum(-1) / (gamma**2)
+    R = torch.exp(logits - lse[None, :, None])
 
-    # c_k = sum_l R_kl (s mu_kl + U_kl w_kl);  m = sum_k A_k c_k = s E[x0 | x_t]
-    sc = s if s.ndim == 0 else s[:, None, None]
-    c = sc * torch.einsum("bkl,kld->bkd", R, mu)
-    c = c + torch.einsum("bklr,kldr->bkd", R[..., None] * w, U)
-    return Posterior(log_p, R, _decode(mix, c))
+    # c_k = sum_l R_kl (s mu_kl + U_kl M^{-1} U_kl^T v_kl) = [R a | s R] @ [F | mu]^T;  m = sum_k A_k c_k
+    if per_sample:
+        G = torch.cat([a * R[:, :, None], (sk * R)[:, :, None]], 2)
+    else:  # a = Zp[:, :, :r]: write [R a | s R] over Zp's layout without a concatenation
+        G = Zp * R[:, :, None]
+        G[:, :, r] = sk * R
+    c = torch.bmm(G.view(K, B, (r + 1) * L), P[:, :d].transpose(1, 2))
+    return Posterior(log_p, R.permute(1, 0, 2), _decode(mix, c))
 
 
 def log_prob(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
@@ -246,7 +275,7 @@ def log_prob_clean(mix: Mixture, x: Tensor) -> Tensor:
             f"p_0 lives on a union of subspaces (latent d = {mix.d}, rank r = {mix.r}, ambient "
             f"D = {mix.D}) and has no density in R^D; evaluate log_prob at t > 0 instead"
         )
-    z = _encode(mix, x)
+    z = _encode(mix, x).transpose(0, 1)  # (B, K, d)
     v = z[:, :, None, :] - mix.mu  # (B, K, L, d)
     M0 = mix.U.transpose(-1, -2) @ mix.U
     chol, info = torch.linalg.cholesky_ex(M0)
