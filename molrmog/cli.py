@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .train import TrainingDiverged
+
 __all__ = ["main", "build_parser"]
 
 
@@ -73,6 +75,7 @@ def _cmd_synth(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .experiments.registry import add_experiment_parsers
 
     parser = argparse.ArgumentParser(
         prog="molrmog",
@@ -83,12 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"molrmog {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_synth(sub)
-    try:
-        from .experiments.registry import add_experiment_parsers
-    except ImportError:
-        pass
-    else:
-        add_experiment_parsers(sub)
+    add_experiment_parsers(sub)
     return parser
 
 
@@ -103,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one line, no traceback
         print(f"molrmog: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"molrmog: training stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("molrmog: interrupted", file=sys.stderr)
         return 130

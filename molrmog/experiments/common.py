@@ -1,0 +1,57 @@
+"""Small helpers shared by the experiments: output folders, CSV/JSON writing, slopes, plotting setup."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..distributions import MoLRMoG, random_orthonormal
+
+
+def out_dir(path) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def loglog_slope(x, y) -> float:
+    """Least-squares slope of log y against log x."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def embedded_molrmog(D: int, K: int, d: int, n: int, r: int | None = None, separation: float = 5.0,
+                     seed: int = 0, subspace_seed: int | None = None, schedule="vp") -> MoLRMoG:
+    """The same latent MoLR-MoG (means, factors, weights from `seed`) placed on random subspaces of R^D."""
+    g = torch.Generator().manual_seed(seed)
+    r = d if r is None else r
+    mu = [separation * torch.randn(n, d, generator=g, dtype=torch.float64) / math.sqrt(d) for _ in range(K)]
+    U = [torch.randn(n, d, r, generator=g, dtype=torch.float64) / math.sqrt(d) for _ in range(K)]
+    ga = torch.Generator().manual_seed(1000 + (seed if subspace_seed is None else subspace_seed) + D)
+    A = [random_orthonormal(D, d, ga) for _ in range(K)]
+    return MoLRMoG(A, mu, U, schedule=schedule)

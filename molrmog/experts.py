@@ -1,0 +1,364 @@
+"""Learnable score models.
+
+- `MoGExpert`: a mixture of n low-rank Gaussians in a d-dim latent; its score at (z, t) is the
+  closed-form mixture score of its current parameters (`molrmog.mixture`, the same code as
+  the analytic distributions).
+- `GaussianExpert`: one zero-mean low-rank Gaussian (MoLRG): a linear score.
+- `MoEScore`: K experts on learnable orthonormal subspaces A_k (A_k = Q of a QR factorisation,
+  so A_k^T A_k = I exactly), gated by the closed-form responsibilities.
+- `MLPScore`: an unstructured MLP with a time embedding (baseline).
+
+Every model is called as `model(x, t) -> score` with t a scalar or (B,) tensor, has
+`denoise(x, t)`, and saves to / loads from a directory (`config.json` + `model.safetensors`):
+the constructor arguments are the config.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import mixture as mx
+from .distributions import _atomic_write
+from .schedules import get_schedule
+
+__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "load_model",
+           "k_subspaces", "MODEL_CLASSES"]
+
+
+class ScoreModel(nn.Module):
+    """Base class: schedule handling, denoise, save_pretrained / from_pretrained."""
+
+    def __init__(self, schedule="vp"):
+        super().__init__()
+        self.schedule = get_schedule(schedule)
+
+    def __init_subclass__(cls, **kwargs):
+        # record constructor arguments as the config (diffusers' register_to_config, in a few lines)
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        def wrapped(self, *args, **kw):
+            if not hasattr(self, "_config_owner"):
+                bound = inspect.signature(init).bind(self, *args, **kw)
+                bound.apply_defaults()
+                cfg = {k: v for k, v in bound.arguments.items() if k != "self"}
+                cfg["schedule"] = get_schedule(cfg.get("schedule", "vp")).config()
+                object.__setattr__(self, "_config_owner", cls)
+                object.__setattr__(self, "config", cfg)
+            init(self, *args, **kw)
+
+        cls.__init__ = wrapped
+
+    def st(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        """(s_t, gamma_t) in x's dtype, shape () or (B,)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        return self.schedule.s(t).to(x.dtype), self.schedule.gamma(t).to(x.dtype)
+
+    def score(self, x: Tensor, t) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t) -> Tensor:
+        return self.score(x, t)
+
+    def denoise(self, x: Tensor, t) -> Tensor:
+        """Tweedie: (x + gamma^2 score) / s."""
+        s, g = self.st(x, t)
+        s, g = (s, g) if s.ndim == 0 else (s[:, None], g[:, None])
+        return (x + g**2 * self.score(x, t)) / s
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / "model.safetensors", lambda p: save_file(state, p))
+        cfg = {"class": type(self).__name__, "config": _jsonable(self.config)}
+        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ScoreModel:
+        return load_model(directory)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    return v
+
+
+def _check_expert_dims(d: int, n: int, r: int) -> None:
+    if int(d) < 1:
+        raise ValueError(f"latent dimension d must be >= 1, got {d}")
+    if int(n) < 1:
+        raise ValueError(f"number of modes n_k must be >= 1, got {n}")
+    if not 1 <= int(r) <= int(d):
+        raise ValueError(f"rank r must satisfy 1 <= r <= d = {d}, got r = {r}; lower --r or raise --d")
+
+
+class MoGExpert(ScoreModel):
+    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,)."""
+
+    def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
+                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0):
+        super().__init__(schedule)
+        r = d if r is None else r
+        _check_expert_dims(d, n, r)
+        self.d, self.n, self.r = int(d), int(n), int(r)
+        g = torch.Generator().manual_seed(seed)
+        mu = init_scale * torch.randn(n, d, generator=g) if learn_means else torch.zeros(n, d)
+        U = init_scale * torch.randn(n, d, r, generator=g) / math.sqrt(d)
+        self.U = nn.Parameter(U)
+        if learn_means:
+            self.mu = nn.Parameter(mu)
+        else:
+            self.register_buffer("mu", mu)
+        if learn_weights:
+            self.logit_pi = nn.Parameter(torch.zeros(n))
+        else:
+            self.register_buffer("logit_pi", torch.zeros(n))
+
+    @property
+    def pi(self) -> Tensor:
+        return torch.softmax(self.logit_pi, 0)
+
+    def mixture(self) -> mx.Mixture:
+        """The expert as a one-subspace `Mixture` (A = I) of its current parameters."""
+        log_pi = torch.log_softmax(self.logit_pi, 0)[None]
+        return mx.Mixture(torch.zeros(1, dtype=self.U.dtype, device=self.U.device), None, log_pi,
+                          self.mu[None], self.U[None])
+
+    def score(self, z: Tensor, t) -> Tensor:
+        return mx.score(self.mixture(), z, *self.st(z, t))
+
+    @torch.no_grad()
+    def init_from_data(self, z: Tensor, seed: int = 0) -> MoGExpert:
+        """Data-driven start: k-means++ means, local PCA factors, cluster fractions as weights."""
+        from sklearn.cluster import KMeans
+
+        z = torch.as_tensor(z)
+        if z.ndim != 2 or z.shape[1] != self.d or z.shape[0] < 1:
+            raise ValueError(f"init data must have shape (N >= 1, d = {self.d}), got {tuple(z.shape)}")
+        zn = z.detach().double().cpu().numpy()
+        if self.n > 1 and isinstance(self.mu, nn.Parameter):
+            k = min(self.n, zn.shape[0])
+            km = KMeans(n_clusters=k, init="k-means++", n_init=4, random_state=seed).fit(zn)
+            labels = km.labels_
+            centers = np.concatenate([km.cluster_centers_, zn[np.random.default_rng(seed).integers(
+                0, zn.shape[0], self.n - k)]]) if k < self.n else km.cluster_centers_
+        else:
+            labels = np.zeros(zn.shape[0], dtype=int)
+            centers = zn.mean(0, keepdims=True).repeat(self.n, 0) if isinstance(
+                self.mu, nn.Parameter) else np.zeros((self.n, self.d))
+        U = np.zeros((self.n, self.d, self.r))
+        counts = np.zeros(self.n)
+        for l in range(self.n):
+            pts = zn[labels == l] - centers[l]
+            counts[l] = len(pts)
+            if len(pts) >= 2:
+                _, S, Vt = np.linalg.svd(pts, full_matrices=False)
+                k = min(self.r, len(S))
+                U[l, :, :k] = Vt[:k].T * (S[:k] / math.sqrt(len(pts)))
+            rest = np.linalg.norm(U[l], axis=0) < 1e-3  # fill missing directions with a small scale
+            U[l, :, rest] = 1e-1 * np.random.default_rng(seed + l).standard_normal((rest.sum(), self.d))
+        self.mu.copy_(torch.as_tensor(centers, dtype=self.mu.dtype))
+        self.U.copy_(torch.as_tensor(U, dtype=self.U.dtype))
+        if isinstance(self.logit_pi, nn.Parameter):
+            self.logit_pi.copy_(torch.log(torch.as_tensor(counts + 1.0) / (counts.sum() + self.n)).to(
+                self.logit_pi.dtype))
+        return self
+
+
+class GaussianExpert(MoGExpert):
+    """MoLRG expert: one zero-mean Gaussian N(0, U U^T) in the latent; its score is linear in z."""
+
+    def __init__(self, d: int, r: int | None = None, schedule="vp", init_scale: float = 1.0, seed: int = 0,
+                 learn_factors: bool = True):
+        super().__init__(d, 1, r, schedule, init_scale, learn_means=False, learn_weights=False, seed=seed)
+        if not learn_factors:  # the MoLRG parameterisation of the theory: U = I_d, only A_k is learnt
+            if self.r != self.d:
+                raise ValueError(f"learn_factors=False fixes U = I and needs r = d, got r = {self.r}")
+            del self.U
+            self.register_buffer("U", torch.eye(self.d)[None])
+
+
+class MoEScore(ScoreModel):
+    """Mixture-of-experts score in R^D: K MoG (or Gaussian) experts on orthonormal subspaces A_k.
+
+    A_k = Q(W_k) from a QR factorisation (sign-fixed), so A_k^T A_k = I holds exactly; the
+    subspace weights w_k are learnable logits. The score is `mixture.score` of the stacked
+    parameters: gating by closed-form responsibilities.
+    """
+
+    def __init__(self, D: int, K: int, d: int, n: int = 2, r: int | None = None, schedule="vp",
+                 expert: str = "mog", init_scale: float = 1.0, seed: int = 0, learn_factors: bool = True):
+        super().__init__(schedule)
+        r = d if r is None else r
+        if int(K) < 1:
+            raise ValueError(f"K (number of experts) must be >= 1, got {K}")
+        if int(d) > int(D):
+            raise ValueError(f"latent d = {d} must not exceed the ambient D = {D}")
+        if expert not in ("mog", "gaussian"):
+            raise ValueError(f"expert must be 'mog' or 'gaussian', got {expert!r}")
+        _check_expert_dims(d, n, r)
+        self.D, self.K, self.d = int(D), int(K), int(d)
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Parameter(torch.randn(K, D, d, generator=g))
+        self.logit_w = nn.Parameter(torch.zeros(K))
+        make = (lambda k: MoGExpert(d, n, r, schedule, init_scale, seed=seed + 1 + k)) if expert == "mog" \
+            else (lambda k: GaussianExpert(d, r, schedule, init_scale, seed=seed + 1 + k,
+                                           learn_factors=learn_factors))
+        self.experts = nn.ModuleList([make(k) for k in range(K)])
+
+    @property
+    def A(self) -> Tensor:
+        """(K, D, d) orthonormal bases."""
+        Q, R = torch.linalg.qr(self.W)
+        sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        return Q * sign[:, None, :]
+
+    def mixture(self) -> mx.Mixture:
+        e = self.experts
+        return mx.Mixture(
+            torch.log_softmax(self.logit_w, 0), self.A,
+            torch.stack([torch.log_softmax(x.logit_pi, 0) for x in e]),
+            torch.stack([x.mu for x in e]), torch.stack([x.U for x in e]))
+
+    def score(self, x: Tensor, t) -> Tensor:
+        return mx.score(self.mixture(), x, *self.st(x, t))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, seed: int = 0, restarts: int = 5) -> MoEScore:
+        """Data-driven start: K-subspaces clustering for A_k, then each expert's own data-driven init."""
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.D or x.shape[0] < 1:
+            raise ValueError(f"init data must have shape (N >= 1, D = {self.D}), got {tuple(x.shape)}")
+        bases, labels = k_subspaces(x, self.K, self.d, seed=seed, restarts=restarts)
+        self.W.copy_(bases.to(self.W.dtype))
+        counts = torch.bincount(labels, minlength=self.K).double()
+        self.logit_w.copy_(torch.log((counts + 1) / (counts.sum() + self.K)).to(self.logit_w.dtype))
+        A = self.A
+        for k, e in enumerate(self.experts):
+            xk = x[labels == k]
+            if xk.shape[0] == 0:
+                xk = x
+            e.init_from_data((xk.to(A.dtype) @ A[k]), seed=seed + k)
+        return self
+
+
+def _aligned_neighbour_labels(x: Tensor, K: int, d: int, g: torch.Generator) -> Tensor:
+    """Start for K-subspaces: per seed point, PCA of its most aligned (|cos|) neighbours; each new
+    seed is drawn among the points the bases found so far explain worst."""
+    N, D = x.shape
+    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unexplained = torch.ones(N, dtype=x.dtype)
+    bases = []
+    for _ in range(K):
+        pool = unexplained.topk(max(1, N // (2 * K))).indices
+        i = pool[torch.randint(0, pool.numel(), (1,), generator=g)].item()
+        nb = (xn @ xn[i]).abs().topk(min(N, 4 * d + 4, max(d + 1, N // (2 * K)))).indices
+        V = torch.linalg.svd(x[nb], full_matrices=False)[2][:d].T  # (D, <= d)
+        bases.append(V)
+        unexplained = torch.minimum(unexplained, 1 - ((xn @ V) ** 2).sum(1))
+    resid = torch.stack([1 - ((xn @ V) ** 2).sum(1) for V in bases], 1)
+    return resid.argmin(1)
+
+
+def k_subspaces(x: Tensor, K: int, d: int, seed: int = 0, restarts: int = 5, iters: int = 50):
+    """K-subspaces clustering (alternate: assign to the subspace with the smallest residual,
+    refit each basis by PCA through the origin). Returns bases (K, D, d) and labels (N,)."""
+    x = torch.as_tensor(x).double()
+    N, D = x.shape
+    g = torch.Generator().manual_seed(seed)
+    best, best_cost = None, math.inf
+    for _ in range(max(1, restarts)):
+        labels = _aligned_neighbour_labels(x, K, d, g)
+        bases = torch.zeros(K, D, d, dtype=torch.float64)
+        for _ in range(iters):
+            for k in range(K):
+                xk = x[labels == k]
+                if xk.shape[0] < 1:
+                    xk = x[torch.randint(0, N, (d + 1,), generator=g)]
+                _, _, Vt = torch.linalg.svd(xk, full_matrices=True)
+                V = Vt[: min(d, Vt.shape[0])].T
+                if V.shape[1] < d:  # fewer points than d: complete with random orthogonal directions
+                    extra = torch.randn(D, d - V.shape[1], generator=g, dtype=torch.float64)
+                    V = torch.linalg.qr(torch.cat([V, extra], 1))[0]
+                bases[k] = V
+            resid = (x * x).sum(1)[:, None] - ((x @ bases.permute(1, 0, 2).reshape(D, K * d))
+                                                .view(N, K, d) ** 2).sum(-1)
+            new = resid.argmin(1)
+            if torch.equal(new, labels):
+                break
+            labels = new
+        cost = resid.min(1).values.sum().item()
+        if cost < best_cost:
+            best, best_cost = (bases.clone(), labels.clone()), cost
+    return best
+
+
+class MLPScore(ScoreModel):
+    """Unstructured baseline: an MLP eps-predictor with a Fourier time embedding; score = -eps / gamma."""
+
+    def __init__(self, D: int, hidden: int = 256, depth: int = 3, emb: int = 32, schedule="vp",
+                 data_std: float = 1.0, seed: int = 0):
+        super().__init__(schedule)
+        if int(D) < 1 or int(hidden) < 1 or int(depth) < 1:
+            raise ValueError(f"D, hidden and depth must be >= 1, got {D}, {hidden}, {depth}")
+        self.D, self.data_std = int(D), float(data_std)
+        self.register_buffer("freqs", torch.randn(emb // 2, generator=torch.Generator().manual_seed(seed)))
+        with torch.random.fork_rng():  # seeded weights without touching the global RNG
+            torch.manual_seed(seed)
+            layers, width = [], D + 2 * (emb // 2)
+            for _ in range(depth):
+                layers += [nn.Linear(width, hidden), nn.SiLU()]
+                width = hidden
+            layers.append(nn.Linear(width, D))
+            self.net = nn.Sequential(*layers)
+
+    def score(self, x: Tensor, t) -> Tensor:
+        s, g = self.st(x, t)
+        s, g = s.expand(x.shape[0]), g.expand(x.shape[0])
+        c_noise = torch.log(g / s)[:, None] / 4  # log sigma, EDM-style
+        ang = 2 * math.pi * c_noise * self.freqs
+        c_in = 1 / torch.sqrt((s * self.data_std) ** 2 + g**2)[:, None]  # unit-variance input
+        eps = self.net(torch.cat([x * c_in, torch.sin(ang), torch.cos(ang)], 1))
+        return -eps / g[:, None]
+
+
+MODEL_CLASSES = {c.__name__: c for c in (MoGExpert, GaussianExpert, MoEScore, MLPScore)}
+
+
+def load_model(directory: str | os.PathLike) -> ScoreModel:
+    """Rebuild a model saved with `save_pretrained`."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ValueError(f"{p} is missing; a saved model has config.json and model.safetensors")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        state = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read the saved model in {directory}: {e}") from e
+    if cfg.get("class") not in MODEL_CLASSES:
+        raise ValueError(f"{cfg_path}: unknown model class {cfg.get('class')!r}")
+    model = MODEL_CLASSES[cfg["class"]](**cfg["config"])
+    model.load_state_dict(state)
+    return model

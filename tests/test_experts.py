@@ -1,0 +1,122 @@
+"""Learnable score models: same maths as the analytic distributions, save/load, training behaviour."""
+
+import math
+
+import pytest
+import torch
+
+from molrmog.distributions import GaussianMixture, MoLRMoG
+from molrmog.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, k_subspaces, load_model
+from molrmog.schedules import get_schedule
+from molrmog.train import TrainingDiverged, train_score
+
+
+def test_mog_expert_score_is_the_analytic_mixture_score():
+    e = MoGExpert(5, n=3, r=2, seed=1).double()
+    with torch.no_grad():
+        e.logit_pi.copy_(torch.tensor([0.2, -0.5, 1.0]))
+    gm = GaussianMixture(e.mu.detach(), e.U.detach(), pi=e.pi.detach())
+    z = torch.randn(20, 5, dtype=torch.float64)
+    for t in (0.01, 0.7):
+        assert torch.allclose(e(z, t), gm.score(z, t), rtol=1e-10, atol=1e-12)
+    # and per-sample times give the per-sample scores
+    t = torch.linspace(0.01, 2, 20, dtype=torch.float64)
+    assert torch.allclose(e(z, t), gm.score(z, t), rtol=1e-10, atol=1e-12)
+
+
+def test_moe_score_has_orthonormal_A_and_matches_molrmog():
+    m = MoEScore(16, 3, 4, n=2, r=2, seed=0).double()
+    A = m.A.detach()
+    eye = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
+    assert torch.allclose(A.transpose(1, 2) @ A, eye, atol=1e-12)
+    with torch.no_grad():
+        m.logit_w.copy_(torch.tensor([0.1, 0.4, -0.3]))
+    truth = MoLRMoG(list(A), [e.mu.detach() for e in m.experts], [e.U.detach() for e in m.experts],
+                    w=torch.softmax(m.logit_w.detach(), 0), pi=[e.pi.detach() for e in m.experts])
+    x = torch.randn(10, 16, dtype=torch.float64)
+    assert torch.allclose(m(x, 0.3), truth.score(x, 0.3), rtol=1e-9, atol=1e-10)
+
+
+def test_gaussian_expert_score_is_linear():
+    e = GaussianExpert(6, r=3).double()
+    z = torch.randn(8, 6, dtype=torch.float64)
+    assert torch.allclose(e(3 * z, 0.5), 3 * e(z, 0.5), rtol=1e-10)
+    assert torch.allclose(e(z, 0.5) + e(-z, 0.5), torch.zeros_like(z), atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: MoGExpert(4, 3, 2, schedule="cosine"), lambda: GaussianExpert(5, 2),
+                                  lambda: MoEScore(12, 2, 3, 2, expert="gaussian", learn_factors=False),
+                                  lambda: MoEScore(12, 2, 3, 2), lambda: MLPScore(7, hidden=32, depth=2)])
+def test_models_save_and_load(tmp_path, make):
+    m = make()
+    m.save_pretrained(tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert type(back) is type(m) and back.schedule.config() == m.schedule.config()
+    D = m.d if hasattr(m, "d") and not hasattr(m, "K") else m.D
+    x = torch.randn(4, D)
+    assert torch.allclose(back(x, 0.4), m(x, 0.4))
+
+
+def test_k_subspaces_recovers_separated_subspaces():
+    truth = MoLRMoG.random(30, 3, 3, 2, seed=2)
+    x, lab = truth.sample(600, torch.Generator().manual_seed(0))
+    bases, labels = k_subspaces(x, 3, 3)
+    P = bases @ bases.transpose(1, 2)
+    Pt = truth.mixture.A @ truth.mixture.A.transpose(1, 2)
+    for k in range(3):
+        assert min(torch.linalg.norm(P[j] - Pt[k]).item() for j in range(3)) < 1e-6
+
+
+def test_training_lowers_score_error_and_is_repeatable():
+    from molrmog.experiments.estimation import score_error
+
+    truth = GaussianMixture.random(4, n=2, separation=4, seed=5)
+    x, _ = truth.sample(2000, torch.Generator().manual_seed(0))
+
+    def fit():
+        m = MoGExpert(4, n=2, seed=0).double()
+        before = score_error(m, truth, 1000, seed=1)
+        train_score(m, x, steps=200, batch_size=256, lr=2e-2, t_max=3.0, progress=False, ema_decay=0.9)
+        return m, before
+
+    m1, before = fit()
+    m2, _ = fit()
+    after = score_error(m1, truth, 1000, seed=1)
+    assert after < 0.3 * before, (before, after)
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MoGExpert(4, n=0), "n_k must be >= 1"),
+    (lambda: MoGExpert(4, n=2, r=5), "1 <= r <= d"),
+    (lambda: MoEScore(4, 2, 6), "must not exceed the ambient"),
+    (lambda: MoEScore(8, 0, 2), "K \\(number of experts\\)"),
+    (lambda: get_schedule("vp", t_min=2.0, t_max=1.0), "t_min"),
+])
+def test_invalid_hyperparameters_fail_before_work(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_training_input_fails_before_work():
+    m = MoGExpert(3, 2)
+    with pytest.raises(ValueError, match="empty"):
+        train_score(m, torch.zeros(0, 3), steps=5, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        train_score(m, torch.full((4, 3), math.nan), steps=5, progress=False)
+    with pytest.raises(ValueError, match="learning rate"):
+        train_score(m, torch.zeros(4, 3), steps=5, lr=-1, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    m = MoGExpert(3, 2).double()
+    x = torch.randn(64, 3, dtype=torch.float64)
+    train_score(m, x, steps=3, progress=False, checkpoint_dir=tmp_path)
+    saved = (tmp_path / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        m.mu.fill_(math.inf)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train_score(m, x, steps=3, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
+    assert (tmp_path / "model.safetensors").read_bytes() == saved
+    assert torch.isfinite(load_model(tmp_path).mu).all()
