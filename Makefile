@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/molrmog synth --out runs/demo
+	$(BIN)/molrmog synth --out runs/demo/synth
+	$(BIN)/molrmog experiment estimation --quick --out runs/demo/estimation
+	$(BIN)/molrmog experiment convergence --quick --out runs/demo/convergence
+	$(BIN)/molrmog experiment phase-transition --quick --out runs/demo/phase-transition
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
