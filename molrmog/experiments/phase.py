@@ -84,7 +84,7 @@ def run_phase(out, preset: str = "quick", seed: int = 0, progress: bool = True, 
 def _plot(path, rows, cfg) -> None:
     plt = pyplot()
     Ks, ds, Ns = cfg["Ks"], cfg["ds"], cfg["Ns"]
-    fig, axes = plt.subplots(2, len(Ks), figsize=(4.2 * len(Ks), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(Ks), figsize=(4.6 * len(Ks), 7.5), squeeze=False, layout="constrained")
     for j, K in enumerate(Ks):
         for i, key in enumerate(("error_dsm", "error_pca_or_clustering")):
             M = np.full((len(ds), len(Ns)), np.nan)
