@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from . import mixture as mx
+from .io import atomic_write, read_artifact
 from .schedules import Schedule, get_schedule
 
 __all__ = ["MoLRMoG", "MoLRG", "GaussianMixture", "load_distribution", "random_orthonormal"]
@@ -338,8 +338,8 @@ class MoLRMoG:
         if m.A is not None:
             tensors["A"] = m.A
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        _atomic_write(directory / "params.safetensors", lambda p: save_file(tensors, p))
-        _atomic_write(directory / "config.json",
+        atomic_write(directory / "params.safetensors", lambda p: save_file(tensors, p))
+        atomic_write(directory / "config.json",
                       lambda p: Path(p).write_text(json.dumps(self.config(), indent=2)))
         return directory
 
@@ -414,34 +414,14 @@ def _check_dims(D, K, d, n, r) -> None:
             raise ValueError(f"rank r = {r} must not exceed the latent dimension d = {d}")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 _CLASSES = {"MoLRMoG": MoLRMoG, "MoLRG": MoLRG, "GaussianMixture": GaussianMixture}
 
 
 def load_distribution(directory: str | os.PathLike) -> MoLRMoG:
     """Rebuild a distribution saved with `save` (its class comes from config.json)."""
-    directory = Path(directory)
-    cfg_path, par_path = directory / "config.json", directory / "params.safetensors"
-    for p in (cfg_path, par_path):
-        if not p.is_file():
-            raise ValueError(f"{p} is missing; a saved distribution has config.json and params.safetensors")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        t = load_file(str(par_path))
-    except Exception as e:  # noqa: BLE001 - report any corruption with the file name
-        raise ValueError(f"cannot read the saved distribution in {directory}: {e}") from e
+    cfg, t = read_artifact(directory, "params.safetensors", "distribution")
     if cfg.get("class") not in _CLASSES:
-        raise ValueError(f"{cfg_path}: unknown class {cfg.get('class')!r}")
+        raise ValueError(f"{directory}/config.json: unknown class {cfg.get('class')!r}")
     K, d, n, r = cfg["K"], cfg["d"], cfg["n"], cfg["r"]
     A = None if cfg["identity_A"] else [t["A"][k, :, : d[k]] for k in range(K)]
     mu = [t["mu"][k, : n[k], : d[k]] for k in range(K)]

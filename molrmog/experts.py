@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import mixture as mx
-from .distributions import _atomic_write
+from .io import atomic_write, read_artifact
 from .schedules import get_schedule
 
 __all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "load_model",
@@ -82,9 +82,9 @@ class ScoreModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(state, p))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p))
         cfg = {"class": type(self).__name__, "config": _jsonable(self.config)}
-        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
         return directory
 
     @classmethod
@@ -347,18 +347,9 @@ MODEL_CLASSES = {c.__name__: c for c in (MoGExpert, GaussianExpert, MoEScore, ML
 
 def load_model(directory: str | os.PathLike) -> ScoreModel:
     """Rebuild a model saved with `save_pretrained`."""
-    directory = Path(directory)
-    cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ValueError(f"{p} is missing; a saved model has config.json and model.safetensors")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        state = load_file(str(w_path))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read the saved model in {directory}: {e}") from e
+    cfg, state = read_artifact(directory, "model.safetensors", "model")
     if cfg.get("class") not in MODEL_CLASSES:
-        raise ValueError(f"{cfg_path}: unknown model class {cfg.get('class')!r}")
+        raise ValueError(f"{directory}/config.json: unknown model class {cfg.get('class')!r}")
     model = MODEL_CLASSES[cfg["class"]](**cfg["config"])
     model.load_state_dict(state)
     return model
