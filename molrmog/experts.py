@@ -15,48 +15,31 @@ the constructor arguments are the config.
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import mixture as mx
-from .io import atomic_write, read_artifact
+from .io import Configurable, load_module
 from .schedules import get_schedule
 
 __all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "load_model",
            "k_subspaces", "MODEL_CLASSES"]
 
 
-class ScoreModel(nn.Module):
-    """Base class: schedule handling, denoise, save_pretrained / from_pretrained."""
+class ScoreModel(Configurable):
+    """Base class: schedule handling, denoise; config, save_pretrained and loading from `Configurable`."""
 
     def __init__(self, schedule="vp"):
         super().__init__()
         self.schedule = get_schedule(schedule)
 
-    def __init_subclass__(cls, **kwargs):
-        # record constructor arguments as the config (diffusers' register_to_config, in a few lines)
-        super().__init_subclass__(**kwargs)
-        init = cls.__init__
-
-        def wrapped(self, *args, **kw):
-            if not hasattr(self, "_config_owner"):
-                bound = inspect.signature(init).bind(self, *args, **kw)
-                bound.apply_defaults()
-                cfg = {k: v for k, v in bound.arguments.items() if k != "self"}
-                cfg["schedule"] = get_schedule(cfg.get("schedule", "vp")).config()
-                object.__setattr__(self, "_config_owner", cls)
-                object.__setattr__(self, "config", cfg)
-            init(self, *args, **kw)
-
-        cls.__init__ = wrapped
+    @staticmethod
+    def _normalise_config(cfg: dict) -> dict:
+        return {**cfg, "schedule": get_schedule(cfg.get("schedule", "vp")).config()}
 
     def st(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         """(s_t, gamma_t) in x's dtype, shape () or (B,)."""
@@ -74,33 +57,6 @@ class ScoreModel(nn.Module):
         s, g = self.st(x, t)
         s, g = (s, g) if s.ndim == 0 else (s[:, None], g[:, None])
         return (x + g**2 * self.score(x, t)) / s
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / "model.safetensors", lambda p: save_file(state, p))
-        cfg = {"class": type(self).__name__, "config": _jsonable(self.config)}
-        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> ScoreModel:
-        return load_model(directory)
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    return v
-
 
 def _check_expert_dims(d: int, n: int, r: int) -> None:
     if int(d) < 1:
@@ -347,9 +303,4 @@ MODEL_CLASSES = {c.__name__: c for c in (MoGExpert, GaussianExpert, MoEScore, ML
 
 def load_model(directory: str | os.PathLike) -> ScoreModel:
     """Rebuild a model saved with `save_pretrained`."""
-    cfg, state = read_artifact(directory, "model.safetensors", "model")
-    if cfg.get("class") not in MODEL_CLASSES:
-        raise ValueError(f"{directory}/config.json: unknown model class {cfg.get('class')!r}")
-    model = MODEL_CLASSES[cfg["class"]](**cfg["config"])
-    model.load_state_dict(state)
-    return model
+    return load_module(directory, "model")

@@ -1,14 +1,17 @@
 """Learnable score models: same maths as the analytic distributions, save/load, training behaviour."""
 
+import json
 import math
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from molrmog.distributions import GaussianMixture, MoLRMoG
 from molrmog.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, k_subspaces, load_model
+from molrmog.losses import dsm_loss
 from molrmog.schedules import get_schedule
-from molrmog.train import TrainingDiverged, train_score
+from molrmog.train import TrainingDiverged, fit, train_score
 
 
 def test_mog_expert_score_is_the_analytic_mixture_score():
@@ -112,11 +115,47 @@ def test_bad_training_input_fails_before_work():
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     m = MoGExpert(3, 2).double()
     x = torch.randn(64, 3, dtype=torch.float64)
-    train_score(m, x, steps=3, progress=False, checkpoint_dir=tmp_path)
-    saved = (tmp_path / "model.safetensors").read_bytes()
-    with torch.no_grad():
-        m.mu.fill_(math.inf)
+    calls = []
+
+    def loss_fn(model, gen):  # DSM, until the 5th call returns NaN
+        calls.append(1)
+        loss = dsm_loss(model, x, model.schedule, generator=gen)
+        return loss * math.nan if len(calls) == 5 else loss
+
     with pytest.raises(TrainingDiverged, match="last good checkpoint"):
-        train_score(m, x, steps=3, progress=False, checkpoint_dir=tmp_path, checkpoint_every=1)
-    assert (tmp_path / "model.safetensors").read_bytes() == saved
-    assert torch.isfinite(load_model(tmp_path).mu).all()
+        fit(m, loss_fn, steps=10, lr=1e-2, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 4
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys() if k.startswith("model."))
+
+
+def test_fit_resumes_bit_for_bit(tmp_path):
+    x = torch.randn(128, 3, dtype=torch.float64)
+
+    def loss_fn(model, gen):
+        idx = torch.randint(0, 128, (32,), generator=gen)
+        return dsm_loss(model, x[idx], model.schedule, generator=gen)
+
+    class Killed(Exception):
+        pass
+
+    def dies_at_step_8(model, gen, calls=[]):  # noqa: B006 - a counter that outlives calls
+        calls.append(1)
+        if len(calls) == 8:
+            raise Killed  # like SIGKILL: steps 6-7 were done but not checkpointed
+        return loss_fn(model, gen)
+
+    kw = dict(steps=12, lr=1e-2, ema_decay=0.9, lr_schedule="cosine", progress=False)
+    full = MoGExpert(3, 2, seed=1).double()
+    fit(full, loss_fn, **kw)
+    with pytest.raises(Killed):
+        fit(MoGExpert(3, 2, seed=1).double(), dies_at_step_8, checkpoint_dir=tmp_path, checkpoint_every=5,
+            **kw)
+    resumed = MoGExpert(3, 2, seed=99).double()  # different init: everything comes from the checkpoint
+    fit(resumed, loss_fn, checkpoint_dir=tmp_path, checkpoint_every=5, **kw)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.safetensors is corrupt"):
+        fit(MoGExpert(3, 2).double(), loss_fn, steps=12, lr=1e-2, progress=False, checkpoint_dir=tmp_path)

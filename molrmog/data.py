@@ -1,0 +1,179 @@
+"""Image datasets: scikit-learn digits (embedded), Fashion-MNIST (IDX files), image folders.
+
+Every loader returns an `ImageData`: images (N, C, H, W) float32 in [0, 1], integer labels
+(N,) or None, and class names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ImageData", "load_digits", "load_fashion_mnist", "load_image_folder", "load_dataset",
+           "read_idx", "fashion_mnist_dir", "FASHION_CLASSES"]
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                   "Bag", "Ankle boot"]
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class ImageData:
+    images: Tensor  # (N, C, H, W) in [0, 1]
+    labels: Tensor | None  # (N,) int64
+    classes: list[str]
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, idx) -> ImageData:
+        return ImageData(self.images[idx], None if self.labels is None else self.labels[idx], self.classes,
+                         self.name)
+
+
+def load_digits() -> ImageData:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes); no download."""
+    from sklearn.datasets import load_digits as _ld
+
+    d = _ld()
+    x = torch.as_tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    return ImageData(x, torch.as_tensor(d.target, dtype=torch.int64), [str(i) for i in range(10)], "digits")
+
+
+# --- Fashion-MNIST -----------------------------------------------------------------------
+
+
+def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
+    """root, else $MOLRMOG_DATA/fashion-mnist, else Debian's /usr/share/datasets/fashion-mnist."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("MOLRMOG_DATA")
+    if env:
+        return Path(env) / "fashion-mnist"
+    return Path(DEBIAN_FASHION_DIR)
+
+
+def _open_idx(directory: Path, stem: str):
+    for name in (stem + ".gz", stem):
+        p = directory / name
+        if p.is_file():
+            return p
+    raise ValueError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}. Install Debian's package "
+        f"(apt-get install dataset-fashion-mnist, files go to {DEBIAN_FASHION_DIR}) or put the four "
+        f"official IDX files into $MOLRMOG_DATA/fashion-mnist or the folder given with --data-dir")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed); checks the magic number and the size."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read IDX file ({e}); the file is corrupt or truncated") from e
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    zero, dtype_code, ndim = raw[0] * 256 + raw[1], raw[2], raw[3]
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex()} (expected 00000801 or 00000803)")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise ValueError(f"{path}: size {len(raw)} bytes does not match its header {dims} "
+                         f"({expected} bytes); the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,
+                       limit: int | None = None) -> ImageData:
+    """Fashion-MNIST 28x28 from IDX files (gz or raw)."""
+    if split not in FASHION_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    directory = fashion_mnist_dir(root)
+    img_stem, lab_stem = FASHION_FILES[split]
+    images = read_idx(_open_idx(directory, img_stem))
+    labels = read_idx(_open_idx(directory, lab_stem))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{directory}: images {images.shape} and labels {labels.shape} do not match")
+    if labels.max() >= 10:
+        raise ValueError(f"{directory}: labels outside 0..9 (max {labels.max()})")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    return ImageData(x, torch.from_numpy(labels.astype(np.int64)), list(FASHION_CLASSES), "fashion-mnist")
+
+
+# --- image folders ------------------------------------------------------------------------
+
+
+def load_image_folder(path: str | os.PathLike, size: int = 28, channels: int = 1,
+                      skip_bad: bool = False) -> ImageData:
+    """Images under `path`: sub-folders are classes; files directly in `path` make an unlabelled set.
+    Every image is converted to `channels` (1 or 3) and resized to size x size."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if subdirs:
+        groups = [(d.name, sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+                  for d in subdirs]
+    else:
+        groups = [(None, sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))]
+    xs, ys, bad = [], [], []
+    for label, (_, files) in enumerate(groups):
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.float32) / 255.0
+            except (UnidentifiedImageError, OSError) as e:
+                if not skip_bad:
+                    raise ValueError(f"cannot read image {f} ({e}); remove it or pass --skip-bad") from e
+                bad.append(str(f))
+                continue
+            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise ValueError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    if bad:
+        print(f"molrmog: skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}")
+    labelled = groups[0][0] is not None
+    return ImageData(torch.from_numpy(np.stack(xs)), torch.tensor(ys) if labelled else None,
+                     [g[0] for g in groups] if labelled else [], f"folder:{root}")
+
+
+def load_dataset(spec: str, *, data_dir: str | None = None, limit: int | None = None, size: int = 28,
+                 channels: int = 1, skip_bad: bool = False, split: str = "train") -> ImageData:
+    """'digits', 'fashion-mnist' or 'folder:PATH'."""
+    if spec == "digits":
+        data = load_digits()
+    elif spec == "fashion-mnist":
+        data = load_fashion_mnist(split, data_dir)
+    elif spec.startswith("folder:"):
+        data = load_image_folder(spec.removeprefix("folder:"), size, channels, skip_bad)
+    else:
+        raise ValueError(f"unknown dataset {spec!r}; use digits, fashion-mnist or folder:PATH")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        g = torch.Generator().manual_seed(0)
+        data = data.subset(torch.randperm(data.images.shape[0], generator=g)[:limit])
+    return data
