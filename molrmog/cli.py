@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 
+from .samplers import SAMPLERS
 from .train import TrainingDiverged
 
 __all__ = ["main", "build_parser"]
+
+SAMPLER_NAMES = list(SAMPLERS)
 
 
 def _int_list(text: str) -> int | list[int]:
@@ -45,8 +48,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--r", type=_int_list, default=None, help="rank r_k of each mode's factor (default d_k)")
     p.add_argument("--separation", type=float, default=5.0, help="typical norm of latent means (default 5)")
     p.add_argument("--schedule", choices=["vp", "ve", "cosine"], default="vp")
-    p.add_argument("--sampler", choices=["euler", "heun", "ddim", "dpmpp_2m", "euler_maruyama"],
-                   default="heun")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="heun")
     p.add_argument("--grid", choices=["uniform", "logsnr", "karras"], default="karras")
     p.add_argument("--steps", type=int, default=30, help="sampler steps (default 30)")
     p.add_argument("--samples", type=int, default=2000, help="points to generate (default 2000)")
@@ -73,6 +75,115 @@ def _cmd_synth(a) -> int:
     return 0
 
 
+def _shape(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected a latent shape c,h,w (e.g. 4,7,7), got {text!r}")
+    return vals
+
+
+def _add_train(sub) -> None:
+    from .pipeline import RunConfig
+
+    d = RunConfig()
+    p = sub.add_parser(
+        "train", help="train VAEs and latent experts on an image dataset",
+        description="Train one VAE per cluster (or one unified VAE, or a shared backbone with per-cluster "
+        "LoRA adapters) and a small latent expert per cluster for each expert kind; write a run "
+        "directory with models, losses, loss curves, sample grids and report.md. Checkpoints are "
+        "written every --checkpoint-every steps; --resume RUN continues a stopped run.")
+    p.add_argument("--dataset", default=d.dataset, help="digits (default), fashion-mnist or folder:PATH")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files "
+                   "(default $MOLRMOG_DATA/fashion-mnist, else /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--limit", type=int, default=None, help="use a random subset of this many images")
+    p.add_argument("--size", type=int, default=d.size, help="image size for folder datasets (default 28)")
+    p.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--clusters", type=int, default=None,
+                   help="cluster with k-means on unified-VAE features instead of using labels")
+    p.add_argument("--experts", default="mog,gaussian,unet", help="comma list of mog, gaussian, unet")
+    p.add_argument("--vae", default=d.vae, help="dedicated (default), unified or lora")
+    p.add_argument("--latent", type=_shape, default=None, help="latent c,h,w (digits 2,4,4; fashion 4,7,7)")
+    p.add_argument("--modes", type=int, default=d.modes, help="MoG modes n_k per expert (default 10)")
+    p.add_argument("--rank", type=int, default=d.rank, help="rank r of MoG / Gaussian factors (default 4)")
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-beta", type=float, default=d.vae_beta, help="KL weight of the VAEs (default 0.1)")
+    p.add_argument("--expert-steps", type=int, default=d.expert_steps)
+    p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="steps for U-Net experts")
+    p.add_argument("--unet-width", type=int, default=d.unet_width)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--sampler", default=d.sampler, choices=SAMPLER_NAMES)
+    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the run in RUN (its saved settings are used; other options are ignored)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(a) -> int:
+    from .pipeline import RunConfig, train_run
+
+    if a.resume:
+        report = train_run(a.resume, resume=True, progress=not a.no_progress)
+        out = a.resume
+    else:
+        cfg = RunConfig(dataset=a.dataset, data_dir=a.data_dir, limit=a.limit, size=a.size,
+                        channels=a.channels, skip_bad=a.skip_bad, clusters=a.clusters,
+                        experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae,
+                        latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps, vae_beta=a.vae_beta,
+                        expert_steps=a.expert_steps, unet_steps=a.unet_steps, unet_width=a.unet_width,
+                        batch=a.batch, sampler=a.sampler, sample_steps=a.sample_steps,
+                        checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device)
+        report = train_run(a.out, cfg, progress=not a.no_progress)
+        out = a.out
+    print(json.dumps(report, indent=2))
+    print(f"wrote {out}/report.md and sample grids")
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a trained run",
+                       description="Generate images with one expert kind of a trained run: a cluster is "
+                       "drawn by its weight (or fixed with --class), its latent is sampled with the "
+                       "sampler and decoded by that cluster's VAE. Writes a PNG grid (and .npy with --npy).")
+    p.add_argument("run", help="run directory written by molrmog train")
+    p.add_argument("--kind", default="mog", choices=["mog", "gaussian", "unet"])
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--class", dest="cls", type=int, default=None, help="cluster / class index")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out", default=None, help="PNG path (default RUN/sample_<kind>.png)")
+    p.add_argument("--npy", action="store_true", help="also write the images as .npy")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(a) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .pipeline import sample_run, save_grid
+
+    if a.steps is not None and a.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {a.steps}")
+    imgs, ks = sample_run(a.run, a.kind, a.n, a.cls, a.sampler, a.steps, a.seed, a.device, progress=True)
+    out = Path(a.out or Path(a.run) / f"sample_{a.kind}.png")
+    save_grid(out, imgs, min(8, a.n))
+    if a.npy:
+        np.save(out.with_suffix(".npy"), imgs.numpy())
+    print(f"wrote {out}" + (f" and {out.with_suffix('.npy')}" if a.npy else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .experiments.registry import add_experiment_parsers
@@ -86,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"molrmog {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_synth(sub)
+    _add_train(sub)
+    _add_sample(sub)
     add_experiment_parsers(sub)
     return parser
 

@@ -20,13 +20,15 @@ import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import mixture as mx
 from .io import Configurable, load_module
 from .schedules import get_schedule
 
-__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "load_model",
+__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "LatentExpert",
+           "load_model",
            "k_subspaces", "MODEL_CLASSES"]
 
 
@@ -298,7 +300,72 @@ class MLPScore(ScoreModel):
         return -eps / g[:, None]
 
 
-MODEL_CLASSES = {c.__name__: c for c in (MoGExpert, GaussianExpert, MoEScore, MLPScore)}
+class UNetScore(ScoreModel):
+    """Latent U-Net baseline: diffusers' `UNet2DModel` (small) predicting eps on a (c, h, w) latent,
+    padded to an even size; score = -eps / gamma. Inputs and outputs are flat (B, c h w)."""
+
+    def __init__(self, latent=(2, 4, 4), width: int = 32, schedule="vp", seed: int = 0):
+        super().__init__(schedule)
+        from diffusers import UNet2DModel
+
+        self.latent = tuple(int(v) for v in latent)
+        c, h, w = self.latent
+        self.pad = (-h) % 2
+        groups = min(8, width)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.unet = UNet2DModel(
+                sample_size=h + self.pad, in_channels=c, out_channels=c, layers_per_block=1,
+                block_out_channels=(width, 2 * width), down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=groups)
+
+    def score(self, u: Tensor, t) -> Tensor:
+        s, g = self.st(u, t)
+        B = u.shape[0]
+        s, g = s.expand(B), g.expand(B)
+        c, h, w = self.latent
+        x = (u / torch.sqrt(s**2 + g**2)[:, None]).view(B, c, h, w)  # unit-variance input (u standardised)
+        x = F.pad(x, (0, self.pad, 0, self.pad))
+        timestep = 1000 * torch.as_tensor(t, dtype=u.dtype, device=u.device).expand(B) / self.schedule.t_max
+        eps = self.unet(x, timestep).sample[:, :, :h, :w].reshape(B, -1)
+        return -eps / g[:, None]
+
+
+class LatentExpert(ScoreModel):
+    """A latent expert of one cluster: standardisation u = (z - shift) / scale stored with it, and a
+    score model in u: kind 'mog' (MoGExpert), 'gaussian' (GaussianExpert) or 'unet' (UNetScore)."""
+
+    KINDS = ("mog", "gaussian", "unet")
+
+    def __init__(self, kind: str = "mog", latent=(2, 4, 4), modes: int = 10, rank: int = 4, width: int = 32,
+                 schedule="vp", seed: int = 0):
+        super().__init__(schedule)
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown expert kind {kind!r}; choose from {', '.join(self.KINDS)}")
+        self.kind, self.latent = kind, tuple(int(v) for v in latent)
+        d = math.prod(self.latent)
+        if kind == "mog":
+            self.net = MoGExpert(d, modes, rank, schedule, seed=seed)
+        elif kind == "gaussian":
+            self.net = GaussianExpert(d, rank, schedule, seed=seed)
+        else:
+            self.net = UNetScore(self.latent, width, schedule, seed=seed)
+        self.register_buffer("shift", torch.zeros(d))
+        self.register_buffer("scale", torch.ones(d))
+
+    def standardise(self, z: Tensor) -> Tensor:
+        return (z.flatten(1) - self.shift) / self.scale
+
+    def unstandardise(self, u: Tensor) -> Tensor:
+        return u * self.scale + self.shift
+
+    def score(self, u: Tensor, t) -> Tensor:
+        """Score in standardised latent coordinates u."""
+        return self.net(u, t)
+
+
+MODEL_CLASSES = {c.__name__: c for c in (MoGExpert, GaussianExpert, MoEScore, MLPScore, UNetScore,
+                                            LatentExpert)}
 
 
 def load_model(directory: str | os.PathLike) -> ScoreModel:

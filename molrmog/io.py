@@ -16,6 +16,8 @@ __all__ = ["atomic_write", "read_artifact", "Configurable", "load_module"]
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
