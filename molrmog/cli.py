@@ -137,7 +137,8 @@ def _cmd_train(a) -> int:
         cfg = RunConfig(dataset=a.dataset, data_dir=a.data_dir, limit=a.limit, size=a.size,
                         channels=a.channels, skip_bad=a.skip_bad, clusters=a.clusters,
                         experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae,
-                        latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps, vae_beta=a.vae_beta,
+                        latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps,
+                        vae_beta=a.vae_beta,
                         expert_steps=a.expert_steps, unet_steps=a.unet_steps, unet_width=a.unet_width,
                         batch=a.batch, sampler=a.sampler, sample_steps=a.sample_steps,
                         checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device)

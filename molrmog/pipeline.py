@@ -149,14 +149,16 @@ class Run:
             vaes = []
             for k in range(K):
                 final = self.out / "vae" / str(k)
-                vae = ConvVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed + 1 + k).to(self.device)
+                vae = ConvVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed + 1 + k)
+                vae = vae.to(self.device)
                 self._fit_task(f"vae-{k}", vae, self._vae_loss(imgs[labels == k]), c.vae_steps, c.vae_lr,
                                c.seed + 1 + k, final)
                 vaes.append(load_module(final, "VAE").to(self.device))
             return vaes
         # lora: backbone on all data, then one adapter per cluster with the backbone frozen
         backbone = self.train_vae_unified(imgs, "backbone")
-        vae = LoRAVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed, clusters=K, rank=c.lora_rank)
+        vae = LoRAVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed, clusters=K,
+                      rank=c.lora_rank)
         vae.load_state_dict(_lora_state_from(backbone, vae), strict=True)
         vae = vae.to(self.device)
         for k in range(K):
