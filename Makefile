@@ -13,10 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/molrmog synth --out runs/demo/synth
-	$(BIN)/molrmog experiment estimation --quick --out runs/demo/estimation
-	$(BIN)/molrmog experiment convergence --quick --out runs/demo/convergence
-	$(BIN)/molrmog experiment phase-transition --quick --out runs/demo/phase-transition
+	@# digits, dedicated VAEs, MoG + Gaussian + U-Net latent experts; an existing run is resumed, never overwritten
+	if [ -f runs/demo/config.json ]; then $(BIN)/molrmog train --resume runs/demo; \
+	else $(BIN)/molrmog train --dataset digits --experts mog,gaussian,unet --vae dedicated --out runs/demo; fi
+	$(BIN)/molrmog synth --out runs/demo/synth --no-progress
+	@echo "report: runs/demo/report.md; samples: runs/demo/samples_*.png; synthetic check: runs/demo/synth/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -110,6 +110,7 @@ def _add_train(sub) -> None:
     p.add_argument("--modes", type=int, default=d.modes, help="MoG modes n_k per expert (default 10)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of MoG / Gaussian factors (default 4)")
     p.add_argument("--vae-steps", type=int, default=d.vae_steps)
+    p.add_argument("--vae-width", type=int, default=d.vae_width, help="VAE base channels (default 32)")
     p.add_argument("--vae-beta", type=float, default=d.vae_beta, help="KL weight of the VAEs (default 0.1)")
     p.add_argument("--expert-steps", type=int, default=d.expert_steps)
     p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="steps for U-Net experts")
@@ -138,7 +139,7 @@ def _cmd_train(a) -> int:
                         channels=a.channels, skip_bad=a.skip_bad, clusters=a.clusters,
                         experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae,
                         latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps,
-                        vae_beta=a.vae_beta,
+                        vae_beta=a.vae_beta, vae_width=a.vae_width,
                         expert_steps=a.expert_steps, unet_steps=a.unet_steps, unet_width=a.unet_width,
                         batch=a.batch, sampler=a.sampler, sample_steps=a.sample_steps,
                         checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device)
@@ -172,7 +173,8 @@ def _cmd_sample(a) -> int:
 
     import numpy as np
 
-    from .pipeline import sample_run, save_grid
+    from .pipeline import sample_run
+    from .report import save_grid
 
     if a.steps is not None and a.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {a.steps}")
