@@ -15,8 +15,8 @@ from .common import embedded_molrmog, loglog_slope, out_dir, pyplot, write_csv, 
 PRESETS = {
     "quick": dict(Ds=[32, 128], ns=[64, 256, 1024], K=2, d=4, modes=2, steps=150, mlp_steps=300,
                   mlp_Ds=[32], eval_n=2000, seeds=1),
-    "default": dict(Ds=[64, 256, 1024], ns=[100, 300, 1000, 3000, 10000], K=2, d=4, modes=2, steps=400,
-                    mlp_steps=2000, mlp_Ds=[64, 256, 1024], eval_n=4000, seeds=2),
+    "default": dict(Ds=[64, 256, 1024], ns=[100, 300, 1000, 3000], K=2, d=4, modes=2, steps=400,
+                    mlp_steps=1000, mlp_Ds=[64, 1024], eval_n=4000, seeds=1),
 }
 T_EVAL_MAX = 3.0  # beyond this the noised law is almost the prior for every model
 
@@ -45,7 +45,7 @@ def run_estimation(out, preset: str = "quick", seed: int = 0, progress: bool = T
         t0 = time.perf_counter()
         if kind == "moe-mog":
             model = MoEScore(D, cfg["K"], cfg["d"], cfg["modes"], seed=seed + s).double()
-            model.init_from_data(x, seed=seed + s)
+            model.init_from_data(x, seed=seed + s, restarts=2)
             train_score(model, x, steps=cfg["steps"], batch_size=min(512, n), lr=1e-3, seed=seed + s,
                         t_max=T_EVAL_MAX, progress=False)
         else:
