@@ -58,6 +58,6 @@ def subspace_distance(U: Tensor, V: Tensor) -> float:
 
 
 def score_error(score_fn, true_score_fn, x: Tensor, t: Tensor, gamma: Tensor) -> float:
-    """E gamma_t^2 ||s_theta(x_t, t) - grad log p_t(x_t)||^2 over paired (x, t) samples."""
+    """E gamma_t^2 ||s_theta(x_t, t) - grad log p_t(x_t)||^2; x (B, D), t and gamma (B,)."""
     diff = score_fn(x, t) - true_score_fn(x, t)
-    return float((gamma**2 * (diff**2).sum(-1)).mean())
+    return float((gamma.reshape(-1) ** 2 * (diff**2).sum(-1)).mean())

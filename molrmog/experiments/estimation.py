@@ -7,6 +7,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .. import metrics
 from ..experts import MLPScore, MoEScore
 from ..losses import sample_times
 from ..train import train_score
@@ -27,10 +28,8 @@ def score_error(model, truth, n: int, seed: int) -> float:
     x0, _ = truth.sample(n, g)
     t = sample_times(truth.schedule, n, "uniform", g, t_max=T_EVAL_MAX)
     xt = truth.noise(x0, t, g)
-    gam2 = truth.schedule.gamma(t)[:, None] ** 2
     with torch.no_grad():
-        diff = model(xt.to(torch.float64), t) - truth.score(xt, t)
-    return float((gam2 * diff**2).sum(1).mean())
+        return metrics.score_error(model, truth.score, xt, t, truth.schedule.gamma(t))
 
 
 def run_estimation(out, preset: str = "quick", seed: int = 0, progress: bool = True, **overrides) -> dict:
