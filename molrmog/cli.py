@@ -86,15 +86,26 @@ def _shape(text: str) -> list[int]:
 
 
 def _add_train(sub) -> None:
-    from .pipeline import RunConfig
-
-    d = RunConfig()
     p = sub.add_parser(
         "train", help="train VAEs and latent experts on an image dataset",
         description="Train one VAE per cluster (or one unified VAE, or a shared backbone with per-cluster "
         "LoRA adapters) and a small latent expert per cluster for each expert kind; write a run "
         "directory with models, losses, loss curves, sample grids and report.md. Checkpoints are "
         "written every --checkpoint-every steps; --resume RUN continues a stopped run.")
+    _add_run_options(p)
+    p.add_argument("--experts", default="mog,gaussian,unet", help="comma list of mog, gaussian, unet")
+    p.add_argument("--vae", default="dedicated", help="dedicated (default), unified or lora")
+    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="continue the run in RUN (its saved settings are used; other options are ignored)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_run_options(p) -> None:
+    """Dataset and training options shared by `train` and `compare`."""
+    from .pipeline import RunConfig
+
+    d = RunConfig()
     p.add_argument("--dataset", default=d.dataset, help="digits (default), fashion-mnist or folder:PATH")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files "
                    "(default $MOLRMOG_DATA/fashion-mnist, else /usr/share/datasets/fashion-mnist)")
@@ -104,8 +115,6 @@ def _add_train(sub) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--clusters", type=int, default=None,
                    help="cluster with k-means on unified-VAE features instead of using labels")
-    p.add_argument("--experts", default="mog,gaussian,unet", help="comma list of mog, gaussian, unet")
-    p.add_argument("--vae", default=d.vae, help="dedicated (default), unified or lora")
     p.add_argument("--latent", type=_shape, default=None, help="latent c,h,w (digits 2,4,4; fashion 4,7,7)")
     p.add_argument("--modes", type=int, default=d.modes, help="MoG modes n_k per expert (default 10)")
     p.add_argument("--rank", type=int, default=d.rank, help="rank r of MoG / Gaussian factors (default 4)")
@@ -120,29 +129,32 @@ def _add_train(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=d.sample_steps)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
-    p.add_argument("--resume", metavar="RUN", default=None,
-                   help="continue the run in RUN (its saved settings are used; other options are ignored)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_train)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_config(a, **fixed):
+    from .pipeline import RunConfig
+
+    kw = dict(dataset=a.dataset, data_dir=a.data_dir, limit=a.limit, size=a.size,
+              channels=a.channels, skip_bad=a.skip_bad, clusters=a.clusters,
+              latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps,
+              vae_beta=a.vae_beta, vae_width=a.vae_width,
+              expert_steps=a.expert_steps, unet_steps=a.unet_steps, unet_width=a.unet_width,
+              batch=a.batch, sampler=a.sampler, sample_steps=a.sample_steps,
+              checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device)
+    kw.update(fixed)
+    return RunConfig(**kw)
 
 
 def _cmd_train(a) -> int:
-    from .pipeline import RunConfig, train_run
+    from .pipeline import train_run
 
     if a.resume:
         report = train_run(a.resume, resume=True, progress=not a.no_progress)
         out = a.resume
     else:
-        cfg = RunConfig(dataset=a.dataset, data_dir=a.data_dir, limit=a.limit, size=a.size,
-                        channels=a.channels, skip_bad=a.skip_bad, clusters=a.clusters,
-                        experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae,
-                        latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps,
-                        vae_beta=a.vae_beta, vae_width=a.vae_width,
-                        expert_steps=a.expert_steps, unet_steps=a.unet_steps, unet_width=a.unet_width,
-                        batch=a.batch, sampler=a.sampler, sample_steps=a.sample_steps,
-                        checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device)
+        cfg = _run_config(a, experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae)
         report = train_run(a.out, cfg, progress=not a.no_progress)
         out = a.out
     print(json.dumps(report, indent=2))
@@ -187,6 +199,135 @@ def _cmd_sample(a) -> int:
     return 0
 
 
+def _add_featurizer(sub) -> None:
+    p = sub.add_parser("featurizer", help="train the offline feature extractor (classifier) of a dataset",
+                       description="Train a small CNN classifier on the dataset's train split, once; it is "
+                       "cached (config.json + model.safetensors + featurizer.json with its test accuracy) "
+                       "under --cache, $MOLRMOG_CACHE or ~/.cache/molrmog. Its penultimate features serve "
+                       "FID, KID, precision/recall and the similarity scores; its softmax the class score.")
+    p.add_argument("--dataset", default="digits", help="digits (default), fashion-mnist or folder:PATH")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--size", type=int, default=28, help="image size for folder datasets (default 28)")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    p.add_argument("--steps", type=int, default=None, help="training steps (default digits 600, "
+                   "fashion-mnist 2500, folders 2000)")
+    p.add_argument("--cache", default=None, help="cache folder (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+    p.add_argument("--force", action="store_true", help="retrain even when a finished featurizer is cached")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_featurizer)
+
+
+def _cmd_featurizer(a) -> int:
+    from .featurizer import featurizer_dir, train_featurizer
+
+    m = train_featurizer(a.dataset, cache=a.cache, steps=a.steps, seed=a.seed, size=a.size,
+                         channels=a.channels, data_dir=a.data_dir, device=a.device,
+                         progress=not a.no_progress, force=a.force)
+    print(json.dumps({"dataset": a.dataset, "test_accuracy": round(float(m.test_accuracy), 4),
+                      "parameters": m.num_parameters()}, indent=2))
+    print(f"featurizer in {featurizer_dir(a.dataset, a.cache)}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FID, KID, precision/recall, class and similarity scores of a run",
+                       description="Sample every expert kind of a trained run (and the memorisation baseline: "
+                       "the exact denoiser of each cluster's empirical latent distribution) and measure FID, "
+                       "KID, precision/recall against the training images and the class score in the "
+                       "features of the dataset's own classifier (`molrmog featurizer`, trained first if "
+                       "missing); generalisation, reproducibility and probability-flow distance between "
+                       "models from shared noise. The test split is measured alongside as the floor. Writes "
+                       "evaluation.json, evaluation.md and evaluation_samples.png into RUN.")
+    p.add_argument("run", help="run directory written by molrmog train")
+    p.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
+    p.add_argument("--reference", type=int, default=10000, help="training images for FID/KID (default 10000)")
+    p.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
+    p.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
+    p.add_argument("--threshold", type=float, default=0.6, help="similarity threshold (default 0.6)")
+    p.add_argument("--cache", default=None, help="featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _kinds(text):
+    return None if text is None else [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluation import evaluate_run
+
+    evaluate_run(a.run, samples=a.samples, reference=a.reference, kinds=_kinds(a.kinds),
+                 memorisation=not a.no_memorisation, threshold=a.threshold, cache=a.cache, seed=a.seed,
+                 device=a.device, progress=not a.no_progress)
+    print(open(f"{a.run}/evaluation.md").read())
+    print(f"wrote {a.run}/evaluation.json, evaluation.md and evaluation_samples.png")
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian)",
+                       description="Analyses of a trained run.")
+    asub = p.add_subparsers(dest="analysis", metavar="NAME", required=True)
+    j = asub.add_parser("jacobian", help="singular values of the denoiser's Jacobian per expert kind and t",
+                        description="Singular values of d x0_hat / d x_t of each expert kind's latent denoiser "
+                        "(and the memorisation baseline) at noised training latents of one cluster, for "
+                        "several t; numerical rank = number of singular values above --tol times the largest. "
+                        "Writes jacobian.csv, jacobian.json and jacobian.png into --out (default RUN/jacobian).")
+    j.add_argument("run", help="run directory written by molrmog train")
+    j.add_argument("--t", type=lambda v: [float(x) for x in v.split(",")], default=[0.02, 0.1, 0.3, 0.6, 1.0],
+                   help="comma list of times in (0, 1] (default 0.02,0.1,0.3,0.6,1.0)")
+    j.add_argument("--cluster", type=int, default=0, help="cluster whose latents are used (default 0)")
+    j.add_argument("--points", type=int, default=8, help="points per t (default 8)")
+    j.add_argument("--tol", type=float, default=1e-2, help="relative tolerance of the numerical rank")
+    j.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
+    j.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    j.add_argument("--out", default=None, help="output folder (default RUN/jacobian)")
+    j.set_defaults(func=_cmd_jacobian)
+
+
+def _cmd_jacobian(a) -> int:
+    from .evaluation import jacobian_spectra
+
+    res = jacobian_spectra(a.run, kinds=_kinds(a.kinds), ts=a.t, cluster=a.cluster, points=a.points, tol=a.tol,
+                           memorisation=not a.no_memorisation, seed=a.seed, device=a.device, out=a.out)
+    ranks = {m: {t: v["rank_median"] for t, v in per_t.items()} for m, per_t in res["models"].items()}
+    print(json.dumps({"numerical_rank_median": ranks}, indent=2))
+    print(f"wrote {a.out or a.run + '/jacobian'}/jacobian.csv, jacobian.json and jacobian.png")
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="MoG vs Gaussian vs U-Net experts (and dedicated vs unified VAE)",
+                       description="Train (or resume) OUT/dedicated with MoG, Gaussian and U-Net experts on one "
+                       "VAE per cluster and OUT/unified with MoG experts on one shared VAE, evaluate both "
+                       "(see `molrmog evaluate`) and write comparison.md, comparison.json, "
+                       "comparison_samples.png (rows MoG / Gaussian / U-Net / MoG on the unified VAE) and "
+                       "comparison_losses.png into OUT.")
+    _add_run_options(p)
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--no-unified", action="store_true", help="skip the unified-VAE ablation")
+    p.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
+    p.add_argument("--reference", type=int, default=10000, help="training images for FID/KID (default 10000)")
+    p.add_argument("--cache", default=None, help="featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(a) -> int:
+    from .compare import compare
+
+    compare(a.out, _run_config(a), unified=not a.no_unified, samples=a.samples, reference=a.reference,
+            cache=a.cache, progress=not a.no_progress)
+    print(open(f"{a.out}/comparison.md").read())
+    print(f"wrote {a.out}/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .experiments.registry import add_experiment_parsers
@@ -202,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_train(sub)
     _add_sample(sub)
+    _add_featurizer(sub)
+    _add_evaluate(sub)
+    _add_analyze(sub)
+    _add_compare(sub)
     add_experiment_parsers(sub)
     return parser
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ImageData", "load_digits", "load_fashion_mnist", "load_image_folder", "load_dataset",
-           "read_idx", "fashion_mnist_dir", "FASHION_CLASSES"]
+           "read_idx", "fashion_mnist_dir", "holdout_split", "FASHION_CLASSES"]
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                    "Bag", "Ankle boot"]
@@ -160,15 +160,39 @@ def load_image_folder(path: str | os.PathLike, size: int = 28, channels: int = 1
                      [g[0] for g in groups] if labelled else [], f"folder:{root}")
 
 
+HOLDOUT_FRACTION = 0.2
+
+
+def holdout_split(data: ImageData, split: str) -> ImageData:
+    """A fixed train / test split for datasets without one: 20% of a seeded permutation is 'test'."""
+    if split == "all":
+        return data
+    N = data.images.shape[0]
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(20260101))
+    n_test = max(1, round(HOLDOUT_FRACTION * N))
+    idx = perm[:n_test] if split == "test" else perm[n_test:]
+    return data.subset(idx.sort().values)
+
+
 def load_dataset(spec: str, *, data_dir: str | None = None, limit: int | None = None, size: int = 28,
                  channels: int = 1, skip_bad: bool = False, split: str = "train") -> ImageData:
-    """'digits', 'fashion-mnist' or 'folder:PATH'."""
+    """'digits', 'fashion-mnist' or 'folder:PATH'; split 'train', 'test' or 'all'.
+
+    Fashion-MNIST has its official 60k / 10k split ('all' is their union). Digits and image
+    folders have none: a fixed 20% of the images (`holdout_split`) is the test split.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be train, test or all, got {split!r}")
     if spec == "digits":
-        data = load_digits()
+        data = holdout_split(load_digits(), split)
     elif spec == "fashion-mnist":
-        data = load_fashion_mnist(split, data_dir)
+        if split == "all":
+            a, b = load_fashion_mnist("train", data_dir), load_fashion_mnist("test", data_dir)
+            data = ImageData(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]), a.classes, a.name)
+        else:
+            data = load_fashion_mnist(split, data_dir)
     elif spec.startswith("folder:"):
-        data = load_image_folder(spec.removeprefix("folder:"), size, channels, skip_bad)
+        data = holdout_split(load_image_folder(spec.removeprefix("folder:"), size, channels, skip_bad), split)
     else:
         raise ValueError(f"unknown dataset {spec!r}; use digits, fashion-mnist or folder:PATH")
     if limit is not None:

@@ -110,9 +110,9 @@ class MoLRMoG:
                 )
             for l, Ukl in enumerate(Uk):
                 Ukl = torch.as_tensor(Ukl)
-                if Ukl.ndim != 2 or Ukl.shape[0] != d[k] or Ukl.shape[1] > d[k] or Ukl.shape[1] < 1:
+                if Ukl.ndim != 2 or Ukl.shape[0] != d[k] or Ukl.shape[1] > d[k]:
                     raise ValueError(
-                        f"U[{k}][{l}] must have shape (d_k, r) with d_k = {d[k]} and 1 <= r <= d_k, "
+                        f"U[{k}][{l}] must have shape (d_k, r) with d_k = {d[k]} and 0 <= r <= d_k, "
                         f"got {tuple(Ukl.shape)}"
                     )
                 Uk[l] = Ukl.to(dtype)
@@ -383,6 +383,16 @@ class GaussianMixture(MoLRMoG):
     def __init__(self, mu: Tensor, U: Tensor | Sequence[Tensor], pi=None, **kwargs):
         mu = torch.as_tensor(mu)
         super().__init__(None, [mu], [U], pi=None if pi is None else [pi], **kwargs)
+
+    @classmethod
+    def empirical(cls, points: Tensor, **kwargs) -> GaussianMixture:
+        """The empirical distribution of `points` (N, D): N equally weighted rank-0 (point-mass)
+        components. Its denoiser is the optimal denoiser of the training set -- the memorisation
+        regime: the probability-flow ODE ends on training points."""
+        points = torch.as_tensor(points)
+        if points.ndim != 2 or points.shape[0] < 1:
+            raise ValueError(f"points must have shape (N >= 1, D), got {tuple(points.shape)}")
+        return cls(points, points.new_zeros(points.shape[0], points.shape[1], 0), **kwargs)
 
     @classmethod
     def random(cls, D: int, n: int = 3, r: int | None = None, *, separation: float = 4.0,

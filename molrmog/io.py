@@ -95,7 +95,7 @@ def _jsonable(v):
 
 def load_module(directory: str | os.PathLike, what: str = "model") -> Configurable:
     """Rebuild any `Configurable` saved with `save_pretrained`."""
-    from . import experts, vae  # noqa: F401 - importing them registers their classes
+    from . import experts, featurizer, vae  # noqa: F401 - importing them registers their classes
 
     cfg, state = read_artifact(directory, "model.safetensors", what)
     cls = Configurable.registry.get(cfg.get("class"))

@@ -84,16 +84,27 @@ def test_image_folder_labelled_resized_and_bad_files(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(3):
             Image.new("RGB", (20 + i, 17), (colour, colour, colour)).save(tmp_path / cls / f"{i}.png")
-    d = load_dataset(f"folder:{tmp_path}", size=16, channels=1)
+    d = load_dataset(f"folder:{tmp_path}", size=16, channels=1, split="all")
     assert d.images.shape == (6, 1, 16, 16) and d.classes == ["cats", "dogs"]
     assert d.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert abs(d.images[0].mean().item() - 200 / 255) < 0.02
     (tmp_path / "dogs" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png.*--skip-bad"):
         load_dataset(f"folder:{tmp_path}", size=16)
-    assert load_dataset(f"folder:{tmp_path}", size=16, skip_bad=True).images.shape[0] == 6
-    rgb = load_dataset(f"folder:{tmp_path}", size=8, channels=3, skip_bad=True)
+    assert load_dataset(f"folder:{tmp_path}", size=16, skip_bad=True, split="all").images.shape[0] == 6
+    rgb = load_dataset(f"folder:{tmp_path}", size=8, channels=3, skip_bad=True, split="all")
     assert rgb.images.shape == (6, 3, 8, 8)
+
+
+def test_holdout_split_of_digits_is_fixed_disjoint_and_complete():
+    every = load_dataset("digits", split="all")
+    train, test = load_dataset("digits"), load_dataset("digits", split="test")
+    assert train.images.shape[0] == 1438 and test.images.shape[0] == 359
+    key = lambda d: {tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(d.images, d.labels, strict=True)}
+    assert key(train) | key(test) == key(every) and len(key(train) & key(test)) < 5  # (a few exact duplicates)
+    assert torch.equal(load_dataset("digits", split="test").images, test.images)
+    with pytest.raises(ValueError, match="split must be"):
+        load_dataset("digits", split="validation")
 
 
 def test_unknown_dataset():

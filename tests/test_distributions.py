@@ -62,7 +62,7 @@ def test_non_orthonormal_A_names_the_measured_error():
     [
         (dict(mu=[torch.zeros(1, 3)], U=[torch.ones(1, 3, 1)]), "A\\[0\\] must have shape"),
         (dict(U=[torch.ones(1, 3, 1)]), "U\\[0\\]\\[0\\] must have shape"),
-        (dict(U=[torch.ones(1, 2, 3)]), "1 <= r <= d_k"),
+        (dict(U=[torch.ones(1, 2, 3)]), "0 <= r <= d_k"),
         (dict(w=[0.5, 0.5]), "w must have shape"),
         (dict(pi=[[0.5, 0.5]]), "pi\\[0\\] must have shape"),
         (dict(mu=[torch.zeros(2, 2)], U=[torch.ones(2, 2, 1)], pi=[[1.0, 0.0]]), "strictly positive"),

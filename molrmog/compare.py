@@ -1,0 +1,146 @@
+"""`molrmog compare`: MoG vs Gaussian vs U-Net latent experts on the same dedicated VAEs, plus the
+dedicated-vs-unified VAE ablation for the MoG expert, in one table.
+
+    OUT/dedicated/   a run with mog, gaussian and unet experts on one VAE per cluster
+    OUT/unified/     a run with mog experts on one VAE shared by all clusters (the ablation)
+    OUT/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png
+
+Existing runs under OUT are resumed (finished stages are skipped), so a stopped comparison
+continues where it stopped and a finished one is only re-evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .evaluation import MEMORISE, evaluate_run
+from .io import atomic_write
+from .pipeline import RunConfig, load_run, sample_loaded, train_run
+
+__all__ = ["compare"]
+
+LABELS = {"mog": "MoG expert", "gaussian": "Gaussian expert", "unet": "U-Net expert"}
+
+
+def _train_or_resume(path: Path, cfg: RunConfig, progress: bool) -> None:
+    if (path / "config.json").is_file():
+        train_run(path, resume=True, progress=progress)
+    else:
+        train_run(path, cfg, progress=progress)
+
+
+def _train_seconds(run: Path, kind: str) -> float:
+    return sum(json.loads(p.read_text())["seconds"] for p in (run / "logs").glob(f"{kind}-*.json"))
+
+
+def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: int = 1000,
+            reference: int = 10000, cache=None, progress: bool = True) -> dict:
+    """Train (or resume) both runs, evaluate them and write the comparison files into `out`."""
+    out = Path(out)
+    cfg = replace(cfg, experts=["mog", "gaussian", "unet"], vae="dedicated")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {"dedicated": out / "dedicated"}
+    _train_or_resume(runs["dedicated"], cfg, progress)
+    if unified:
+        runs["unified"] = out / "unified"
+        _train_or_resume(runs["unified"], replace(cfg, experts=["mog"], vae="unified"), progress)
+
+    ev = {"dedicated": evaluate_run(runs["dedicated"], samples=samples, reference=reference, cache=cache,
+                                    device=cfg.device, seed=cfg.seed, progress=progress)}
+    if unified:
+        ev["unified"] = evaluate_run(runs["unified"], samples=samples, reference=reference, cache=cache,
+                                     device=cfg.device, seed=cfg.seed, memorisation=False, progress=progress)
+    rows = {}
+    for kind in ("mog", "gaussian", "unet"):
+        rows[LABELS[kind]] = _summary(ev["dedicated"]["models"][kind], _train_seconds(runs["dedicated"], kind))
+    if unified:
+        rows["MoG expert, unified VAE"] = _summary(ev["unified"]["models"]["mog"],
+                                                   _train_seconds(runs["unified"], "mog"))
+    rows["memorisation baseline"] = _summary(ev["dedicated"]["models"][MEMORISE], 0.0)
+    rows["real test images"] = _summary(ev["dedicated"]["models"]["test split"], None)
+    result = {"dataset": cfg.dataset, "featurizer_test_accuracy": ev["dedicated"]["featurizer_test_accuracy"],
+              "samples_per_model": ev["dedicated"]["samples_per_model"],
+              "reference_images": ev["dedicated"]["reference_images"], "rows": rows,
+              "pairs": ev["dedicated"]["pairs"], "runs": {k: str(v) for k, v in runs.items()}}
+    atomic_write(out / "comparison.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+    atomic_write(out / "comparison.md", lambda p: Path(p).write_text(comparison_md(result)))
+    _sample_panel(out / "comparison_samples.png", runs, cfg)
+    _loss_panel(out / "comparison_losses.png", runs)
+    return result
+
+
+def _summary(row: dict, train_s: float | None) -> dict:
+    keep = ("fid", "kid", "class_score", "precision", "recall", "parameters", "sample_images_per_second",
+            "generalisation_features", "generalisation_pixels", "nn_similarity_pixels")
+    res = {k: row.get(k) for k in keep}
+    res["train_seconds"] = None if train_s is None else round(train_s, 1)
+    return res
+
+
+def comparison_md(res: dict) -> str:
+    cols = [("fid", "FID", 2), ("kid", "KID", 3), ("class_score", "class score", 3), ("precision", "precision", 3),
+            ("recall", "recall", 3), ("parameters", "parameters", 0), ("train_seconds", "train time (s)", 1),
+            ("sample_images_per_second", "sampling (images/s)", 1)]
+    lines = [f"# Expert comparison on {res['dataset']}", "",
+             f"{res['samples_per_model']} samples per model, FID / KID / precision / recall against "
+             f"{res['reference_images']} training images in the features of the dataset's own classifier "
+             f"(test accuracy {res['featurizer_test_accuracy']:.4f}). Parameters: all latent experts "
+             "together (VAEs not counted).", "",
+             "| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, row in res["rows"].items():
+        cells = []
+        for key, _, digits in cols:
+            v = row.get(key)
+            cells.append("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Reproducibility (shared noise, cosine > 0.6 in centred pixel space) and probability-flow "
+              "distance (RMS feature distance):", "", "| pair | reproducibility | PF distance |", "|---|---:|---:|"]
+    for name, p in res["pairs"].items():
+        lines.append(f"| {name} | {p['reproducibility_pixels']:.3f} | {p['pf_distance']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def _sample_panel(path: Path, runs: dict, cfg: RunConfig, per_class: int = 2) -> None:
+    """Rows: MoG / Gaussian / U-Net (/ MoG on the unified VAE); columns: per_class samples per cluster."""
+    from .report import save_grid
+
+    rows = [(runs["dedicated"], k) for k in ("mog", "gaussian", "unet")]
+    if "unified" in runs:
+        rows.append((runs["unified"], "mog"))
+    imgs = []
+    for run, kind in rows:
+        _, weights, _, vaes, experts = load_run(run, kind, cfg.device)
+        K = weights.numel()
+        imgs += [sample_loaded(weights, vaes, experts, per_class, k, cfg.sampler, cfg.sample_steps,
+                               cfg.seed + k, cfg.device)[0] for k in range(K)]
+    save_grid(path, torch.cat(imgs), per_class * K)
+
+
+def _loss_panel(path: Path, runs: dict) -> None:
+    """Mean (over clusters) smoothed DSM loss per step of each expert kind."""
+    from .experiments.common import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    series = [(runs["dedicated"], k, LABELS[k]) for k in ("mog", "gaussian", "unet")]
+    if "unified" in runs:
+        series.append((runs["unified"], "mog", "MoG expert, unified VAE"))
+    for run, kind, label in series:
+        losses = [json.loads(p.read_text())["loss"] for p in sorted((run / "logs").glob(f"{kind}-*.json"))]
+        n = min(len(v) for v in losses)
+        y = np.mean([v[:n] for v in losses], 0)
+        w = max(1, n // 30)
+        ax.plot(np.convolve(y, np.ones(w) / w, mode="valid"), label=label, lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("DSM loss (mean over clusters)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,323 @@
+"""Evaluation of a trained run: `molrmog evaluate RUN` and `molrmog analyze jacobian RUN`.
+
+Everything is measured in the feature space of the dataset's own `Featurizer` (no downloads):
+FID / KID / precision / recall against the training images, class score of class-conditional
+samples, generalisation score against the training images, reproducibility score and
+probability-flow distance between every pair of expert kinds sampled from shared noise, and
+the same numbers for the **memorisation baseline** -- per cluster, the optimal denoiser of the
+empirical distribution of that cluster's training latents (`GaussianMixture.empirical`, the
+same closed-form mixture code with rank-0 components). The held-out test split is evaluated
+alongside as the floor every model is compared with.
+
+Cosine similarities are taken after subtracting the mean training feature: the featurizer's
+features follow a ReLU, so raw cosines are all positive and crowd near 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from . import metrics as M
+from .data import load_dataset
+from .distributions import GaussianMixture
+from .experts import LatentExpert
+from .featurizer import get_featurizer
+from .io import atomic_write
+from .pipeline import _sample_expert, load_config, load_run
+
+__all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank"]
+
+MEMORISE = "memorise"
+
+
+class MemorisationExpert(nn.Module):
+    """The memorisation baseline of one cluster: the exact score of the empirical distribution of the
+    cluster's standardised training latents, with the trained expert's standardisation and schedule."""
+
+    def __init__(self, expert: LatentExpert, z: Tensor):
+        super().__init__()
+        self.register_buffer("shift", expert.shift.detach().clone())
+        self.register_buffer("scale", expert.scale.detach().clone())
+        self.schedule = expert.schedule
+        u = ((z.flatten(1).to(self.shift.device) - self.shift) / self.scale).float()
+        self.dist = GaussianMixture.empirical(u.cpu(), schedule=expert.schedule, dtype=torch.float32)
+
+    def standardise(self, z: Tensor) -> Tensor:
+        return (z.flatten(1) - self.shift) / self.scale
+
+    def unstandardise(self, u: Tensor) -> Tensor:
+        return u * self.scale + self.shift
+
+    def forward(self, u: Tensor, t) -> Tensor:
+        return self.dist.score(u, t)
+
+    def denoise(self, u: Tensor, t) -> Tensor:
+        return self.dist.denoise(u, t)
+
+    def num_parameters(self) -> int:
+        return 0
+
+
+def _denoise(model, u: Tensor, t: float) -> Tensor:
+    if isinstance(model, MemorisationExpert):
+        return model.denoise(u, t)
+    return model.denoise(u, torch.full((u.shape[0],), t, dtype=u.dtype, device=u.device))
+
+
+class _Context:
+    """What every evaluation of a run needs: config, training images and labels, cluster labels."""
+
+    def __init__(self, run, device: str = "cpu"):
+        self.run = Path(run)
+        self.cfg = cfg = load_config(run)
+        if not (self.run / "clusters.safetensors").is_file():
+            raise ValueError(f"run {run} is not finished (no clusters.safetensors); continue it with --resume")
+        kw = {"data_dir": cfg.data_dir, "size": cfg.size, "channels": cfg.channels, "skip_bad": cfg.skip_bad}
+        self.train = load_dataset(cfg.dataset, limit=cfg.limit, **kw)
+        self.test = load_dataset(cfg.dataset, split="test", **kw)
+        self.labels = load_file(str(self.run / "clusters.safetensors"))["labels"]
+        if self.labels.shape[0] != self.train.images.shape[0]:
+            raise ValueError(f"run {run}: {self.labels.shape[0]} cluster labels but {self.train.images.shape[0]} "
+                             f"training images; the dataset changed since the run was trained")
+        self.K = int(self.labels.max()) + 1
+        self.class_conditional = cfg.clusters is None and self.train.labels is not None
+        self.device = device
+
+    def load(self, kind: str):
+        _, weights, names, vaes, experts = load_run(self.run, kind, self.device)
+        return weights, names, vaes, experts
+
+    @torch.no_grad()
+    def latents(self, vae, k: int) -> Tensor:
+        imgs = self.train.images[self.labels == k]
+        return torch.cat([vae.encode(b.to(self.device))[0].flatten(1).cpu() for b in imgs.split(512)])
+
+    @torch.no_grad()
+    def reconstructions(self, vaes) -> Tensor:
+        """Every training image decoded from its latent mean by its cluster's VAE (cluster order)."""
+        out = []
+        for k in range(self.K):
+            z = self.latents(vaes[k], k)
+            out += [torch.sigmoid(vaes[k].decode(b.to(self.device).view(-1, *self.cfg.latent))).cpu()
+                    for b in z.split(512)]
+        return torch.cat(out)
+
+    def memorisation(self, vaes, experts) -> list[MemorisationExpert]:
+        return [MemorisationExpert(experts[k], self.latents(vaes[k], k)).to(self.device) for k in range(self.K)]
+
+
+@torch.no_grad()
+def _samples(vaes, experts, per_cluster: int, K: int, sampler: str, steps: int, seed: int, device: str,
+             progress: bool) -> tuple[Tensor, Tensor, float]:
+    """per_cluster images of every cluster; cluster k's noise comes from seed + k for every model, so
+    two models see the same noise (the PF-ODE samplers are deterministic given it)."""
+    imgs, ks = [], []
+    t0 = time.perf_counter()
+    for k in range(K):
+        g = torch.Generator().manual_seed(seed + k)
+        imgs.append(_sample_expert(experts[k], vaes[k], per_cluster, sampler, steps, g, device, progress))
+        ks.append(torch.full((per_cluster,), k))
+    return torch.cat(imgs), torch.cat(ks), time.perf_counter() - t0
+
+
+def _row(f: Tensor, probs: Tensor, imgs: Tensor, intended: Tensor | None, ref: dict, opts: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    pr_idx = torch.randperm(f.shape[0], generator=g)[: opts["pr_points"]]
+    row = {"fid": M.fid(ref["f"], f), "kid": M.kid(ref["f"], f, seed=0)["mean"]}
+    row.update(M.precision_recall(ref["f_pr"], f[pr_idx], k=opts["k"]))
+    if intended is not None:
+        row["class_score"] = M.class_score(probs, intended)
+        row["class_accuracy"] = float((probs.argmax(1) == intended).double().mean())
+    for space, x, train in (("features", f, ref["f_recon"]), ("pixels", imgs.flatten(1), ref["x_recon"])):
+        gen = M.generalisation_score(x, train, opts["threshold"], train.mean(0))
+        row[f"generalisation_{space}"] = gen["score"]
+        row[f"nn_similarity_{space}"] = gen["mean_nn_similarity"]
+    return row
+
+
+def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000, kinds=None,
+                 memorisation: bool = True, seed: int = 0, threshold: float = 0.6, k: int = 3,
+                 pr_points: int = 3000, cache=None, device: str = "cpu", progress: bool = True,
+                 write: bool = True) -> dict:
+    """All metrics of a run's expert kinds (and the memorisation baseline and the test split);
+    writes evaluation.json, evaluation.md and evaluation_samples.png into the run when `write`."""
+    if samples < 2 or reference < 2:
+        raise ValueError("--samples and --reference must be >= 2")
+    ctx = _Context(run, device)
+    cfg = ctx.cfg
+    kinds = list(kinds or cfg.experts)
+    missing = [kd for kd in kinds if kd not in cfg.experts]
+    if missing:
+        raise ValueError(f"run {run} has no {missing} experts (it trained {', '.join(cfg.experts)})")
+    feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size,
+                          channels=cfg.channels, data_dir=cfg.data_dir)
+    per_cluster = math.ceil(samples / ctx.K)
+    g = torch.Generator().manual_seed(seed)
+    f_all, _ = feat.embed(ctx.train.images)
+    ref_idx = torch.randperm(f_all.shape[0], generator=g)[:reference]
+    recon = ctx.reconstructions(ctx.load(kinds[0])[2])
+    ref = {"f": f_all[ref_idx], "f_pr": f_all[ref_idx[:pr_points]], "x_recon": recon.flatten(1),
+           "f_recon": feat.embed(recon)[0]}
+    opts = {"pr_points": pr_points, "k": k, "threshold": threshold}
+
+    result = {"run": str(run), "dataset": cfg.dataset, "featurizer_test_accuracy": float(feat.test_accuracy),
+              "samples_per_model": per_cluster * ctx.K, "reference_images": int(ref["f"].shape[0]),
+              "threshold": threshold, "models": {}, "pairs": {}}
+    test_idx = torch.randperm(ctx.test.images.shape[0], generator=g)[: per_cluster * ctx.K]
+    f_test, p_test = feat.embed(ctx.test.images[test_idx])
+    test_labels = ctx.test.labels[test_idx] if ctx.test.labels is not None and ctx.class_conditional else None
+    result["models"]["test split"] = _row(f_test, p_test, ctx.test.images[test_idx], test_labels, ref, opts)
+
+    feats, grids = {}, {}
+    models = [(kd, None) for kd in kinds] + ([(MEMORISE, kinds[0])] if memorisation else [])
+    for name, base in models:
+        weights, _, vaes, experts = ctx.load(base or name)
+        n_params = sum(e.net.num_parameters() for e in experts)
+        if name == MEMORISE:
+            experts = ctx.memorisation(vaes, experts)
+            n_params = 0
+        imgs, ks, secs = _samples(vaes, experts, per_cluster, ctx.K, cfg.sampler, cfg.sample_steps, seed,
+                                  device, progress)
+        f, probs = feat.embed(imgs)
+        row = _row(f, probs, imgs, ks if ctx.class_conditional else None, ref, opts)
+        row.update({"parameters": n_params, "sample_images_per_second": imgs.shape[0] / secs})
+        result["models"][name] = row
+        feats[name] = (f, imgs.flatten(1))
+        grids[name] = imgs.view(ctx.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
+    for a, b in itertools.combinations(feats, 2):
+        pair = {"pf_distance": M.pf_distance(feats[a][0], feats[b][0])}
+        for i, space in enumerate(("features", "pixels")):
+            center = (ref["f_recon"] if i == 0 else ref["x_recon"]).mean(0)
+            rep = M.reproducibility_score(feats[a][i], feats[b][i], threshold, center)
+            pair[f"reproducibility_{space}"] = rep["score"]
+            pair[f"mean_similarity_{space}"] = rep["mean_similarity"]
+        result["pairs"][f"{a} vs {b}"] = pair
+    if write:
+        out = Path(run)
+        atomic_write(out / "evaluation.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+        atomic_write(out / "evaluation.md", lambda p: Path(p).write_text(evaluation_md(result)))
+        from .report import save_grid
+
+        panel = torch.cat([grids[n][:, :2].flatten(0, 1) for n in grids])
+        save_grid(out / "evaluation_samples.png", panel, 2 * ctx.K)
+    return result
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def evaluation_md(res: dict) -> str:
+    cols = [("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
+            ("class_score", "class score"), ("generalisation_features", "generalisation (features)"),
+            ("nn_similarity_features", "NN sim. (features)"), ("generalisation_pixels", "generalisation (pixels)"),
+            ("nn_similarity_pixels", "NN sim. (pixels)"), ("parameters", "parameters"),
+            ("sample_images_per_second", "images/s")]
+    lines = [f"# Evaluation of {res['run']} ({res['dataset']})", "",
+             f"Featurizer test accuracy {res['featurizer_test_accuracy']:.4f}; {res['samples_per_model']} "
+             f"samples per model; FID / KID / precision / recall against {res['reference_images']} training "
+             f"images; similarities (cosine after centring) against the VAE reconstructions of all training "
+             f"images, threshold {res['threshold']}.", "",
+             "| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, row in res["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c[0])) for c in cols) + " |")
+    lines += ["", "Pairs sampled from shared noise:", "",
+              "| pair | reproducibility (features) | mean sim. (features) | reproducibility (pixels) "
+              "| mean sim. (pixels) | PF distance (features) |", "|---|---:|---:|---:|---:|---:|"]
+    for name, p in res["pairs"].items():
+        lines.append(f"| {name} | {p['reproducibility_features']:.3f} | {p['mean_similarity_features']:.3f} | "
+                     f"{p['reproducibility_pixels']:.3f} | {p['mean_similarity_pixels']:.3f} | "
+                     f"{p['pf_distance']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- Jacobian of the denoiser -------------------------------------------------------------
+
+
+def denoiser_jacobian(model, u: Tensor, t: float) -> Tensor:
+    """d x0_hat / d u_t at each row of u (B, d): (B, d, d), by one batched backward pass per point."""
+    B, d = u.shape
+    eye = torch.eye(d, dtype=u.dtype, device=u.device)
+    out = []
+    for i in range(B):
+        x = u[i].expand(d, d).clone().requires_grad_(True)
+        y = _denoise(model, x, t)
+        (grad,) = torch.autograd.grad((y * eye).sum(), x)  # row j: grad of y_j at the (same) point
+        out.append(grad.detach())
+    return torch.stack(out)
+
+
+def numerical_rank(sv: Tensor, tol: float = 1e-2) -> int:
+    """Number of singular values above tol * the largest."""
+    return int((sv > tol * sv.max().clamp_min(1e-30)).sum())
+
+
+def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.0), cluster: int = 0,
+                     points: int = 8, tol: float = 1e-2, memorisation: bool = True, seed: int = 0,
+                     device: str = "cpu", out: str | Path | None = None) -> dict:
+    """Singular values of the latent denoiser's Jacobian at u_t = s u_0 + gamma eps (u_0: training
+    latents of `cluster`) for each expert kind and t; writes jacobian.csv/.json/.png into `out`."""
+    ctx = _Context(run, device)
+    kinds = list(kinds or ctx.cfg.experts)
+    if not 0 <= cluster < ctx.K:
+        raise ValueError(f"--cluster must lie in 0..{ctx.K - 1}, got {cluster}")
+    if points < 1 or not ts or any(not 0 < t <= 1 for t in ts):
+        raise ValueError("--points must be >= 1 and every t in (0, 1]")
+    out = Path(out or Path(run) / "jacobian")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, summary, spectra = [], {}, {}
+    models = [(kd, None) for kd in kinds] + ([(MEMORISE, kinds[0])] if memorisation else [])
+    for name, base in models:
+        _, _, vaes, experts = ctx.load(base or name)
+        expert = experts[cluster]
+        z = ctx.latents(vaes[cluster], cluster)
+        model = MemorisationExpert(expert, z).to(device) if name == MEMORISE else expert.eval()
+        g = torch.Generator().manual_seed(seed)
+        u0 = expert.standardise(z.to(device))[torch.randperm(z.shape[0], generator=g)[:points]].float()
+        summary[name], spectra[name] = {}, {}
+        for t in ts:
+            tt = torch.tensor(t, dtype=torch.float64)
+            s, gam = float(expert.schedule.s(tt)), float(expert.schedule.gamma(tt))
+            eps = torch.randn(u0.shape, generator=g).to(u0)
+            J = denoiser_jacobian(model, s * u0 + gam * eps, t)
+            sv = torch.linalg.svdvals(J.double()).cpu()  # (points, d)
+            ranks = [numerical_rank(v, tol) for v in sv]
+            summary[name][str(t)] = {"rank_median": float(np.median(ranks)), "rank_min": min(ranks),
+                                     "rank_max": max(ranks), "sv_max_median": float(sv[:, 0].median()),
+                                     "dimension": int(sv.shape[1])}
+            spectra[name][t] = sv.median(0).values
+            rows += [{"model": name, "t": t, "point": p, "index": i, "singular_value": float(v)}
+                     for p in range(sv.shape[0]) for i, v in enumerate(sv[p].tolist())]
+    res = {"run": str(run), "cluster": cluster, "tol": tol, "points": points, "ts": list(ts),
+           "models": summary}
+    from .experiments.common import pyplot, write_csv
+
+    write_csv(out / "jacobian.csv", rows)
+    atomic_write(out / "jacobian.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(spectra), figsize=(3.6 * len(spectra), 3.3), squeeze=False, sharey=True)
+    for ax, (name, per_t) in zip(axes[0], spectra.items(), strict=True):
+        for t, sv in per_t.items():
+            ax.semilogy(np.arange(1, sv.numel() + 1), sv.clamp_min(1e-8).numpy(),
+                        label=f"t={t} (rank {summary[name][str(t)]['rank_median']:g})")
+        ax.set_title(name)
+        ax.set_xlabel("index")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("singular value of d x0_hat / d x_t")
+    fig.tight_layout()
+    fig.savefig(out / "jacobian.png", dpi=110)
+    plt.close(fig)
+    return res
