@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	@# digits, dedicated VAEs, MoG + Gaussian + U-Net latent experts; an existing run is resumed, never overwritten
-	if [ -f runs/demo/config.json ]; then $(BIN)/molrmog train --resume runs/demo; \
-	else $(BIN)/molrmog train --dataset digits --experts mog,gaussian,unet --vae dedicated --out runs/demo; fi
+	@# digits: dedicated VAEs + MoG / Gaussian / U-Net experts, the unified-VAE ablation, the offline featurizer,
+	@# FID / KID / class score / similarity metrics and the comparison table; a stopped demo resumes, never restarts
+	$(BIN)/molrmog compare --dataset digits --out runs/demo
 	$(BIN)/molrmog synth --out runs/demo/synth --no-progress
-	@echo "report: runs/demo/report.md; samples: runs/demo/samples_*.png; synthetic check: runs/demo/synth/"
+	@echo "table: runs/demo/comparison.md; samples: runs/demo/comparison_samples.png; synthetic check: runs/demo/synth/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -27,6 +27,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_mixture.py
+	$(BIN)/python benchmarks/bench_experts.py
+	$(BIN)/python benchmarks/bench_parallel.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

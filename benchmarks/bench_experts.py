@@ -52,7 +52,8 @@ def measure(kind: str, a, z: torch.Tensor) -> dict:
     torch.manual_seed(0)
     dev = a.device
     latent = a.latent if not a.run else None
-    e = LatentExpert(kind, latent or _run_latent(a.run), modes=a.modes, rank=a.rank, width=a.unet_width)
+    e = LatentExpert(kind, latent or _run_latent(a.run), modes=a.modes, rank=a.rank, width=a.unet_width,
+                     precondition=True)
     e.shift.copy_(z.mean(0))
     e.scale.copy_(z.std(0).clamp_min(1e-3))
     u = e.standardise(z)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .executors import TasksFailed
 from .samplers import SAMPLERS
 from .train import TrainingDiverged
 
@@ -30,6 +31,26 @@ def _device(text: str) -> str:
     if text not in ("cpu", "cuda") and not text.startswith("cuda:"):
         raise argparse.ArgumentTypeError(f"device must be cpu or cuda[:N], got {text!r}")
     return text
+
+
+def add_executor_options(p) -> None:
+    """--executor / --workers / --ray-address (see molrmog.executors)."""
+    g = p.add_argument_group("parallel execution")
+    g.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default: in this process, or a process pool with --workers N) or ray "
+                   "(one Ray task per expert / sweep point; pip install 'molrmog[ray]')")
+    g.add_argument("--workers", type=int, default=1,
+                   help="local: processes; ray: CPUs of the local Ray runtime (default 1)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
+
+
+def executor_from(a, device: str = "cpu"):
+    from .executors import Executor
+
+    if a.ray_address and a.executor != "ray":
+        raise ValueError("--ray-address needs --executor ray")
+    return Executor(a.executor, a.workers, a.ray_address, device)
 
 
 def _add_synth(sub) -> None:
@@ -98,6 +119,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="continue the run in RUN (its saved settings are used; other options are ignored)")
+    add_executor_options(p)
     p.set_defaults(func=_cmd_train)
 
 
@@ -151,11 +173,14 @@ def _cmd_train(a) -> int:
     from .pipeline import train_run
 
     if a.resume:
-        report = train_run(a.resume, resume=True, progress=not a.no_progress)
+        from .pipeline import load_config
+
+        ex = executor_from(a, load_config(a.resume).device)
+        report = train_run(a.resume, resume=True, progress=not a.no_progress, executor=ex)
         out = a.resume
     else:
         cfg = _run_config(a, experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae)
-        report = train_run(a.out, cfg, progress=not a.no_progress)
+        report = train_run(a.out, cfg, progress=not a.no_progress, executor=executor_from(a, cfg.device))
         out = a.out
     print(json.dumps(report, indent=2))
     print(f"wrote {out}/report.md and sample grids")
@@ -177,6 +202,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--out", default=None, help="PNG path (default RUN/sample_<kind>.png)")
     p.add_argument("--npy", action="store_true", help="also write the images as .npy")
+    add_executor_options(p)
     p.set_defaults(func=_cmd_sample)
 
 
@@ -190,7 +216,8 @@ def _cmd_sample(a) -> int:
 
     if a.steps is not None and a.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {a.steps}")
-    imgs, ks = sample_run(a.run, a.kind, a.n, a.cls, a.sampler, a.steps, a.seed, a.device, progress=True)
+    imgs, ks = sample_run(a.run, a.kind, a.n, a.cls, a.sampler, a.steps, a.seed, a.device, progress=True,
+                          executor=executor_from(a, a.device))
     out = Path(a.out or Path(a.run) / f"sample_{a.kind}.png")
     save_grid(out, imgs, min(8, a.n))
     if a.npy:
@@ -231,6 +258,12 @@ def _cmd_featurizer(a) -> int:
     return 0
 
 
+def _add_eval_options(p) -> None:
+    p.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
+    p.add_argument("--reference", type=int, default=10000, help="training images for FID/KID (default 10000)")
+    p.add_argument("--cache", default=None, help="featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="FID, KID, precision/recall, class and similarity scores of a run",
                        description="Sample every expert kind of a trained run (and the memorisation baseline: "
@@ -241,12 +274,10 @@ def _add_evaluate(sub) -> None:
                        "models from shared noise. The test split is measured alongside as the floor. Writes "
                        "evaluation.json, evaluation.md and evaluation_samples.png into RUN.")
     p.add_argument("run", help="run directory written by molrmog train")
-    p.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
-    p.add_argument("--reference", type=int, default=10000, help="training images for FID/KID (default 10000)")
+    _add_eval_options(p)
     p.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
     p.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
     p.add_argument("--threshold", type=float, default=0.6, help="similarity threshold (default 0.6)")
-    p.add_argument("--cache", default=None, help="featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -312,17 +343,17 @@ def _add_compare(sub) -> None:
     _add_run_options(p)
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--no-unified", action="store_true", help="skip the unified-VAE ablation")
-    p.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
-    p.add_argument("--reference", type=int, default=10000, help="training images for FID/KID (default 10000)")
-    p.add_argument("--cache", default=None, help="featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+    _add_eval_options(p)
+    add_executor_options(p)
     p.set_defaults(func=_cmd_compare)
 
 
 def _cmd_compare(a) -> int:
     from .compare import compare
 
-    compare(a.out, _run_config(a), unified=not a.no_unified, samples=a.samples, reference=a.reference,
-            cache=a.cache, progress=not a.no_progress)
+    cfg = _run_config(a)
+    compare(a.out, cfg, unified=not a.no_unified, samples=a.samples, reference=a.reference,
+            cache=a.cache, progress=not a.no_progress, executor=executor_from(a, cfg.device))
     print(open(f"{a.out}/comparison.md").read())
     print(f"wrote {a.out}/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png")
     return 0
@@ -364,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingDiverged as e:
         print(f"molrmog: training stopped: {e}", file=sys.stderr)
+        return 1
+    except TasksFailed as e:
+        print(f"molrmog: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("molrmog: interrupted", file=sys.stderr)

@@ -27,11 +27,11 @@ __all__ = ["compare"]
 LABELS = {"mog": "MoG expert", "gaussian": "Gaussian expert", "unet": "U-Net expert"}
 
 
-def _train_or_resume(path: Path, cfg: RunConfig, progress: bool) -> None:
+def _train_or_resume(path: Path, cfg: RunConfig, progress: bool, executor) -> None:
     if (path / "config.json").is_file():
-        train_run(path, resume=True, progress=progress)
+        train_run(path, resume=True, progress=progress, executor=executor)
     else:
-        train_run(path, cfg, progress=progress)
+        train_run(path, cfg, progress=progress, executor=executor)
 
 
 def _train_seconds(run: Path, kind: str) -> float:
@@ -39,16 +39,17 @@ def _train_seconds(run: Path, kind: str) -> float:
 
 
 def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: int = 1000,
-            reference: int = 10000, cache=None, progress: bool = True) -> dict:
-    """Train (or resume) both runs, evaluate them and write the comparison files into `out`."""
+            reference: int = 10000, cache=None, progress: bool = True, executor=None) -> dict:
+    """Train (or resume) both runs (their VAEs and experts as tasks on `executor`), evaluate them and
+    write the comparison files into `out`."""
     out = Path(out)
     cfg = replace(cfg, experts=["mog", "gaussian", "unet"], vae="dedicated")
     out.mkdir(parents=True, exist_ok=True)
     runs = {"dedicated": out / "dedicated"}
-    _train_or_resume(runs["dedicated"], cfg, progress)
+    _train_or_resume(runs["dedicated"], cfg, progress, executor)
     if unified:
         runs["unified"] = out / "unified"
-        _train_or_resume(runs["unified"], replace(cfg, experts=["mog"], vae="unified"), progress)
+        _train_or_resume(runs["unified"], replace(cfg, experts=["mog"], vae="unified"), progress, executor)
 
     ev = {"dedicated": evaluate_run(runs["dedicated"], samples=samples, reference=reference, cache=cache,
                                     device=cfg.device, seed=cfg.seed, progress=progress)}

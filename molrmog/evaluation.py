@@ -32,7 +32,7 @@ from .distributions import GaussianMixture
 from .experts import LatentExpert
 from .featurizer import get_featurizer
 from .io import atomic_write
-from .pipeline import _sample_expert, load_config, load_run
+from .pipeline import _sample_expert, cluster_seed, load_config, load_run
 
 __all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank"]
 
@@ -118,12 +118,12 @@ class _Context:
 @torch.no_grad()
 def _samples(vaes, experts, per_cluster: int, K: int, sampler: str, steps: int, seed: int, device: str,
              progress: bool) -> tuple[Tensor, Tensor, float]:
-    """per_cluster images of every cluster; cluster k's noise comes from seed + k for every model, so
+    """per_cluster images of every cluster; cluster k's noise comes from cluster_seed(seed, k) for every model, so
     two models see the same noise (the PF-ODE samplers are deterministic given it)."""
     imgs, ks = [], []
     t0 = time.perf_counter()
     for k in range(K):
-        g = torch.Generator().manual_seed(seed + k)
+        g = torch.Generator().manual_seed(cluster_seed(seed, k))
         imgs.append(_sample_expert(experts[k], vaes[k], per_cluster, sampler, steps, g, device, progress))
         ks.append(torch.full((per_cluster,), k))
     return torch.cat(imgs), torch.cat(ks), time.perf_counter() - t0

@@ -302,12 +302,20 @@ class MLPScore(ScoreModel):
 
 class UNetScore(ScoreModel):
     """Latent U-Net baseline: diffusers' `UNet2DModel` (small) predicting eps on a (c, h, w) latent,
-    padded to an even size; score = -eps / gamma. Inputs and outputs are flat (B, c h w)."""
+    padded to an even size; score = -eps / gamma. Inputs and outputs are flat (B, c h w).
 
-    def __init__(self, latent=(2, 4, 4), width: int = 32, schedule="vp", seed: int = 0):
+    precondition=True (what the pipeline trains) writes eps = c_skip x_in + c_out F(x_in) with
+    x_in = u / sqrt(s^2 + gamma^2), c_skip = gamma / sqrt(s^2 + gamma^2) (the exact E[eps | x] for
+    standardised N(0, I) data) and c_out = s / sqrt(s^2 + gamma^2) (its posterior std), as in EDM:
+    at large t the network's error is scaled away, so the long VP horizon does not amplify it.
+    Without it (old runs) the raw network output is eps."""
+
+    def __init__(self, latent=(2, 4, 4), width: int = 32, schedule="vp", seed: int = 0,
+                 precondition: bool = False):
         super().__init__(schedule)
         from diffusers import UNet2DModel
 
+        self.precondition = bool(precondition)
         self.latent = tuple(int(v) for v in latent)
         c, h, w = self.latent
         self.pad = (-h) % 2
@@ -327,7 +335,12 @@ class UNetScore(ScoreModel):
         x = (u / torch.sqrt(s**2 + g**2)[:, None]).view(B, c, h, w)  # unit-variance input (u standardised)
         x = F.pad(x, (0, self.pad, 0, self.pad))
         timestep = 1000 * torch.as_tensor(t, dtype=u.dtype, device=u.device).expand(B) / self.schedule.t_max
-        eps = self.unet(x, timestep).sample[:, :, :h, :w].reshape(B, -1)
+        out = self.unet(x, timestep).sample[:, :, :h, :w].reshape(B, -1)
+        if self.precondition:  # EDM-style: exact eps for N(0, I) data plus a correction scaled by its std
+            norm = torch.sqrt(s**2 + g**2)[:, None]
+            eps = (g[:, None] / norm) * x[:, :, :h, :w].reshape(B, -1) + (s[:, None] / norm) * out
+        else:
+            eps = out
         return -eps / g[:, None]
 
 
@@ -338,7 +351,7 @@ class LatentExpert(ScoreModel):
     KINDS = ("mog", "gaussian", "unet")
 
     def __init__(self, kind: str = "mog", latent=(2, 4, 4), modes: int = 10, rank: int = 4, width: int = 32,
-                 schedule="vp", seed: int = 0):
+                 schedule="vp", seed: int = 0, precondition: bool = False):
         super().__init__(schedule)
         if kind not in self.KINDS:
             raise ValueError(f"unknown expert kind {kind!r}; choose from {', '.join(self.KINDS)}")
@@ -349,7 +362,7 @@ class LatentExpert(ScoreModel):
         elif kind == "gaussian":
             self.net = GaussianExpert(d, rank, schedule, seed=seed)
         else:
-            self.net = UNetScore(self.latent, width, schedule, seed=seed)
+            self.net = UNetScore(self.latent, width, schedule, seed=seed, precondition=precondition)
         self.register_buffer("shift", torch.zeros(d))
         self.register_buffer("scale", torch.ones(d))
 

@@ -32,7 +32,7 @@ from .schedules import make_grid
 from .train import fit, train_score
 from .vae import ConvVAE, LoRAVAE, check_latent_shape, vae_loss
 
-__all__ = ["RunConfig", "train_run", "load_run", "sample_run", "VAE_MODES"]
+__all__ = ["RunConfig", "train_run", "load_run", "sample_run", "open_run", "vae_task", "expert_task", "VAE_MODES"]
 
 VAE_MODES = ("dedicated", "unified", "lora")
 DEFAULT_LATENT = {"digits": (2, 4, 4), "fashion-mnist": (4, 7, 7)}
@@ -146,15 +146,7 @@ class Run:
             vae = self.train_vae_unified(imgs)
             return [vae] * K
         if c.vae == "dedicated":
-            vaes = []
-            for k in range(K):
-                final = self.out / "vae" / str(k)
-                vae = ConvVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed + 1 + k)
-                vae = vae.to(self.device)
-                self._fit_task(f"vae-{k}", vae, self._vae_loss(imgs[labels == k]), c.vae_steps, c.vae_lr,
-                               c.seed + 1 + k, final)
-                vaes.append(load_module(final, "VAE").to(self.device))
-            return vaes
+            return [self.train_dedicated_vae(labels, k) for k in range(K)]
         # lora: backbone on all data, then one adapter per cluster with the backbone frozen
         backbone = self.train_vae_unified(imgs, "backbone")
         vae = LoRAVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed, clusters=K,
@@ -173,6 +165,18 @@ class Run:
         last = load_module(self.out / "vae" / f"lora-{K - 1}", "VAE").to(self.device)
         return [_LoRAView(last, k) for k in range(K)]
 
+    def train_dedicated_vae(self, labels: torch.Tensor, k: int):
+        c = self.cfg
+        final = self.out / "vae" / str(k)
+        vae = ConvVAE(self.data.shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed + 1 + k).to(self.device)
+        self._fit_task(f"vae-{k}", vae, self._vae_loss(self.data.images[labels == k]), c.vae_steps, c.vae_lr,
+                       c.seed + 1 + k, final)
+        return load_module(final, "VAE").to(self.device)
+
+    def vae_for(self, k: int, K: int):
+        """The finished VAE that encodes / decodes cluster k."""
+        return _load_vaes(self.out, self.cfg, K, self.device)[k]
+
     @torch.no_grad()
     def encode(self, vae, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([vae.encode(b.to(self.device))[0].flatten(1).cpu() for b in images.split(512)])
@@ -183,7 +187,7 @@ class Run:
         seed = c.seed + 1000 * (1 + LatentExpert.KINDS.index(kind)) + k
         if _task_done(final):
             return load_module(final, "expert").to(self.device)
-        e = LatentExpert(kind, c.latent, c.modes, c.rank, c.unet_width, c.schedule, seed=seed)
+        e = LatentExpert(kind, c.latent, c.modes, c.rank, c.unet_width, c.schedule, seed=seed, precondition=True)
         e.shift.copy_(z.mean(0))
         e.scale.copy_(z.std(0).clamp_min(1e-3))
         u = e.standardise(z)
@@ -249,9 +253,48 @@ def load_config(run: str | Path) -> RunConfig:
     return RunConfig(**{k: v for k, v in raw.items() if k in known})
 
 
+def open_run(out: str | Path, progress: bool = False) -> Run:
+    """A run directory with its saved config and training data (what every task starts from)."""
+    out = Path(out)
+    cfg = load_config(out)
+    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit, size=cfg.size,
+                        channels=cfg.channels, skip_bad=cfg.skip_bad)
+    return Run(out, cfg, data, progress)
+
+
+def _run_labels(run: Run) -> tuple[torch.Tensor, int]:
+    labels = load_file(str(run.out / "clusters.safetensors"))["labels"]
+    return labels, int(labels.max()) + 1
+
+
+def vae_task(out: str, which: str, progress: bool = False) -> None:
+    """Train one cluster's dedicated VAE (which = cluster index), the unified VAE, or the LoRA chain."""
+    run = open_run(out, progress)
+    labels, K = _run_labels(run)
+    if which in ("unified", "lora"):
+        run.train_vaes(labels, K)
+    else:
+        run.train_dedicated_vae(labels, int(which))
+
+
+def expert_task(out: str, kind: str, k: int, progress: bool = False) -> None:
+    """Train the latent expert of one (kind, cluster) on the cluster's VAE latents."""
+    run = open_run(out, progress)
+    labels, K = _run_labels(run)
+    vae = run.vae_for(k, K)
+    run.train_expert(kind, k, run.encode(vae, run.data.images[labels == k]))
+
+
 def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = False,
-              progress: bool = True) -> dict:
-    """Train (or resume) a full run: clusters, VAEs, experts, samples and the report."""
+              progress: bool = True, executor=None) -> dict:
+    """Train (or resume) a full run: clusters, VAEs, experts, samples and the report.
+
+    VAEs and experts are independent tasks (see `molrmog.executors`): sequential by default, or on a
+    process pool / Ray with `executor`. Finished tasks are skipped, so `resume` continues a stopped
+    run, whichever executor trained its first part.
+    """
+    from .executors import Executor, Task, run_tasks
+
     out = Path(out)
     if resume:
         cfg = load_config(out)
@@ -264,13 +307,20 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
     _write_config(out, cfg, resume)
     torch.manual_seed(cfg.seed)
     run = Run(out, cfg, data, progress)
+    ex = executor or Executor(device=cfg.device)
+    sub_progress = progress and not ex.parallel  # per-task bars only when tasks run here, one at a time
 
-    labels, K, names = _clusters(run)
-    vaes = run.train_vaes(labels, K)
-    latents = [run.encode(vaes[k], data.images[labels == k]) for k in range(K)]
-    for kind in cfg.experts:
-        for k in range(K):
-            run.train_expert(kind, k, latents[k])
+    _, K, _ = _clusters(run)
+    if cfg.vae == "dedicated":
+        vaes = [Task(f"vae-{k}", vae_task, (str(out), str(k), sub_progress)) for k in range(K)
+                if not _task_done(out / "vae" / str(k))]
+    else:
+        last = out / "vae" / ("unified" if cfg.vae == "unified" else f"lora-{K - 1}")
+        vaes = [] if _task_done(last) else [Task(f"vae-{cfg.vae}", vae_task, (str(out), cfg.vae, sub_progress))]
+    run_tasks(vaes, ex, progress=progress, desc="VAEs")
+    experts = [Task(f"{kind}-{k}", expert_task, (str(out), kind, k, sub_progress))
+               for kind in cfg.experts for k in range(K) if not _task_done(out / "experts" / kind / str(k))]
+    run_tasks(experts, ex, progress=progress, desc="experts")
     from .report import finish_run
 
     return finish_run(out)
@@ -322,13 +372,7 @@ def load_run(run: str | Path, kind: str, device: str = "cpu"):
     weights = load_file(str(clusters))["weights"]
     names = json.loads((run / "clusters.json").read_text())
     K = weights.numel()
-    if cfg.vae == "unified":
-        vaes = [load_module(run / "vae" / "unified", "VAE").to(device)] * K
-    elif cfg.vae == "dedicated":
-        vaes = [load_module(run / "vae" / str(k), "VAE").to(device) for k in range(K)]
-    else:
-        last = load_module(run / "vae" / f"lora-{K - 1}", "VAE").to(device)
-        vaes = [_LoRAView(last, k) for k in range(K)]
+    vaes = _load_vaes(run, cfg, K, device)
     experts = []
     for k in range(K):
         d = run / "experts" / kind / str(k)
@@ -338,33 +382,80 @@ def load_run(run: str | Path, kind: str, device: str = "cpu"):
     return cfg, weights, names, vaes, experts
 
 
-@torch.no_grad()
+def _load_vaes(run: Path, cfg: RunConfig, K: int, device) -> list:
+    for d in (["unified"] if cfg.vae == "unified" else [str(k) for k in range(K)] if cfg.vae == "dedicated"
+              else [f"lora-{K - 1}"]):
+        if not _task_done(run / "vae" / d):
+            raise ValueError(f"VAE {run / 'vae' / d} is missing; continue the run with --resume {run}")
+    if cfg.vae == "unified":
+        return [load_module(run / "vae" / "unified", "VAE").to(device)] * K
+    if cfg.vae == "dedicated":
+        return [load_module(run / "vae" / str(k), "VAE").to(device) for k in range(K)]
+    last = load_module(run / "vae" / f"lora-{K - 1}", "VAE").to(device)
+    return [_LoRAView(last, k) for k in range(K)]
+
+
+def cluster_seed(seed: int, k: int) -> int:
+    """Seed of cluster k's sampling noise: clusters are sampled independently (in any order, anywhere)."""
+    return 1_000_003 * int(seed) + int(k) + 1
+
+
 def sample_run(run: str | Path, kind: str, n: int, cls: int | None = None, sampler: str | None = None,
-               steps: int | None = None, seed: int = 0, device: str = "cpu",
-               progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images (n, C, H, W) in [0, 1] and their cluster indices; clusters drawn by weight or fixed."""
-    cfg, weights, _, vaes, experts = load_run(run, kind, device)
-    return sample_loaded(weights, vaes, experts, n, cls, sampler or cfg.sampler, steps or cfg.sample_steps,
-                         seed, device, progress)
+               steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = False,
+               executor=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (n, C, H, W) in [0, 1] and their cluster indices; clusters drawn by weight or fixed.
+    With a parallel `executor`, every cluster's images are one task."""
+    from .executors import Executor, Task, run_tasks
+
+    cfg, weights, _, vaes, experts = load_run(run, kind, "cpu")
+    sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
+    ks = _draw_clusters(weights, n, cls, seed)
+    ex = executor or Executor(device=device)
+    if not ex.parallel:
+        vaes, experts = [v.to(device) for v in vaes], [e.to(device) for e in experts]
+        return sample_loaded(weights, vaes, experts, n, cls, sampler, steps, seed, device, progress)
+    counts = torch.bincount(ks, minlength=weights.numel())
+    tasks = [Task(f"sample-{kind}-{k}", sample_task, (str(run), kind, k, int(counts[k]), sampler, steps, seed,
+                                                      device)) for k in range(weights.numel()) if counts[k]]
+    res = run_tasks(tasks, ex, progress=progress, desc="sampling")
+    return _assemble(ks, {k: res[f"sample-{kind}-{k}"] for k in range(weights.numel()) if counts[k]}), ks
 
 
-@torch.no_grad()
-def sample_loaded(weights, vaes, experts, n: int, cls: int | None, sampler: str, steps: int, seed: int,
-                  device: str = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_task(run: str, kind: str, k: int, n: int, sampler: str, steps: int, seed: int, device: str):
+    """n images of cluster k (a task: loads what it needs)."""
+    _, _, _, vaes, experts = load_run(run, kind, device)
+    g = torch.Generator().manual_seed(cluster_seed(seed, k))
+    with torch.no_grad():
+        return _sample_expert(experts[k], vaes[k], n, sampler, steps, g, device, False)
+
+
+def _draw_clusters(weights, n: int, cls: int | None, seed: int) -> torch.Tensor:
     K = weights.numel()
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if cls is not None and not 0 <= cls < K:
         raise ValueError(f"--class must lie in 0..{K - 1}, got {cls}")
     g = torch.Generator().manual_seed(seed)
-    ks = torch.full((n,), cls) if cls is not None else torch.multinomial(weights, n, True, generator=g)
-    out = [None] * n
-    for k in ks.unique().tolist():
-        idx = (ks == k).nonzero().flatten()
-        imgs = _sample_expert(experts[k], vaes[k], len(idx), sampler, steps, g, device, progress)
-        for j, i in enumerate(idx.tolist()):
+    return torch.full((n,), cls) if cls is not None else torch.multinomial(weights, n, True, generator=g)
+
+
+def _assemble(ks: torch.Tensor, per_cluster: dict) -> torch.Tensor:
+    out = [None] * ks.numel()
+    for k, imgs in per_cluster.items():
+        for j, i in enumerate((ks == k).nonzero().flatten().tolist()):
             out[i] = imgs[j]
-    return torch.stack(out), ks
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def sample_loaded(weights, vaes, experts, n: int, cls: int | None, sampler: str, steps: int, seed: int,
+                  device: str = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    ks = _draw_clusters(weights, n, cls, seed)
+    per = {}
+    for k in ks.unique().tolist():
+        g = torch.Generator().manual_seed(cluster_seed(seed, k))
+        per[k] = _sample_expert(experts[k], vaes[k], int((ks == k).sum()), sampler, steps, g, device, progress)
+    return _assemble(ks, per), ks
 
 
 def _sample_expert(expert: LatentExpert, vae, n: int, sampler: str, steps: int, g, device, progress):

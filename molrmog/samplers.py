@@ -28,7 +28,8 @@ def prior(schedule: Schedule, t: float | Tensor, shape, generator=None, dtype=to
           device=None) -> Tensor:
     """x_T ~ N(0, gamma_T^2 I), the Gaussian the forward process ends near."""
     g = schedule.gamma(torch.as_tensor(t, dtype=torch.float64)).item()
-    return g * torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    # drawn on the CPU (where the generator lives), so a seed gives the same noise on every device
+    return g * torch.randn(shape, generator=generator, dtype=dtype).to(device)
 
 
 def tweedie(score: ScoreFn, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:

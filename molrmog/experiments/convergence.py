@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import mixture as mx
 from ..distributions import GaussianMixture
+from ..executors import Task, run_tasks
 from ..losses import sample_times
 from .common import out_dir, pyplot, write_csv, write_json
 
@@ -59,7 +59,30 @@ def unpack(theta: torch.Tensor, d: int):
     return th[:, :d], th[:, d:, None]
 
 
-def run_convergence(out, preset: str = "quick", seed: int = 0, progress: bool = True, **overrides) -> dict:
+def gd_run(cfg: dict, seed: int, theta_hat: torch.Tensor, direction: torch.Tensor, rho: float, lr: float,
+           floor: float) -> dict:
+    """Gradient descent from theta_hat + rho ||theta*|| direction (a task); distances and the rate."""
+    truth = symmetric_truth(cfg["d"], cfg["separation"], seed)
+    loss = make_objective(truth, cfg["N"], cfg["t_max"], seed + 1)
+    theta_true = pack(truth.mixture.mu[0], truth.mixture.U[0])
+    theta = (theta_hat + rho * theta_true.norm() * direction / direction.norm()).requires_grad_(True)
+    dists, rows = [], []
+    for k in range(cfg["steps"] + 1):
+        dist = (theta.detach() - theta_hat).norm().item()
+        dists.append(dist)
+        rows.append({"init_distance": rho, "step": k, "distance": dist, "loss": None})
+        (gr,) = torch.autograd.grad(loss(theta), theta)
+        with torch.no_grad():
+            theta -= lr * gr
+    # rate: geometric mean ratio over the steps before the distance reaches the accuracy of
+    # theta_hat itself (about ||grad L(theta_hat)|| / lambda_min) or numerical precision
+    good = [i for i, v in enumerate(dists) if v > floor]
+    last = max(good[-1], 1)
+    return {"rows": rows, "rate": (dists[last] / dists[0]) ** (1 / last)}
+
+
+def run_convergence(out, preset: str = "quick", seed: int = 0, progress: bool = True, executor=None,
+                    **overrides) -> dict:
     cfg = {**PRESETS[preset], **overrides}
     out = out_dir(out)
     truth = symmetric_truth(cfg["d"], cfg["separation"], seed)
@@ -87,26 +110,16 @@ def run_convergence(out, preset: str = "quick", seed: int = 0, progress: bool = 
     lr = 1.0 / eig.max().item()
     predicted = 1 - eig.min().item() / eig.max().item()
 
-    rows, rates = [], {}
     g = torch.Generator().manual_seed(seed + 2)
-    jobs = cfg["distances"]
-    for rho in tqdm(jobs, desc="convergence", disable=not progress):
-        direction = torch.randn(theta_hat.shape, generator=g, dtype=torch.float64)
-        theta = (theta_hat + rho * theta_true.norm() * direction / direction.norm()).requires_grad_(True)
-        dists = []
-        for k in range(cfg["steps"] + 1):
-            dist = (theta.detach() - theta_hat).norm().item()
-            dists.append(dist)
-            rows.append({"init_distance": rho, "step": k, "distance": dist, "loss": None})
-            (gr,) = torch.autograd.grad(loss(theta), theta)
-            with torch.no_grad():
-                theta -= lr * gr
-        # rate: geometric mean ratio over the steps before the distance reaches the accuracy of
-        # theta_hat itself (about ||grad L(theta_hat)|| / lambda_min) or numerical precision
-        floor = max(1e-10 * theta_true.norm().item(), 100 * grad_norm / eig.min().item())
-        good = [i for i, v in enumerate(dists) if v > floor]
-        last = max(good[-1], 1)
-        rates[str(rho)] = (dists[last] / dists[0]) ** (1 / last)
+    directions = [torch.randn(theta_hat.shape, generator=g, dtype=torch.float64) for _ in cfg["distances"]]
+    floor = max(1e-10 * theta_true.norm().item(), 100 * grad_norm / eig.min().item())
+    res = run_tasks([Task(f"distance={rho}", gd_run, (cfg, seed, theta_hat, direction, rho, lr, floor))
+                     for rho, direction in zip(cfg["distances"], directions, strict=True)],
+                    executor, progress=progress, desc="convergence")
+    rows, rates = [], {}
+    for rho in cfg["distances"]:
+        rows += res[f"distance={rho}"]["rows"]
+        rates[str(rho)] = res[f"distance={rho}"]["rate"]
     write_csv(out / "convergence.csv", rows)
     result = {
         "preset": preset, "config": cfg,

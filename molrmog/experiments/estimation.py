@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import metrics
+from ..executors import Task, run_tasks
 from ..experts import MLPScore, MoEScore
 from ..losses import sample_times
 from ..train import train_score
@@ -32,29 +32,34 @@ def score_error(model, truth, n: int, seed: int) -> float:
         return metrics.score_error(model, truth.score, xt, t, truth.schedule.gamma(t))
 
 
-def run_estimation(out, preset: str = "quick", seed: int = 0, progress: bool = True, **overrides) -> dict:
+def estimation_point(kind: str, D: int, n: int, s: int, cfg: dict, seed: int) -> dict:
+    """One point of the sweep (a task): train `kind` on n samples in dimension D, measure its error."""
+    truth = embedded_molrmog(D, cfg["K"], cfg["d"], cfg["modes"], seed=seed)
+    x, _ = truth.sample(n, torch.Generator().manual_seed(seed + 100 * s + n))
+    t0 = time.perf_counter()
+    if kind == "moe-mog":
+        model = MoEScore(D, cfg["K"], cfg["d"], cfg["modes"], seed=seed + s).double()
+        model.init_from_data(x, seed=seed + s, restarts=2)
+        train_score(model, x, steps=cfg["steps"], batch_size=min(512, n), lr=1e-3, seed=seed + s,
+                    t_max=T_EVAL_MAX, progress=False)
+    else:
+        model = MLPScore(D, hidden=256, depth=3, seed=seed + s, data_std=float(x.std())).double()
+        train_score(model, x, steps=cfg["mlp_steps"], batch_size=min(256, n), lr=1e-3, seed=seed + s,
+                    t_max=T_EVAL_MAX, progress=False)
+    err = score_error(model, truth, cfg["eval_n"], seed=10_000 + seed)
+    return {"model": kind, "D": D, "n": n, "seed": s, "score_error": err,
+            "train_seconds": round(time.perf_counter() - t0, 3), "parameters": model.num_parameters()}
+
+
+def run_estimation(out, preset: str = "quick", seed: int = 0, progress: bool = True, executor=None,
+                   **overrides) -> dict:
     cfg = {**PRESETS[preset], **overrides}
     out = out_dir(out)
-    rows = []
     jobs = [(kind, D, n, s) for kind, Ds in (("moe-mog", cfg["Ds"]), ("mlp", cfg["mlp_Ds"]))
             for D in Ds for n in cfg["ns"] for s in range(cfg["seeds"])]
-    for kind, D, n, s in tqdm(jobs, desc="estimation", disable=not progress):
-        truth = embedded_molrmog(D, cfg["K"], cfg["d"], cfg["modes"], seed=seed)
-        x, _ = truth.sample(n, torch.Generator().manual_seed(seed + 100 * s + n))
-        t0 = time.perf_counter()
-        if kind == "moe-mog":
-            model = MoEScore(D, cfg["K"], cfg["d"], cfg["modes"], seed=seed + s).double()
-            model.init_from_data(x, seed=seed + s, restarts=2)
-            train_score(model, x, steps=cfg["steps"], batch_size=min(512, n), lr=1e-3, seed=seed + s,
-                        t_max=T_EVAL_MAX, progress=False)
-        else:
-            model = MLPScore(D, hidden=256, depth=3, seed=seed + s, data_std=float(x.std())).double()
-            train_score(model, x, steps=cfg["mlp_steps"], batch_size=min(256, n), lr=1e-3, seed=seed + s,
-                        t_max=T_EVAL_MAX, progress=False)
-        err = score_error(model, truth, cfg["eval_n"], seed=10_000 + seed)
-        rows.append({"model": kind, "D": D, "n": n, "seed": s, "score_error": err,
-                     "train_seconds": round(time.perf_counter() - t0, 3),
-                     "parameters": model.num_parameters()})
+    res = run_tasks([Task(f"{kind}/D={D}/n={n}/seed={s}", estimation_point, (kind, D, n, s, cfg, seed))
+                     for kind, D, n, s in jobs], executor, progress=progress, desc="estimation")
+    rows = [res[f"{kind}/D={D}/n={n}/seed={s}"] for kind, D, n, s in jobs]
     write_csv(out / "estimation.csv", rows)
     slopes = {}
     for kind in ("moe-mog", "mlp"):

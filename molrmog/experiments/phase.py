@@ -9,9 +9,9 @@ import math
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..distributions import MoLRG
+from ..executors import Task, run_tasks
 from ..experts import MoEScore, k_subspaces
 from ..losses import dsm_loss
 from ..train import train_score
@@ -52,21 +52,26 @@ def _train_molrg(x, D: int, K: int, d: int, cfg: dict, seed: int) -> MoEScore:
     return best
 
 
-def run_phase(out, preset: str = "quick", seed: int = 0, progress: bool = True, **overrides) -> dict:
+def phase_cell(K: int, d: int, N: int, cfg: dict, seed: int) -> dict:
+    """One cell of the (K, d, N) grid (a task): DSM and PCA / K-subspaces recovery errors."""
+    truth = MoLRG.random(cfg["D"], K, d, seed=seed + 7 * d + K)
+    A_true = truth.mixture.A
+    x, _ = truth.sample(K * N, torch.Generator().manual_seed(seed + N))
+    model = _train_molrg(x, cfg["D"], K, d, cfg, seed)
+    err_dsm = subspace_error(model.A.detach(), A_true)
+    bases, _ = k_subspaces(x, K, d, seed=seed)  # K = 1: PCA through the origin
+    return {"K": K, "d": d, "N_per_subspace": N, "error_dsm": err_dsm,
+            "error_pca_or_clustering": subspace_error(bases, A_true)}
+
+
+def run_phase(out, preset: str = "quick", seed: int = 0, progress: bool = True, executor=None,
+              **overrides) -> dict:
     cfg = {**PRESETS[preset], **overrides}
     out = out_dir(out)
-    rows = []
     jobs = list(itertools.product(cfg["Ks"], cfg["ds"], cfg["Ns"]))
-    for K, d, N in tqdm(jobs, desc="phase-transition", disable=not progress):
-        truth = MoLRG.random(cfg["D"], K, d, seed=seed + 7 * d + K)
-        A_true = truth.mixture.A
-        x, _ = truth.sample(K * N, torch.Generator().manual_seed(seed + N))
-        model = _train_molrg(x, cfg["D"], K, d, cfg, seed)
-        err_dsm = subspace_error(model.A.detach(), A_true)
-        bases, _ = k_subspaces(x, K, d, seed=seed)  # K = 1: PCA through the origin
-        err_direct = subspace_error(bases, A_true)
-        rows.append({"K": K, "d": d, "N_per_subspace": N, "error_dsm": err_dsm,
-                     "error_pca_or_clustering": err_direct})
+    res = run_tasks([Task(f"K={K}/d={d}/N={N}", phase_cell, (K, d, N, cfg, seed)) for K, d, N in jobs],
+                    executor, progress=progress, desc="phase-transition")
+    rows = [res[f"K={K}/d={d}/N={N}"] for K, d, N in jobs]
     write_csv(out / "phase_transition.csv", rows)
     summary = {}
     for K in cfg["Ks"]:

@@ -19,6 +19,8 @@ EXPERIMENTS = {
 
 
 def add_experiment_parsers(sub) -> None:
+    from ..cli import add_executor_options
+
     p = sub.add_parser("experiment",
                        help="run a theory experiment (estimation, convergence, phase-transition)",
                        description="Run one of the experiments that check the theory claims; each writes "
@@ -30,12 +32,16 @@ def add_experiment_parsers(sub) -> None:
         e.add_argument("--seed", type=int, default=0)
         e.add_argument("--out", default=f"runs/{name}", help=f"output directory (default runs/{name})")
         e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        add_executor_options(e)
         e.set_defaults(func=_cmd_experiment, experiment_name=name)
 
 
 def _cmd_experiment(a) -> int:
+    from ..cli import executor_from
+
     fn = EXPERIMENTS[a.experiment_name][0]
-    res = fn(a.out, preset="quick" if a.quick else "default", seed=a.seed, progress=not a.no_progress)
+    res = fn(a.out, preset="quick" if a.quick else "default", seed=a.seed, progress=not a.no_progress,
+             executor=executor_from(a))
     res = {k: v for k, v in res.items() if k != "config"}
     text = json.dumps(res, indent=2)
     print(text if len(text) < 3000 else text[:3000] + "\n...")

@@ -1,0 +1,142 @@
+"""Executors: local (sequential / process pool) and Ray give the same results; a killed task is retried;
+a task that keeps failing is reported by name and `--resume` finishes the run without redoing the rest."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from molrmog.cli import main
+from molrmog.executors import Executor, Task, TasksFailed, run_tasks
+from molrmog.experiments.estimation import run_estimation
+
+TINY = ["--vae-steps", "16", "--expert-steps", "12", "--batch", "32", "--sample-steps", "3",
+        "--checkpoint-every", "4", "--no-progress", "--experts", "mog,gaussian"]
+
+
+def _square(x):
+    return x * x
+
+
+def _fails_on_three(x):
+    if x == 3:
+        raise RuntimeError("three is bad")
+    return x
+
+
+def _bad_input(x, log):
+    with open(log, "a") as f:
+        f.write("x")
+    raise ValueError(f"--size {x} is not a valid size")
+
+
+def _weights(run: Path) -> dict:
+    return {str(f.relative_to(run)): load_file(str(f))
+            for f in sorted(run.glob("vae/*/model.safetensors")) + sorted(run.glob("experts/*/*/model.safetensors"))}
+
+
+def _assert_same_weights(a: dict, b: dict, exact: bool = True):
+    assert a.keys() == b.keys() and len(a) == 30
+    for f in a:
+        for k in a[f]:
+            if exact:
+                assert torch.equal(a[f][k], b[f][k]), (f, k)
+            else:
+                torch.testing.assert_close(a[f][k], b[f][k], rtol=1e-4, atol=1e-5)
+
+
+def test_run_tasks_local_and_pool_agree_retry_and_report(tmp_path, monkeypatch):
+    tasks = [Task(f"sq-{i}", _square, (i,)) for i in range(5)]
+    seq = run_tasks(tasks, Executor(), progress=False)
+    assert seq == {f"sq-{i}": i * i for i in range(5)}
+    assert run_tasks(tasks, Executor(workers=2), progress=False) == seq
+    for ex in (Executor(), Executor(workers=2)):
+        with pytest.raises(TasksFailed, match="bad-3") as err:
+            run_tasks([Task(f"bad-{i}", _fails_on_three, (i,)) for i in range(5)], ex, progress=False)
+        assert set(err.value.failures) == {"bad-3"} and len(err.value.results) == 4  # the rest finished
+        assert "three is bad" in str(err.value) and "--resume" in str(err.value)
+    # bad input is deterministic: reported as a ValueError naming the task, not retried
+    log = tmp_path / "attempts"
+    for ex in (Executor(), Executor(workers=2)):
+        log.write_text("")
+        with pytest.raises(ValueError, match="bad-1: --size 1 is not a valid size"):
+            run_tasks([Task("bad-1", _bad_input, (1, str(log)))], ex, progress=False)
+        assert log.read_text() == "x"
+    # injected failure once: the task dies, is retried, and succeeds
+    marker = tmp_path / "died"
+    monkeypatch.setenv("MOLRMOG_FAIL_TASK", "sq-2")
+    monkeypatch.setenv("MOLRMOG_FAIL_MARKER", str(marker))
+    assert run_tasks(tasks, Executor(workers=2), progress=False) == seq and marker.is_file()
+    with pytest.raises(ValueError, match="unknown --executor"):
+        Executor("dask")
+    with pytest.raises(ValueError, match="--workers must be >= 1"):
+        Executor(workers=0)
+
+
+def test_missing_ray_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(ValueError, match=r"pip install 'molrmog\[ray\]'"):
+        Executor("ray")
+    assert main(["train", "--executor", "ray", "--out", "unused", "--no-progress"]) == 2
+    assert "molrmog[ray]" in capsys.readouterr().err
+    assert main(["train", "--ray-address", "auto", "--out", "unused", "--no-progress"]) == 2
+
+
+def test_sweeps_and_sampling_do_not_depend_on_the_executor(tmp_path):
+    kw = dict(Ds=[16], ns=[32, 64], mlp_Ds=[], steps=15, eval_n=200, progress=False)
+    a = run_estimation(tmp_path / "a", "quick", **kw)
+    b = run_estimation(tmp_path / "b", "quick", executor=Executor(workers=2), **kw)
+    assert a["slopes"] == pytest.approx(b["slopes"], rel=1e-6)
+    assert (tmp_path / "b" / "estimation.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def pool_run(tmp_path_factory):
+    """Reference: the local executor with a 2-process pool (1 intra-op thread per task)."""
+    out = tmp_path_factory.mktemp("runs") / "pool"
+    assert main(["train", "--dataset", "digits", "--out", str(out), "--workers", "2", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_matches_local_and_survives_a_killed_task(pool_run, ray_session, tmp_path, monkeypatch):
+    # the worker running mog-3 is killed (os._exit) on its first attempt; Ray retries the task
+    marker = tmp_path / "mog-3-died"
+    monkeypatch.setenv("MOLRMOG_FAIL_TASK", "mog-3")
+    monkeypatch.setenv("MOLRMOG_FAIL_MARKER", str(marker))
+    out = tmp_path / "ray"
+    assert main(["train", "--dataset", "digits", "--out", str(out), "--executor", "ray", "--workers", "2",
+                 *TINY]) == 0
+    assert marker.is_file(), "the injected failure did not happen"
+    _assert_same_weights(_weights(pool_run), _weights(out))  # bitwise, the retried task included
+
+    # a task that fails on every attempt: reported by name, the other 29 models are kept
+    monkeypatch.setenv("MOLRMOG_FAIL_TASK", "gaussian-2")
+    monkeypatch.setenv("MOLRMOG_FAIL_MODE", "always")
+    out2 = tmp_path / "ray-fail"
+    assert main(["train", "--dataset", "digits", "--out", str(out2), "--executor", "ray", "--workers", "2",
+                 *TINY]) == 1
+    assert not (out2 / "experts" / "gaussian" / "2" / "model.safetensors").exists()
+    kept = {f: f.stat().st_mtime_ns for f in out2.glob("experts/*/*/model.safetensors")}
+    assert len(kept) == 19 and len(list(out2.glob("vae/*/model.safetensors"))) == 10
+    monkeypatch.delenv("MOLRMOG_FAIL_TASK")
+    assert main(["train", "--resume", str(out2), "--workers", "2", "--no-progress"]) == 0
+    assert all(f.stat().st_mtime_ns == t for f, t in kept.items())  # finished experts were not redone
+    _assert_same_weights(_weights(pool_run), _weights(out2))
+
+
+def test_sequential_and_parallel_sampling_agree(pool_run, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["sample", str(pool_run), "--n", "12", "--steps", "4", "--out", str(a), "--npy"]) == 0
+    assert main(["sample", str(pool_run), "--n", "12", "--steps", "4", "--out", str(b), "--npy",
+                 "--workers", "2"]) == 0
+    np.testing.assert_allclose(np.load(a.with_suffix(".npy")), np.load(b.with_suffix(".npy")), atol=1e-5)
