@@ -32,7 +32,7 @@ from .distributions import GaussianMixture
 from .experts import LatentExpert
 from .featurizer import get_featurizer
 from .io import atomic_write
-from .pipeline import _sample_expert, cluster_seed, load_config, load_run
+from .pipeline import encode_images, load_config, load_run, sample_loaded
 
 __all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank"]
 
@@ -98,8 +98,7 @@ class _Context:
 
     @torch.no_grad()
     def latents(self, vae, k: int) -> Tensor:
-        imgs = self.train.images[self.labels == k]
-        return torch.cat([vae.encode(b.to(self.device))[0].flatten(1).cpu() for b in imgs.split(512)])
+        return encode_images(vae, self.train.images[self.labels == k], self.device)
 
     @torch.no_grad()
     def reconstructions(self, vaes) -> Tensor:
@@ -116,17 +115,14 @@ class _Context:
 
 
 @torch.no_grad()
-def _samples(vaes, experts, per_cluster: int, K: int, sampler: str, steps: int, seed: int, device: str,
+def _samples(weights, vaes, experts, per_cluster: int, sampler: str, steps: int, seed: int, device: str,
              progress: bool) -> tuple[Tensor, Tensor, float]:
     """per_cluster images of every cluster; cluster k's noise comes from cluster_seed(seed, k) for every model, so
     two models see the same noise (the PF-ODE samplers are deterministic given it)."""
-    imgs, ks = [], []
     t0 = time.perf_counter()
-    for k in range(K):
-        g = torch.Generator().manual_seed(cluster_seed(seed, k))
-        imgs.append(_sample_expert(experts[k], vaes[k], per_cluster, sampler, steps, g, device, progress))
-        ks.append(torch.full((per_cluster,), k))
-    return torch.cat(imgs), torch.cat(ks), time.perf_counter() - t0
+    out = [sample_loaded(weights, vaes, experts, per_cluster, k, sampler, steps, seed, device, progress)
+           for k in range(weights.numel())]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), time.perf_counter() - t0
 
 
 def _row(f: Tensor, probs: Tensor, imgs: Tensor, intended: Tensor | None, ref: dict, opts: dict) -> dict:
@@ -185,7 +181,7 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
         if name == MEMORISE:
             experts = ctx.memorisation(vaes, experts)
             n_params = 0
-        imgs, ks, secs = _samples(vaes, experts, per_cluster, ctx.K, cfg.sampler, cfg.sample_steps, seed,
+        imgs, ks, secs = _samples(weights, vaes, experts, per_cluster, cfg.sampler, cfg.sample_steps, seed,
                                   device, progress)
         f, probs = feat.embed(imgs)
         row = _row(f, probs, imgs, ks if ctx.class_conditional else None, ref, opts)

@@ -179,7 +179,7 @@ class Run:
 
     @torch.no_grad()
     def encode(self, vae, images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([vae.encode(b.to(self.device))[0].flatten(1).cpu() for b in images.split(512)])
+        return encode_images(vae, images, self.device)
 
     def train_expert(self, kind: str, k: int, z: torch.Tensor) -> LatentExpert:
         c = self.cfg
@@ -204,6 +204,12 @@ class Run:
         e.save_pretrained(final)
         self._log(f"{kind}-{k}", hist["loss"], time.perf_counter() - t0)
         return e
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, device) -> torch.Tensor:
+    """Posterior-mean latents (N, d) on the CPU, encoded in batches of 512 on `device`."""
+    return torch.cat([vae.encode(b.to(device))[0].flatten(1).cpu() for b in images.split(512)])
 
 
 class _LoRAView(torch.nn.Module):
