@@ -85,7 +85,7 @@ def test_missing_ray_is_a_clear_error(monkeypatch, capsys):
     assert main(["train", "--ray-address", "auto", "--out", "unused", "--no-progress"]) == 2
 
 
-def test_sweeps_and_sampling_do_not_depend_on_the_executor(tmp_path):
+def test_sweeps_do_not_depend_on_the_executor(tmp_path):
     kw = dict(Ds=[16], ns=[32, 64], mlp_Ds=[], steps=15, eval_n=200, progress=False)
     a = run_estimation(tmp_path / "a", "quick", **kw)
     b = run_estimation(tmp_path / "b", "quick", executor=Executor(workers=2), **kw)
