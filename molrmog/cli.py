@@ -1,287 +1,199 @@
-"""The `molrmog` command line."""
+"""The `molrmog` command line.
+
+Options are declared once, as dataclass fields (`molrmog.options`): `RunConfig` generates the flags
+of `train` and `compare`, each registered expert kind its `--<kind>-<option>` flags, and
+`CommonOptions` / `ExecutorOptions` the flags every command shares. Exit codes: 0 done; 2 bad
+input (one line `molrmog: error: ...`); 1 training diverged, tasks failed, or a bug (traceback);
+130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
+import traceback
+from pathlib import Path
 
+from .config import RESUME_SAFE, CommonOptions, ExecutorOptions, RunConfig
+from .errors import MolrmogError, TrainingDiverged
 from .executors import TasksFailed
+from .kinds import get_kind, kind_names
+from .options import add_options, flag_of, given, option
 from .samplers import SAMPLERS
-from .train import TrainingDiverged
 
 __all__ = ["main", "build_parser"]
 
-SAMPLER_NAMES = list(SAMPLERS)
+log = logging.getLogger("molrmog")
 
 
-def _int_list(text: str) -> int | list[int]:
-    """'4' -> 4, '4,6,8' -> [4, 6, 8]."""
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        msg = f"expected an integer or a comma-separated list, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return vals[0] if len(vals) == 1 else vals
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"molrmog: error: {self.prog.removeprefix('molrmog').strip() or 'molrmog'}: {message} "
+                     f"(see {self.prog} --help)\n")
 
 
-def _device(text: str) -> str:
-    if text not in ("cpu", "cuda") and not text.startswith("cuda:"):
-        raise argparse.ArgumentTypeError(f"device must be cpu or cuda[:N], got {text!r}")
-    return text
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    common = argparse.ArgumentParser(add_help=False)
+    add_options(common, CommonOptions, title="common options")
+    executor = argparse.ArgumentParser(add_help=False)
+    add_options(executor, ExecutorOptions, title="parallel execution (molrmog.executors)")
+    return {"common": common, "executor": executor}
 
 
-def add_executor_options(p) -> None:
-    """--executor / --workers / --ray-address (see molrmog.executors)."""
-    g = p.add_argument_group("parallel execution")
-    g.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local (default: in this process, or a process pool with --workers N) or ray "
-                   "(one Ray task per expert / sweep point; pip install 'molrmog[ray]')")
-    g.add_argument("--workers", type=int, default=1,
-                   help="local: processes; ray: CPUs of the local Ray runtime (default 1)")
-    g.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one")
+def _common(a) -> CommonOptions:
+    return dataclasses.replace(CommonOptions(), **given(a, CommonOptions))
 
 
-def executor_from(a, device: str = "cpu"):
+def _executor(a, device: str):
     from .executors import Executor
 
-    if a.ray_address and a.executor != "ray":
-        raise ValueError("--ray-address needs --executor ray")
-    return Executor(a.executor, a.workers, a.ray_address, device)
-
-
-def _add_synth(sub) -> None:
-    p = sub.add_parser(
-        "synth",
-        help="sample a random MoLR-MoG with its exact score (PF-ODE) and compare with the truth",
-        description="Draw a random MoLR-MoG, run the probability-flow ODE with the exact closed-form "
-        "score, and write synth.png (2-D projection of data vs generated points, coloured by subspace) "
-        "and synth.json (energy distance, sliced W2, mode-weight error) into --out.",
-    )
-    p.add_argument("--D", type=int, default=64, help="ambient dimension (default 64)")
-    p.add_argument("--K", type=int, default=3, help="number of subspaces (default 3)")
-    p.add_argument("--d", type=_int_list, default=4,
-                   help="latent dimension d_k: int or list per k (default 4)")
-    p.add_argument("--n", type=_int_list, default=3, help="modes n_k per subspace: int or list (default 3)")
-    p.add_argument("--r", type=_int_list, default=None, help="rank r_k of each mode's factor (default d_k)")
-    p.add_argument("--separation", type=float, default=5.0, help="typical norm of latent means (default 5)")
-    p.add_argument("--schedule", choices=["vp", "ve", "cosine"], default="vp")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="heun")
-    p.add_argument("--grid", choices=["uniform", "logsnr", "karras"], default="karras")
-    p.add_argument("--steps", type=int, default=30, help="sampler steps (default 30)")
-    p.add_argument("--samples", type=int, default=2000, help="points to generate (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--out", default="runs/synth", help="output directory (default runs/synth)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_cmd_synth)
-
-
-def _cmd_synth(a) -> int:
-    from .experiments.synth import run_synth
-
-    if a.steps < 1 or a.samples < 2:
-        raise ValueError("--steps must be >= 1 and --samples >= 2")
-    res = run_synth(a.out, D=a.D, K=a.K, d=a.d, n=a.n, r=a.r, separation=a.separation,
-                    schedule=a.schedule, sampler=a.sampler, steps=a.steps, grid=a.grid,
-                    samples=a.samples, seed=a.seed, device=a.device, progress=not a.no_progress)
-    summary = {k: res[k] for k in ("energy_distance", "energy_distance_true_vs_true", "sliced_w2",
-                                   "sliced_w2_true_vs_true")}
-    summary["mode_weight_max_abs_error"] = res["mode_weights_generated"]["max_abs"]
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {a.out}/synth.png and {a.out}/synth.json")
-    return 0
-
-
-def _shape(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.lower().replace("x", ",").split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) != 3:
-        raise argparse.ArgumentTypeError(f"expected a latent shape c,h,w (e.g. 4,7,7), got {text!r}")
-    return vals
-
-
-def _add_train(sub) -> None:
-    p = sub.add_parser(
-        "train", help="train VAEs and latent experts on an image dataset",
-        description="Train one VAE per cluster (or one unified VAE, or a shared backbone with per-cluster "
-        "LoRA adapters) and a small latent expert per cluster for each expert kind; write a run "
-        "directory with models, losses, loss curves, sample grids and report.md. Checkpoints are "
-        "written every --checkpoint-every steps; --resume RUN continues a stopped run.")
-    _add_run_options(p)
-    p.add_argument("--experts", default="mog,gaussian,unet", help="comma list of mog, gaussian, unet")
-    p.add_argument("--vae", default="dedicated", help="dedicated (default), unified or lora")
-    p.add_argument("--out", default="runs/train", help="run directory (default runs/train)")
-    p.add_argument("--resume", metavar="RUN", default=None,
-                   help="continue the run in RUN (its saved settings are used; other options are ignored)")
-    add_executor_options(p)
-    p.set_defaults(func=_cmd_train)
+    o = dataclasses.replace(ExecutorOptions(), **given(a, ExecutorOptions))
+    if o.ray_address and o.executor != "ray":
+        raise MolrmogError("--ray-address needs --executor ray")
+    return Executor(o.executor, o.workers, o.ray_address, device)
 
 
 def _add_run_options(p) -> None:
-    """Dataset and training options shared by `train` and `compare`."""
-    from .pipeline import RunConfig
-
-    d = RunConfig()
-    p.add_argument("--dataset", default=d.dataset, help="digits (default), fashion-mnist or folder:PATH")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files "
-                   "(default $MOLRMOG_DATA/fashion-mnist, else /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--limit", type=int, default=None, help="use a random subset of this many images")
-    p.add_argument("--size", type=int, default=d.size, help="image size for folder datasets (default 28)")
-    p.add_argument("--channels", type=int, default=d.channels, choices=[1, 3])
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
-    p.add_argument("--clusters", type=int, default=None,
-                   help="cluster with k-means on unified-VAE features instead of using labels")
-    p.add_argument("--latent", type=_shape, default=None, help="latent c,h,w (digits 2,4,4; fashion 4,7,7)")
-    p.add_argument("--modes", type=int, default=d.modes, help="MoG modes n_k per expert (default 10)")
-    p.add_argument("--rank", type=int, default=d.rank, help="rank r of MoG / Gaussian factors (default 4)")
-    p.add_argument("--vae-steps", type=int, default=d.vae_steps)
-    p.add_argument("--vae-width", type=int, default=d.vae_width, help="VAE base channels (default 32)")
-    p.add_argument("--vae-beta", type=float, default=d.vae_beta, help="KL weight of the VAEs (default 0.1)")
-    p.add_argument("--expert-steps", type=int, default=d.expert_steps)
-    p.add_argument("--unet-steps", type=int, default=d.unet_steps, help="steps for U-Net experts")
-    p.add_argument("--unet-width", type=int, default=d.unet_width)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--sampler", default=d.sampler, choices=SAMPLER_NAMES)
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    """RunConfig's flags, then every registered kind's (prefixed with its name)."""
+    add_options(p, RunConfig, title="run options (molrmog.config.RunConfig)")
+    for name in kind_names():
+        kind = get_kind(name)
+        add_options(p, kind.options, prefix=f"{name}-", title=f"{kind.label} options (--experts {name})")
 
 
-def _run_config(a, **fixed):
-    from .pipeline import RunConfig
+def _run_config(a) -> RunConfig:
+    """The RunConfig the flags describe (common options included); kind flags fill expert_options."""
+    c = _common(a)
+    cfg = dataclasses.replace(RunConfig(), **given(a, RunConfig), seed=c.seed, device=c.device)
+    opts = {}
+    for name in kind_names():
+        g = given(a, get_kind(name).options, prefix=f"{name}_")
+        if g:
+            opts[name] = dataclasses.replace(get_kind(name).options(), **g)
+    return dataclasses.replace(cfg, expert_options=opts)
 
-    kw = dict(dataset=a.dataset, data_dir=a.data_dir, limit=a.limit, size=a.size,
-              channels=a.channels, skip_bad=a.skip_bad, clusters=a.clusters,
-              latent=a.latent, modes=a.modes, rank=a.rank, vae_steps=a.vae_steps,
-              vae_beta=a.vae_beta, vae_width=a.vae_width,
-              expert_steps=a.expert_steps, unet_steps=a.unet_steps, unet_width=a.unet_width,
-              batch=a.batch, sampler=a.sampler, sample_steps=a.sample_steps,
-              checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device)
-    kw.update(fixed)
-    return RunConfig(**kw)
+
+def _resume_changes(a, saved: RunConfig) -> list[str]:
+    """The flags of a `--resume` call that would change the saved run (they are refused)."""
+    wanted = {**given(a, RunConfig), **{k: v for k, v in given(a, CommonOptions).items() if k == "seed"}}
+    changes = [f"{flag_of(k)} {v!r} (the run has {getattr(saved, k)!r})" for k, v in wanted.items()
+               if k not in RESUME_SAFE and getattr(saved, k) != v]
+    for name in kind_names():
+        g = given(a, get_kind(name).options, prefix=f"{name}_")
+        current = saved.expert_options.get(name)
+        for k, v in g.items():
+            if current is None or getattr(current, k) != v:
+                changes.append(f"--{name}-{k.replace('_', '-')} {v!r} (the run has "
+                               f"{getattr(current, k) if current is not None else 'no ' + name + ' experts'!r})")
+    return changes
+
+
+# --- commands ----------------------------------------------------------------------------------
 
 
 def _cmd_train(a) -> int:
-    from .pipeline import train_run
+    from .pipeline import load_config, train_run
+    from .report import finish_run
 
+    c = _common(a)
     if a.resume:
-        from .pipeline import load_config
-
-        ex = executor_from(a, load_config(a.resume).device)
-        report = train_run(a.resume, resume=True, progress=not a.no_progress, executor=ex)
+        if a.out is not None:
+            raise MolrmogError("--resume RUN continues RUN in place; drop --out")
+        saved = load_config(a.resume)
+        changes = _resume_changes(a, saved)
+        if changes:
+            safe = ", ".join("--" + s.replace("_", "-") for s in RESUME_SAFE)
+            raise MolrmogError(f"--resume keeps the run's settings; these flags would change them: "
+                               f"{'; '.join(changes)}. Only {safe} may be given with --resume")
+        device = given(a, CommonOptions).get("device", saved.device)
+        train_run(a.resume, resume=True, progress=c.progress, executor=_executor(a, device), device=device)
         out = a.resume
     else:
-        cfg = _run_config(a, experts=[e.strip() for e in a.experts.split(",") if e.strip()], vae=a.vae)
-        report = train_run(a.out, cfg, progress=not a.no_progress, executor=executor_from(a, cfg.device))
-        out = a.out
+        cfg = _run_config(a)
+        out = a.out or "runs/train"
+        train_run(out, cfg, progress=c.progress, executor=_executor(a, cfg.device))
+    report = finish_run(out)
     print(json.dumps(report, indent=2))
     print(f"wrote {out}/report.md and sample grids")
     return 0
 
 
-def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate images from a trained run",
-                       description="Generate images with one expert kind of a trained run: a cluster is "
-                       "drawn by its weight (or fixed with --class), its latent is sampled with the "
-                       "sampler and decoded by that cluster's VAE. Writes a PNG grid (and .npy with --npy).")
-    p.add_argument("run", help="run directory written by molrmog train")
-    p.add_argument("--kind", default="mog", choices=["mog", "gaussian", "unet"])
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--class", dest="cls", type=int, default=None, help="cluster / class index")
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--out", default=None, help="PNG path (default RUN/sample_<kind>.png)")
-    p.add_argument("--npy", action="store_true", help="also write the images as .npy")
-    add_executor_options(p)
-    p.set_defaults(func=_cmd_sample)
-
-
 def _cmd_sample(a) -> int:
-    from pathlib import Path
-
     import numpy as np
 
+    from .artefacts import atomic_write
+    from .outputs import save_grid
     from .pipeline import sample_run
-    from .report import save_grid
 
-    if a.steps is not None and a.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {a.steps}")
-    imgs, ks = sample_run(a.run, a.kind, a.n, a.cls, a.sampler, a.steps, a.seed, a.device, progress=True,
-                          executor=executor_from(a, a.device))
-    out = Path(a.out or Path(a.run) / f"sample_{a.kind}.png")
+    c = _common(a)
+    if a.steps is not None and not 1 <= a.steps <= 10_000:
+        raise MolrmogError(f"--steps must lie in [1, 10000], got {a.steps}")
+    out = Path(a.out) if a.out else Path(a.run) / f"sample_{a.kind}.png"
+    if out.is_dir():
+        out = out / f"sample_{a.kind}.png"
+    elif out.suffix.lower() != ".png":
+        raise MolrmogError(f"--out {a.out} must be a .png file or an existing folder")
+    imgs, _ = sample_run(a.run, a.kind, a.n, a.cls, a.sampler, a.steps, c.seed, c.device, progress=c.progress,
+                         executor=_executor(a, c.device))
     save_grid(out, imgs, min(8, a.n))
     if a.npy:
-        np.save(out.with_suffix(".npy"), imgs.numpy())
+        atomic_write(out.with_suffix(".npy"), lambda p: np.save(open(p, "wb"), imgs.numpy()))
     print(f"wrote {out}" + (f" and {out.with_suffix('.npy')}" if a.npy else ""))
     return 0
 
 
-def _add_featurizer(sub) -> None:
-    p = sub.add_parser("featurizer", help="train the offline feature extractor (classifier) of a dataset",
-                       description="Train a small CNN classifier on the dataset's train split, once; it is "
-                       "cached (config.json + model.safetensors + featurizer.json with its test accuracy) "
-                       "under --cache, $MOLRMOG_CACHE or ~/.cache/molrmog. Its penultimate features serve "
-                       "FID, KID, precision/recall and the similarity scores; its softmax the class score.")
-    p.add_argument("--dataset", default="digits", help="digits (default), fashion-mnist or folder:PATH")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--size", type=int, default=28, help="image size for folder datasets (default 28)")
-    p.add_argument("--channels", type=int, default=1, choices=[1, 3])
-    p.add_argument("--steps", type=int, default=None, help="training steps (default digits 600, "
-                   "fashion-mnist 2500, folders 2000)")
-    p.add_argument("--cache", default=None, help="cache folder (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
-    p.add_argument("--force", action="store_true", help="retrain even when a finished featurizer is cached")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_cmd_featurizer)
+def _cmd_synth(a) -> int:
+    from .experiments.synth import SynthOptions, run_synth
+    from .options import check
+
+    c = _common(a)
+    o = dataclasses.replace(SynthOptions(), **given(a, SynthOptions))
+    check(o)
+    res = run_synth(o.out, D=o.D, K=o.K, d=o.d, n=o.n, r=o.r, separation=o.separation, schedule=o.schedule,
+                    sampler=o.sampler, steps=o.steps, grid=o.grid, samples=o.samples, seed=c.seed, device=c.device,
+                    progress=c.progress)
+    summary = {k: res[k] for k in ("energy_distance", "energy_distance_true_vs_true", "sliced_w2",
+                                   "sliced_w2_true_vs_true")}
+    summary["mode_weight_max_abs_error"] = res["mode_weights_generated"]["max_abs"]
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {o.out}/synth.png and {o.out}/synth.json")
+    return 0
 
 
 def _cmd_featurizer(a) -> int:
     from .featurizer import featurizer_dir, train_featurizer
 
-    m = train_featurizer(a.dataset, cache=a.cache, steps=a.steps, seed=a.seed, size=a.size,
-                         channels=a.channels, data_dir=a.data_dir, device=a.device,
-                         progress=not a.no_progress, force=a.force)
+    c = _common(a)
+    if a.steps is not None and not 1 <= a.steps <= 10**6:
+        raise MolrmogError(f"--steps must lie in [1, 1000000], got {a.steps}")
+    m = train_featurizer(a.dataset, cache=a.cache, steps=a.steps, seed=c.seed, size=a.size, channels=a.channels,
+                         data_dir=a.data_dir, device=c.device, progress=c.progress, force=a.force)
     print(json.dumps({"dataset": a.dataset, "test_accuracy": round(float(m.test_accuracy), 4),
                       "parameters": m.num_parameters()}, indent=2))
     print(f"featurizer in {featurizer_dir(a.dataset, a.cache)}")
     return 0
 
 
-def _add_eval_options(p) -> None:
-    p.add_argument("--samples", type=int, default=1000, help="samples per model (default 1000)")
-    p.add_argument("--reference", type=int, default=10000, help="training images for FID/KID (default 10000)")
-    p.add_argument("--cache", default=None, help="featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """Flags of `evaluate` and `compare`."""
+
+    samples: int = option(1000, "samples per model", low=2, high=10**6)
+    reference: int = option(10000, "training images for FID/KID", low=2, high=10**7)
+    cache: str | None = option(None, "featurizer cache (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
 
 
-def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="FID, KID, precision/recall, class and similarity scores of a run",
-                       description="Sample every expert kind of a trained run (and the memorisation baseline: "
-                       "the exact denoiser of each cluster's empirical latent distribution) and measure FID, "
-                       "KID, precision/recall against the training images and the class score in the "
-                       "features of the dataset's own classifier (`molrmog featurizer`, trained first if "
-                       "missing); generalisation, reproducibility and probability-flow distance between "
-                       "models from shared noise. The test split is measured alongside as the floor. Writes "
-                       "evaluation.json, evaluation.md and evaluation_samples.png into RUN.")
-    p.add_argument("run", help="run directory written by molrmog train")
-    _add_eval_options(p)
-    p.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
-    p.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
-    p.add_argument("--threshold", type=float, default=0.6, help="similarity threshold (default 0.6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_cmd_evaluate)
+def _eval_options(a) -> EvalOptions:
+    from .options import check
+
+    o = dataclasses.replace(EvalOptions(), **given(a, EvalOptions))
+    check(o)
+    return o
 
 
 def _kinds(text):
@@ -291,117 +203,240 @@ def _kinds(text):
 def _cmd_evaluate(a) -> int:
     from .evaluation import evaluate_run
 
-    evaluate_run(a.run, samples=a.samples, reference=a.reference, kinds=_kinds(a.kinds),
-                 memorisation=not a.no_memorisation, threshold=a.threshold, cache=a.cache, seed=a.seed,
-                 device=a.device, progress=not a.no_progress)
-    print(open(f"{a.run}/evaluation.md").read())
+    c, o = _common(a), _eval_options(a)
+    if not 0 < a.threshold <= 1:
+        raise MolrmogError(f"--threshold must lie in (0, 1], got {a.threshold}")
+    evaluate_run(a.run, samples=o.samples, reference=o.reference, kinds=_kinds(a.kinds),
+                 memorisation=not a.no_memorisation, threshold=a.threshold, cache=o.cache, seed=c.seed,
+                 device=c.device, progress=c.progress)
+    print((Path(a.run) / "evaluation.md").read_text())
     print(f"wrote {a.run}/evaluation.json, evaluation.md and evaluation_samples.png")
     return 0
-
-
-def _add_analyze(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian)",
-                       description="Analyses of a trained run.")
-    asub = p.add_subparsers(dest="analysis", metavar="NAME", required=True)
-    j = asub.add_parser("jacobian", help="singular values of the denoiser's Jacobian per expert kind and t",
-                        description="Singular values of d x0_hat / d x_t of each expert kind's latent denoiser "
-                        "(and the memorisation baseline) at noised training latents of one cluster, for "
-                        "several t; numerical rank = number of singular values above --tol times the largest. "
-                        "Writes jacobian.csv, jacobian.json and jacobian.png into --out (default RUN/jacobian).")
-    j.add_argument("run", help="run directory written by molrmog train")
-    j.add_argument("--t", type=lambda v: [float(x) for x in v.split(",")], default=[0.02, 0.1, 0.3, 0.6, 1.0],
-                   help="comma list of times in (0, 1] (default 0.02,0.1,0.3,0.6,1.0)")
-    j.add_argument("--cluster", type=int, default=0, help="cluster whose latents are used (default 0)")
-    j.add_argument("--points", type=int, default=8, help="points per t (default 8)")
-    j.add_argument("--tol", type=float, default=1e-2, help="relative tolerance of the numerical rank")
-    j.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
-    j.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
-    j.add_argument("--seed", type=int, default=0)
-    j.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    j.add_argument("--out", default=None, help="output folder (default RUN/jacobian)")
-    j.set_defaults(func=_cmd_jacobian)
 
 
 def _cmd_jacobian(a) -> int:
     from .evaluation import jacobian_spectra
 
+    c = _common(a)
     res = jacobian_spectra(a.run, kinds=_kinds(a.kinds), ts=a.t, cluster=a.cluster, points=a.points, tol=a.tol,
-                           memorisation=not a.no_memorisation, seed=a.seed, device=a.device, out=a.out)
+                           memorisation=not a.no_memorisation, seed=c.seed, device=c.device, out=a.out)
     ranks = {m: {t: v["rank_median"] for t, v in per_t.items()} for m, per_t in res["models"].items()}
     print(json.dumps({"numerical_rank_median": ranks}, indent=2))
     print(f"wrote {a.out or a.run + '/jacobian'}/jacobian.csv, jacobian.json and jacobian.png")
     return 0
 
 
-def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="MoG vs Gaussian vs U-Net experts (and dedicated vs unified VAE)",
-                       description="Train (or resume) OUT/dedicated with MoG, Gaussian and U-Net experts on one "
-                       "VAE per cluster and OUT/unified with MoG experts on one shared VAE, evaluate both "
-                       "(see `molrmog evaluate`) and write comparison.md, comparison.json, "
-                       "comparison_samples.png (rows MoG / Gaussian / U-Net / MoG on the unified VAE) and "
-                       "comparison_losses.png into OUT.")
-    _add_run_options(p)
-    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
-    p.add_argument("--no-unified", action="store_true", help="skip the unified-VAE ablation")
-    _add_eval_options(p)
-    add_executor_options(p)
-    p.set_defaults(func=_cmd_compare)
-
-
 def _cmd_compare(a) -> int:
     from .compare import compare
 
+    c, o = _common(a), _eval_options(a)
     cfg = _run_config(a)
-    compare(a.out, cfg, unified=not a.no_unified, samples=a.samples, reference=a.reference,
-            cache=a.cache, progress=not a.no_progress, executor=executor_from(a, cfg.device))
-    print(open(f"{a.out}/comparison.md").read())
+    compare(a.out, cfg, unified=not a.no_unified, samples=o.samples, reference=o.reference, cache=o.cache,
+            progress=c.progress, executor=_executor(a, cfg.device))
+    print((Path(a.out) / "comparison.md").read_text())
     print(f"wrote {a.out}/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png")
     return 0
 
 
+def _cmd_experiment(a) -> int:
+    from .experiments.registry import EXPERIMENTS
+
+    c = _common(a)
+    fn = EXPERIMENTS[a.experiment_name][0]
+    res = fn(a.out, preset="quick" if a.quick else "default", seed=c.seed, progress=c.progress,
+             executor=_executor(a, c.device))
+    res = {k: v for k, v in res.items() if k != "config"}
+    text = json.dumps(res, indent=2)
+    print(text if len(text) < 3000 else text[:3000] + "\n...")
+    print(f"wrote results into {a.out}")
+    return 0
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .experiments.registry import add_experiment_parsers
+    from .experiments.registry import EXPERIMENTS
+    from .experiments.synth import SynthOptions
 
-    parser = argparse.ArgumentParser(
+    par = _parents()
+    parser = _Parser(
         prog="molrmog",
-        description="Diffusion models on mixtures of low-rank subspaces with mixture-of-Gaussian "
-        "latents (MoLR-MoG): closed-form scores, learnable mixture-of-experts score models and "
-        "the experiments that check the theory.",
-    )
+        description="Diffusion models on mixtures of low-rank subspaces with mixture-of-Gaussian latents "
+        "(MoLR-MoG): closed-form scores, learnable mixture-of-experts score models, latent experts on "
+        "dedicated VAEs, and the experiments that check the theory. Exit codes: 0 done, 2 bad input "
+        "(one line), 1 training diverged / tasks failed / a bug, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"molrmog {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_synth(sub)
-    _add_train(sub)
-    _add_sample(sub)
-    _add_featurizer(sub)
-    _add_evaluate(sub)
-    _add_analyze(sub)
-    _add_compare(sub)
-    add_experiment_parsers(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("synth", parents=[par["common"]],
+                       help="sample a random MoLR-MoG with its exact score (PF-ODE) and compare with the truth",
+                       description="Draw a random MoLR-MoG, run the probability-flow ODE with the exact closed-form "
+                       "score, and write synth.png (2-D projection of data vs generated points, coloured by "
+                       "subspace) and synth.json (energy distance, sliced W2, mode-weight error) into --out.")
+    add_options(p, SynthOptions, title="synth options")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser(
+        "train", parents=[par["common"], par["executor"]], help="train VAEs and latent experts on an image dataset",
+        description="Train one VAE per cluster (or one unified VAE, or a shared backbone with per-cluster LoRA "
+        "adapters) and a small latent expert per cluster for each expert kind; write a run directory with models, "
+        "losses, loss curves, sample grids and report.md. Every run option below is stored in RUN/config.json. "
+        "Checkpoints are written every --checkpoint-every steps, only from states whose loss and parameters are "
+        "finite and whose loss has not exploded (100x its running median); divergence stops with exit 1 and keeps "
+        "the last good checkpoint. One process trains a run at a time (RUN/.lock). --resume RUN continues a "
+        "stopped run with its saved settings: flags that would change them are refused; only --device, "
+        "--no-progress, --debug, --executor, --workers and --ray-address may be given.")
+    p.add_argument("--out", default=None, help="run directory (default runs/train)")
+    p.add_argument("--resume", metavar="RUN", default=None, help="continue the run in RUN with its saved settings")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", parents=[par["common"], par["executor"]], help="generate images from a trained run",
+                       description="Generate images with one expert kind of a trained run: a cluster is drawn by its "
+                       "weight (or fixed with --class), its latent is sampled with the sampler and decoded by that "
+                       "cluster's VAE. Writes a PNG grid (and .npy with --npy).")
+    p.add_argument("run", help="run directory written by molrmog train")
+    p.add_argument("--kind", default=kind_names()[0], choices=kind_names(), help="expert kind (default %(default)s)")
+    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--class", dest="cls", type=int, default=None, help="cluster / class index")
+    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the run's sampler")
+    p.add_argument("--steps", type=int, default=None, help="default: the run's sample steps")
+    p.add_argument("--out", default=None, help="PNG path or an existing folder (default RUN/sample_<kind>.png)")
+    p.add_argument("--npy", action="store_true", help="also write the images as .npy")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("featurizer", parents=[par["common"]],
+                       help="train the offline feature extractor (classifier) of a dataset",
+                       description="Train a small CNN classifier on the dataset's train split, once; it is cached "
+                       "(config.json + diffusion_pytorch_model.safetensors + featurizer.json with its test accuracy) "
+                       "under --cache, $MOLRMOG_CACHE or ~/.cache/molrmog. Its penultimate features serve FID, KID, "
+                       "precision/recall and the similarity scores; its softmax the class score.")
+    p.add_argument("--dataset", default="digits", help="digits (default), fashion-mnist or folder:PATH")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--size", type=int, default=28, help="image size for folder datasets (default 28)")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    p.add_argument("--steps", type=int, default=None, help="training steps (default digits 600, fashion-mnist "
+                   "2500, folders 2000)")
+    p.add_argument("--cache", default=None, help="cache folder (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
+    p.add_argument("--force", action="store_true", help="retrain even when a finished featurizer is cached")
+    p.set_defaults(func=_cmd_featurizer)
+
+    p = sub.add_parser("evaluate", parents=[par["common"]],
+                       help="FID, KID, precision/recall, class and similarity scores of a run",
+                       description="Sample every expert kind of a trained run (and the memorisation baseline: the "
+                       "exact denoiser of each cluster's empirical latent distribution) and measure FID, KID, "
+                       "precision/recall against the training images and the class score in the features of the "
+                       "dataset's own classifier (`molrmog featurizer`, trained first if missing); generalisation, "
+                       "reproducibility and probability-flow distance between models from shared noise. The test "
+                       "split is measured alongside as the floor. Writes evaluation.json, evaluation.md and "
+                       "evaluation_samples.png into RUN.")
+    p.add_argument("run", help="run directory written by molrmog train")
+    add_options(p, EvalOptions, title="evaluation options")
+    p.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
+    p.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
+    p.add_argument("--threshold", type=float, default=0.6, help="similarity threshold (default 0.6)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian)", description="Analyses of a trained run.")
+    asub = p.add_subparsers(dest="analysis", metavar="NAME", required=True, parser_class=_Parser)
+    j = asub.add_parser("jacobian", parents=[par["common"]],
+                        help="singular values of the denoiser's Jacobian per expert kind and t",
+                        description="Singular values of d x0_hat / d x_t of each expert kind's latent denoiser (and "
+                        "the memorisation baseline) at noised training latents of one cluster, for several t; "
+                        "numerical rank = number of singular values above --tol times the largest. Writes "
+                        "jacobian.csv, jacobian.json and jacobian.png into --out (default RUN/jacobian).")
+    j.add_argument("run", help="run directory written by molrmog train")
+    j.add_argument("--t", type=_float_list, default=[0.02, 0.1, 0.3, 0.6, 1.0],
+                   help="comma list of times in (0, 1] (default 0.02,0.1,0.3,0.6,1.0)")
+    j.add_argument("--cluster", type=int, default=0, help="cluster whose latents are used (default 0)")
+    j.add_argument("--points", type=int, default=8, help="points per t (default 8)")
+    j.add_argument("--tol", type=float, default=1e-2, help="relative tolerance of the numerical rank")
+    j.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
+    j.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
+    j.add_argument("--out", default=None, help="output folder (default RUN/jacobian)")
+    j.set_defaults(func=_cmd_jacobian)
+
+    p = sub.add_parser("compare", parents=[par["common"], par["executor"]],
+                       help="every expert kind on the same dedicated VAEs (and dedicated vs unified VAE)",
+                       description="Train (or resume) OUT/dedicated with every expert kind of --experts on one VAE "
+                       "per cluster and OUT/unified with the headline kind (MoG) on one shared VAE, evaluate both "
+                       "(see `molrmog evaluate`) and write comparison.md, comparison.json, comparison_samples.png "
+                       "and comparison_losses.png into OUT.")
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--no-unified", action="store_true", help="skip the unified-VAE ablation")
+    add_options(p, EvalOptions, title="evaluation options")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("experiment", help="run a theory experiment (" + ", ".join(EXPERIMENTS) + ")",
+                       description="Run one of the experiments that check the theory claims; each writes CSV + JSON "
+                       "numbers and PNG figures into --out.")
+    esub = p.add_subparsers(dest="experiment", metavar="NAME", required=True, parser_class=_Parser)
+    for name, (_, helptext, files) in EXPERIMENTS.items():
+        e = esub.add_parser(name, parents=[par["common"], par["executor"]], help=helptext,
+                            description=f"{helptext}. Writes {files}.")
+        e.add_argument("--quick", action="store_true", help="small preset (under a minute on 2 CPU cores)")
+        e.add_argument("--out", default=f"runs/{name}", help=f"output directory (default runs/{name})")
+        e.set_defaults(func=_cmd_experiment, experiment_name=name)
     return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    root = logging.getLogger("molrmog")
+    root.handlers = [h for h in root.handlers if not getattr(h, "_molrmog", False)]
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("molrmog: %(message)s"))
+    h._molrmog = True
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error (already printed)
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = bool(getattr(args, "debug", False))
+    _setup_logging(debug)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return int(args.func(args) or 0)
-    except ValueError as e:  # bad input: one line, no traceback
+        with logging_redirect_tqdm(loggers=[logging.getLogger("molrmog")]):
+            return int(args.func(args) or 0)
+    except MolrmogError as e:  # bad input: one line, no traceback
+        if debug:
+            traceback.print_exc()
         print(f"molrmog: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"molrmog: training stopped: {e}", file=sys.stderr)
+        print(f"molrmog: training diverged: {e}", file=sys.stderr)
         return 1
     except TasksFailed as e:
         print(f"molrmog: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("molrmog: interrupted", file=sys.stderr)
+        print("molrmog: interrupted; finished stages and the last checkpoints are kept (--resume continues)",
+              file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: show it
+        traceback.print_exc()
+        print("molrmog: internal error (a bug, not your input): please report it with the traceback above",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""`molrmog compare`: MoG vs Gaussian vs U-Net latent experts on the same dedicated VAEs, plus the
-dedicated-vs-unified VAE ablation for the MoG expert, in one table.
+"""`molrmog compare`: every latent expert kind on the same dedicated VAEs, plus the dedicated-vs-unified
+VAE ablation for the registry's headline kinds (the MoG expert), in one table.
 
-    OUT/dedicated/   a run with mog, gaussian and unet experts on one VAE per cluster
-    OUT/unified/     a run with mog experts on one VAE shared by all clusters (the ablation)
+    OUT/dedicated/   a run with every kind of --experts (default: all registered kinds) on one VAE per cluster
+    OUT/unified/     a run with the headline kinds on one VAE shared by all clusters (the ablation)
     OUT/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png
 
 Existing runs under OUT are resumed (finished stages are skipped), so a stopped comparison
@@ -11,20 +11,20 @@ continues where it stopped and a finished one is only re-evaluated.
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import RunConfig
 from .evaluation import MEMORISE, evaluate_run
-from .io import atomic_write
-from .pipeline import RunConfig, load_run, sample_loaded, train_run
+from .kinds import get_kind, headline_kinds, kind_names
+from .outputs import pyplot, save_figure, save_grid, write_json, write_text
+from .pipeline import load_run, sample_loaded, train_run
+from .report import finish_run, read_logs, train_seconds
 
-__all__ = ["compare"]
-
-LABELS = {"mog": "MoG expert", "gaussian": "Gaussian expert", "unet": "U-Net expert"}
+__all__ = ["compare", "comparison_md"]
 
 
 def _train_or_resume(path: Path, cfg: RunConfig, progress: bool, executor) -> None:
@@ -32,10 +32,11 @@ def _train_or_resume(path: Path, cfg: RunConfig, progress: bool, executor) -> No
         train_run(path, resume=True, progress=progress, executor=executor)
     else:
         train_run(path, cfg, progress=progress, executor=executor)
+    finish_run(path)
 
 
-def _train_seconds(run: Path, kind: str) -> float:
-    return sum(json.loads(p.read_text())["seconds"] for p in (run / "logs").glob(f"{kind}-*.json"))
+def _unified_label(kind: str) -> str:
+    return f"{get_kind(kind).label}, unified VAE"
 
 
 def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: int = 1000,
@@ -43,35 +44,39 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
     """Train (or resume) both runs (their VAEs and experts as tasks on `executor`), evaluate them and
     write the comparison files into `out`."""
     out = Path(out)
-    cfg = replace(cfg, experts=["mog", "gaussian", "unet"], vae="dedicated")
+    kinds = tuple(cfg.experts or kind_names())
+    cfg = dataclasses.replace(cfg, experts=kinds, vae="dedicated")
     out.mkdir(parents=True, exist_ok=True)
     runs = {"dedicated": out / "dedicated"}
     _train_or_resume(runs["dedicated"], cfg, progress, executor)
-    if unified:
+    ablation = [k for k in kinds if k in headline_kinds()] if unified else []
+    if ablation:
         runs["unified"] = out / "unified"
-        _train_or_resume(runs["unified"], replace(cfg, experts=["mog"], vae="unified"), progress, executor)
+        opts = {k: v for k, v in cfg.expert_options.items() if k in ablation}
+        _train_or_resume(runs["unified"], dataclasses.replace(cfg, experts=tuple(ablation), vae="unified",
+                                                              expert_options=opts), progress, executor)
 
     ev = {"dedicated": evaluate_run(runs["dedicated"], samples=samples, reference=reference, cache=cache,
                                     device=cfg.device, seed=cfg.seed, progress=progress)}
-    if unified:
+    if ablation:
         ev["unified"] = evaluate_run(runs["unified"], samples=samples, reference=reference, cache=cache,
                                      device=cfg.device, seed=cfg.seed, memorisation=False, progress=progress)
-    rows = {}
-    for kind in ("mog", "gaussian", "unet"):
-        rows[LABELS[kind]] = _summary(ev["dedicated"]["models"][kind], _train_seconds(runs["dedicated"], kind))
-    if unified:
-        rows["MoG expert, unified VAE"] = _summary(ev["unified"]["models"]["mog"],
-                                                   _train_seconds(runs["unified"], "mog"))
+    rows = {get_kind(k).label: _summary(ev["dedicated"]["models"][k], train_seconds(runs["dedicated"], k))
+            for k in kinds}
+    for k in ablation:
+        rows[_unified_label(k)] = _summary(ev["unified"]["models"][k], train_seconds(runs["unified"], k))
     rows["memorisation baseline"] = _summary(ev["dedicated"]["models"][MEMORISE], 0.0)
     rows["real test images"] = _summary(ev["dedicated"]["models"]["test split"], None)
     result = {"dataset": cfg.dataset, "featurizer_test_accuracy": ev["dedicated"]["featurizer_test_accuracy"],
               "samples_per_model": ev["dedicated"]["samples_per_model"],
               "reference_images": ev["dedicated"]["reference_images"], "rows": rows,
               "pairs": ev["dedicated"]["pairs"], "runs": {k: str(v) for k, v in runs.items()}}
-    atomic_write(out / "comparison.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
-    atomic_write(out / "comparison.md", lambda p: Path(p).write_text(comparison_md(result)))
-    _sample_panel(out / "comparison_samples.png", runs, cfg)
-    _loss_panel(out / "comparison_losses.png", runs)
+    write_json(out / "comparison.json", result)
+    write_text(out / "comparison.md", comparison_md(result))
+    series = [(runs["dedicated"], k, get_kind(k).label) for k in kinds] + \
+        [(runs["unified"], k, _unified_label(k)) for k in ablation]
+    _sample_panel(out / "comparison_samples.png", series, cfg)
+    _loss_panel(out / "comparison_losses.png", series)
     return result
 
 
@@ -107,15 +112,10 @@ def comparison_md(res: dict) -> str:
 
 
 @torch.no_grad()
-def _sample_panel(path: Path, runs: dict, cfg: RunConfig, per_class: int = 2) -> None:
-    """Rows: MoG / Gaussian / U-Net (/ MoG on the unified VAE); columns: per_class samples per cluster."""
-    from .report import save_grid
-
-    rows = [(runs["dedicated"], k) for k in ("mog", "gaussian", "unet")]
-    if "unified" in runs:
-        rows.append((runs["unified"], "mog"))
+def _sample_panel(path: Path, series: list, cfg: RunConfig, per_class: int = 2) -> None:
+    """One row per (run, kind); columns: per_class samples per cluster."""
     imgs = []
-    for run, kind in rows:
+    for run, kind, _ in series:
         _, weights, _, vaes, experts = load_run(run, kind, cfg.device)
         K = weights.numel()
         imgs += [sample_loaded(weights, vaes, experts, per_class, k, cfg.sampler, cfg.sample_steps,
@@ -123,17 +123,14 @@ def _sample_panel(path: Path, runs: dict, cfg: RunConfig, per_class: int = 2) ->
     save_grid(path, torch.cat(imgs), per_class * K)
 
 
-def _loss_panel(path: Path, runs: dict) -> None:
+def _loss_panel(path: Path, series: list) -> None:
     """Mean (over clusters) smoothed DSM loss per step of each expert kind."""
-    from .experiments.common import pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    series = [(runs["dedicated"], k, LABELS[k]) for k in ("mog", "gaussian", "unet")]
-    if "unified" in runs:
-        series.append((runs["unified"], "mog", "MoG expert, unified VAE"))
     for run, kind, label in series:
-        losses = [json.loads(p.read_text())["loss"] for p in sorted((run / "logs").glob(f"{kind}-*.json"))]
+        losses = [lg["loss"] for name, lg in read_logs(run).items() if name.startswith(f"{kind}-") and lg["loss"]]
+        if not losses:
+            continue
         n = min(len(v) for v in losses)
         y = np.mean([v[:n] for v in losses], 0)
         w = max(1, n // 30)
@@ -143,5 +140,4 @@ def _loss_panel(path: Path, runs: dict) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

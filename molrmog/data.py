@@ -7,14 +7,18 @@ Every loader returns an `ImageData`: images (N, C, H, W) float32 in [0, 1], inte
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .errors import MolrmogError
 
 __all__ = ["ImageData", "load_digits", "load_fashion_mnist", "load_image_folder", "load_dataset",
            "read_idx", "fashion_mnist_dir", "holdout_split", "FASHION_CLASSES"]
@@ -25,6 +29,9 @@ FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 DEBIAN_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused before they are decoded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +77,7 @@ def _open_idx(directory: Path, stem: str):
         p = directory / name
         if p.is_file():
             return p
-    raise ValueError(
+    raise MolrmogError(
         f"Fashion-MNIST file {stem}[.gz] not found in {directory}. Install Debian's package "
         f"(apt-get install dataset-fashion-mnist, files go to {DEBIAN_FASHION_DIR}) or put the four "
         f"official IDX files into $MOLRMOG_DATA/fashion-mnist or the folder given with --data-dir")
@@ -83,17 +90,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read IDX file ({e}); the file is corrupt or truncated") from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise MolrmogError(f"{path}: cannot read IDX file ({e}); the file is corrupt or truncated: download or "
+                           f"reinstall it") from e
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+        raise MolrmogError(f"{path}: too short for an IDX header ({len(raw)} bytes); the file is truncated")
     zero, dtype_code, ndim = raw[0] * 256 + raw[1], raw[2], raw[3]
     if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex()} (expected 00000801 or 00000803)")
+        raise MolrmogError(f"{path}: bad IDX magic number {raw[:4].hex()} (expected 00000801 or 00000803)")
+    if len(raw) < 4 + 4 * ndim:
+        raise MolrmogError(f"{path}: the IDX header is cut short ({len(raw)} bytes); the file is truncated")
     dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    if dims[0] == 0:
+        raise MolrmogError(f"{path}: the IDX file holds no items (its header says 0); use the complete file")
     expected = 4 + 4 * ndim + int(np.prod(dims))
     if len(raw) != expected:
-        raise ValueError(f"{path}: size {len(raw)} bytes does not match its header {dims} "
+        raise MolrmogError(f"{path}: size {len(raw)} bytes does not match its header {dims} "
                          f"({expected} bytes); the file is truncated or corrupt")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
@@ -102,15 +114,15 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
                        limit: int | None = None) -> ImageData:
     """Fashion-MNIST 28x28 from IDX files (gz or raw)."""
     if split not in FASHION_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise MolrmogError(f"split must be 'train' or 'test', got {split!r}")
     directory = fashion_mnist_dir(root)
     img_stem, lab_stem = FASHION_FILES[split]
     images = read_idx(_open_idx(directory, img_stem))
     labels = read_idx(_open_idx(directory, lab_stem))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{directory}: images {images.shape} and labels {labels.shape} do not match")
+        raise MolrmogError(f"{directory}: images {images.shape} and labels {labels.shape} do not match")
     if labels.max() >= 10:
-        raise ValueError(f"{directory}: labels outside 0..9 (max {labels.max()})")
+        raise MolrmogError(f"{directory}: labels outside 0..9 (max {labels.max()})")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
@@ -124,13 +136,11 @@ def load_image_folder(path: str | os.PathLike, size: int = 28, channels: int = 1
                       skip_bad: bool = False) -> ImageData:
     """Images under `path`: sub-folders are classes; files directly in `path` make an unlabelled set.
     Every image is converted to `channels` (1 or 3) and resized to size x size."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"image folder {root} does not exist")
+        raise MolrmogError(f"image folder {root} does not exist")
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise MolrmogError(f"channels must be 1 or 3, got {channels}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if subdirs:
         groups = [(d.name, sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
@@ -138,26 +148,44 @@ def load_image_folder(path: str | os.PathLike, size: int = 28, channels: int = 1
     else:
         groups = [(None, sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))]
     xs, ys, bad = [], [], []
-    for label, (_, files) in enumerate(groups):
+    for label, (name, files) in enumerate(groups):
+        before = len(xs)
         for f in files:
             try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
+                arr = _read_image(f, size, channels)
+            except MolrmogError:
                 if not skip_bad:
-                    raise ValueError(f"cannot read image {f} ({e}); remove it or pass --skip-bad") from e
+                    raise
                 bad.append(str(f))
                 continue
-            xs.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
+            xs.append(arr)
             ys.append(label)
+        if name is not None and len(xs) == before:
+            raise MolrmogError(f"class folder {root / name} has no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}"
+                               f"); add images or remove the folder")
     if not xs:
-        raise ValueError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        raise MolrmogError(f"no readable images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     if bad:
-        print(f"molrmog: skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}")
+        log.warning("skipped %d unreadable image(s): %s", len(bad), ", ".join(bad[:5]))
     labelled = groups[0][0] is not None
     return ImageData(torch.from_numpy(np.stack(xs)), torch.tensor(ys) if labelled else None,
                      [g[0] for g in groups] if labelled else [], f"folder:{root}")
+
+
+def _read_image(f: Path, size: int, channels: int) -> np.ndarray:
+    """One image as (channels, size, size) float32 in [0, 1]; any problem is a MolrmogError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(f) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise MolrmogError(f"image {f} claims {im.width} x {im.height} pixels (more than "
+                                   f"{MAX_IMAGE_PIXELS:,}); remove it or pass --skip-bad")
+            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MolrmogError(f"cannot read image {f} ({type(e).__name__}: {e}); remove it or pass --skip-bad") from e
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 HOLDOUT_FRACTION = 0.2
@@ -168,6 +196,9 @@ def holdout_split(data: ImageData, split: str) -> ImageData:
     if split == "all":
         return data
     N = data.images.shape[0]
+    if N < 2:
+        raise MolrmogError(f"{data.name} has {N} image(s); at least 2 are needed (a fixed 20% is held out as the "
+                           f"test split): add images")
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(20260101))
     n_test = max(1, round(HOLDOUT_FRACTION * N))
     idx = perm[:n_test] if split == "test" else perm[n_test:]
@@ -182,7 +213,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, limit: int | None = 
     folders have none: a fixed 20% of the images (`holdout_split`) is the test split.
     """
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be train, test or all, got {split!r}")
+        raise MolrmogError(f"split must be train, test or all, got {split!r}")
     if spec == "digits":
         data = holdout_split(load_digits(), split)
     elif spec == "fashion-mnist":
@@ -194,10 +225,10 @@ def load_dataset(spec: str, *, data_dir: str | None = None, limit: int | None = 
     elif spec.startswith("folder:"):
         data = holdout_split(load_image_folder(spec.removeprefix("folder:"), size, channels, skip_bad), split)
     else:
-        raise ValueError(f"unknown dataset {spec!r}; use digits, fashion-mnist or folder:PATH")
+        raise MolrmogError(f"unknown dataset {spec!r}; use digits, fashion-mnist or folder:PATH")
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
+            raise MolrmogError(f"--limit must be >= 1, got {limit}")
         g = torch.Generator().manual_seed(0)
         data = data.subset(torch.randperm(data.images.shape[0], generator=g)[:limit])
     return data

@@ -11,10 +11,10 @@ Every distribution has the verbs `sample`, `log_prob`, `score`, `denoise`,
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -22,19 +22,37 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from . import mixture as mx
-from .io import atomic_write, read_artifact
+from .artefacts import atomic_write, read_json, read_safetensors, write_json
+from .errors import ArtefactError, MolrmogError
 from .schedules import Schedule, get_schedule
 
 __all__ = ["MoLRMoG", "MoLRG", "GaussianMixture", "load_distribution", "random_orthonormal"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the distribution directory (config.json + params.safetensors)
+_COMPUTE = (torch.float32, torch.float64)  # half-precision input is evaluated in float32 and returned as given
+
+
+def _as_float_tensor(v, what: str, dtype=None) -> Tensor:
+    """A real floating tensor from v (lists, arrays, tensors); complex or non-numeric input is refused."""
+    if isinstance(v, (str, bytes)):
+        raise MolrmogError(f"{what} must be numbers, got the string {v!r}")
+    try:  # python numbers straight into `dtype` (torch.as_tensor(0.01) alone would round them to float32)
+        t = torch.as_tensor(v, dtype=dtype) if dtype is not None and not isinstance(v, Tensor) else torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise MolrmogError(f"{what} must be a tensor of numbers ({e})") from None
+    if t.is_complex():
+        raise MolrmogError(f"{what} is complex; the mixture maths is real: pass the real part explicitly")
+    if not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+                                                  torch.bool)):
+        raise MolrmogError(f"{what} has unsupported dtype {t.dtype}")
+    return t.to(dtype) if dtype is not None else t
 
 
 def random_orthonormal(D: int, d: int, generator: torch.Generator | None = None,
                        dtype=torch.float64) -> Tensor:
     """A (D, d) matrix with orthonormal columns, uniformly distributed (QR of a Gaussian)."""
     if d > D:
-        raise ValueError(f"cannot have d = {d} orthonormal columns in dimension D = {D}; need d <= D")
+        raise MolrmogError(f"cannot have d = {d} orthonormal columns in dimension D = {D}; need d <= D")
     G = torch.randn(D, d, generator=generator, dtype=torch.float64)
     Q, R = torch.linalg.qr(G)
     return (Q * torch.sign(torch.diagonal(R))).to(dtype)
@@ -42,16 +60,16 @@ def random_orthonormal(D: int, d: int, generator: torch.Generator | None = None,
 
 def _check_weights(p: Tensor, what: str, normalize: bool) -> Tensor:
     if p.ndim != 1 or p.numel() == 0:
-        raise ValueError(f"{what} must be a non-empty vector, got shape {tuple(p.shape)}")
+        raise MolrmogError(f"{what} must be a non-empty vector, got shape {tuple(p.shape)}")
     if not torch.isfinite(p).all():
-        raise ValueError(f"{what} contains NaN or Inf: {p.tolist()}")
+        raise MolrmogError(f"{what} contains NaN or Inf: {p.tolist()}")
     if bool((p <= 0).any()):
-        raise ValueError(f"{what} must be strictly positive, got {p.tolist()}; drop empty components instead")
+        raise MolrmogError(f"{what} must be strictly positive, got {p.tolist()}; drop empty components instead")
     total = float(p.sum())
     if normalize:
         return p / p.sum()
     if abs(total - 1.0) > 1e-6:
-        raise ValueError(
+        raise MolrmogError(
             f"{what} must sum to 1, got sum {total:.8g}; pass normalize=True to rescale them on purpose"
         )
     return p
@@ -62,7 +80,7 @@ def _as_list(x, K: int, what: str) -> list:
         return [x] * K
     x = list(x)
     if len(x) != K:
-        raise ValueError(f"{what} must be an int or a list of K = {K} values, got {len(x)} values")
+        raise MolrmogError(f"{what} must be an int or a list of K = {K} values, got {len(x)} values")
     return x
 
 
@@ -86,32 +104,32 @@ class MoLRMoG:
         mu = [torch.as_tensor(m) for m in mu]
         K = len(mu)
         if K == 0:
-            raise ValueError("a mixture needs at least one subspace (mu is empty)")
+            raise MolrmogError("a mixture needs at least one subspace (mu is empty)")
         dtype = dtype or mu[0].dtype
         if not dtype.is_floating_point:
             dtype = torch.float64
         if len(U) != K:
-            raise ValueError(f"U must have one entry per subspace: K = {K} from mu, got {len(U)}")
+            raise MolrmogError(f"U must have one entry per subspace: K = {K} from mu, got {len(U)}")
         self.schedule = get_schedule(schedule)
 
         # latent dims and modes
         d, n, r = [], [], []
         for k, m in enumerate(mu):
             if m.ndim != 2 or m.shape[0] < 1:
-                raise ValueError(f"mu[{k}] must have shape (n_k >= 1, d_k), got {tuple(m.shape)}")
+                raise MolrmogError(f"mu[{k}] must have shape (n_k >= 1, d_k), got {tuple(m.shape)}")
             n.append(m.shape[0])
             d.append(m.shape[1])
         Us: list[list[Tensor]] = []
         for k, Uk in enumerate(U):
             Uk = list(Uk) if not isinstance(Uk, Tensor) else list(Uk.unbind(0)) if Uk.ndim == 3 else None
             if Uk is None or len(Uk) != n[k]:
-                raise ValueError(
+                raise MolrmogError(
                     f"U[{k}] must be a tensor (n_k, d_k, r) or a list of n_k = {n[k]} tensors (d_k, r)"
                 )
             for l, Ukl in enumerate(Uk):
                 Ukl = torch.as_tensor(Ukl)
                 if Ukl.ndim != 2 or Ukl.shape[0] != d[k] or Ukl.shape[1] > d[k]:
-                    raise ValueError(
+                    raise MolrmogError(
                         f"U[{k}][{l}] must have shape (d_k, r) with d_k = {d[k]} and 0 <= r <= d_k, "
                         f"got {tuple(Ukl.shape)}"
                     )
@@ -121,47 +139,47 @@ class MoLRMoG:
 
         if A is None:
             if K != 1:
-                raise ValueError(f"A = None (identity) needs K = 1, got K = {K}")
+                raise MolrmogError(f"A = None (identity) needs K = 1, got K = {K}")
             D = d[0]
             As = None
         else:
             if len(A) != K:
-                raise ValueError(f"A must have one matrix per subspace: K = {K} from mu, got {len(A)}")
+                raise MolrmogError(f"A must have one matrix per subspace: K = {K} from mu, got {len(A)}")
             As = [torch.as_tensor(a).to(dtype) for a in A]
             D = As[0].shape[0]
             for k, a in enumerate(As):
                 if a.ndim != 2 or a.shape != (D, d[k]):
-                    raise ValueError(f"A[{k}] must have shape (D, d_k) = ({D}, {d[k]}), got {tuple(a.shape)}")
+                    raise MolrmogError(f"A[{k}] must have shape (D, d_k) = ({D}, {d[k]}), got {tuple(a.shape)}")
                 if not torch.isfinite(a).all():
-                    raise ValueError(f"A[{k}] contains NaN or Inf")
+                    raise MolrmogError(f"A[{k}] contains NaN or Inf")
                 a64 = a.double()
                 err = torch.linalg.norm(a64.T @ a64 - torch.eye(d[k], dtype=torch.float64)).item()
                 if err > orth_tol:
-                    raise ValueError(
+                    raise MolrmogError(
                         f"A[{k}] must have orthonormal columns: ||A^T A - I||_F = {err:.3g} > {orth_tol:g}; "
                         "orthonormalise it first (torch.linalg.qr(A).Q)"
                     )
         for k, m in enumerate(mu):
             if not torch.isfinite(m).all():
-                raise ValueError(f"mu[{k}] contains NaN or Inf")
+                raise MolrmogError(f"mu[{k}] contains NaN or Inf")
         for k, Uk in enumerate(Us):
             for l, u in enumerate(Uk):
                 if not torch.isfinite(u).all():
-                    raise ValueError(f"U[{k}][{l}] contains NaN or Inf")
+                    raise MolrmogError(f"U[{k}][{l}] contains NaN or Inf")
 
         w = torch.full((K,), 1.0 / K, dtype=torch.float64) if w is None else torch.as_tensor(w).double()
         if w.shape != (K,):
-            raise ValueError(f"w must have shape (K,) = ({K},), got {tuple(w.shape)}")
+            raise MolrmogError(f"w must have shape (K,) = ({K},), got {tuple(w.shape)}")
         w = _check_weights(w, "w (subspace weights)", normalize)
         if pi is None:
             pi = [torch.full((nk,), 1.0 / nk, dtype=torch.float64) for nk in n]
         if len(pi) != K:
-            raise ValueError(f"pi must have one vector per subspace: K = {K}, got {len(pi)}")
+            raise MolrmogError(f"pi must have one vector per subspace: K = {K}, got {len(pi)}")
         pis = []
         for k, p in enumerate(pi):
             p = torch.as_tensor(p).double()
             if p.shape != (n[k],):
-                raise ValueError(f"pi[{k}] must have shape (n_k,) = ({n[k]},), got {tuple(p.shape)}")
+                raise MolrmogError(f"pi[{k}] must have shape (n_k,) = ({n[k]},), got {tuple(p.shape)}")
             pis.append(_check_weights(p, f"pi[{k}] (mode weights)", normalize))
 
         self.D, self.K, self.d, self.n, self.r = D, K, d, n, r
@@ -227,22 +245,30 @@ class MoLRMoG:
 
     # --- input checks -----------------------------------------------------------------
     def _check_x(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            x = torch.as_tensor(x, dtype=self.dtype)
-        if x.ndim != 2 or x.shape[1] != self.D:
-            raise ValueError(f"x must have shape (B, D) with D = {self.D}, got {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
+        """x as a float32 / float64 (B, D) tensor; half precision is computed in float32 (see `_out`)."""
+        x = _as_float_tensor(x, "x")
+        if not x.is_floating_point():
             x = x.to(self.dtype)
+        elif x.dtype not in _COMPUTE:
+            x = x.float()
+        if x.ndim != 2 or x.shape[1] != self.D:
+            raise MolrmogError(f"x must have shape (B, D) with D = {self.D}, got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"x contains NaN or Inf (rows {bad}...); clean the input first")
+            raise MolrmogError(f"x contains NaN or Inf (rows {bad}...); clean the input first")
         return x
 
+    @staticmethod
+    def _out(v: Tensor, x_in) -> Tensor:
+        """Results in the caller's floating dtype (half precision in, half precision out)."""
+        dt = getattr(x_in, "dtype", None)
+        return v.to(dt) if isinstance(x_in, Tensor) and dt.is_floating_point and dt not in _COMPUTE else v
+
     def _st(self, x: Tensor, t, allow_zero: bool = False):
+        t = _as_float_tensor(t, "t", torch.float64).detach().cpu()
         self.schedule.check_t(t, allow_zero=allow_zero)
-        t = torch.as_tensor(t, dtype=torch.float64)
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
-            raise ValueError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
+            raise MolrmogError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
         s = self.schedule.s(t).to(x.dtype).to(x.device)
         g = self.schedule.gamma(t).to(x.dtype).to(x.device)
         return s, g
@@ -250,39 +276,39 @@ class MoLRMoG:
     # --- the verbs --------------------------------------------------------------------
     def log_prob(self, x: Tensor, t: float | Tensor = 0.0) -> Tensor:
         """log p_t(x): (B,). At t = 0 only for distributions with a density in R^D (full rank)."""
-        x = self._check_x(x)
-        tt = torch.as_tensor(t, dtype=torch.float64)
+        xc = self._check_x(x)
+        tt = _as_float_tensor(t, "t", torch.float64)
         if bool((tt == 0).all()):
-            return mx.log_prob_clean(self._mix_for(x), x)
+            return self._out(mx.log_prob_clean(self._mix_for(xc), xc), x)
         if bool((tt == 0).any()):
-            raise ValueError("mixing t = 0 with t > 0 in one call is not supported; split the batch")
-        s, g = self._st(x, t)
-        return mx.log_prob(self._mix_for(x), x, s, g)
+            raise MolrmogError("mixing t = 0 with t > 0 in one call is not supported; split the batch")
+        s, g = self._st(xc, t)
+        return self._out(mx.log_prob(self._mix_for(xc), xc, s, g), x)
 
     def score(self, x: Tensor, t: float | Tensor) -> Tensor:
         """grad_x log p_t(x): (B, D)."""
-        x = self._check_x(x)
-        return mx.score(self._mix_for(x), x, *self._st(x, t))
+        xc = self._check_x(x)
+        return self._out(mx.score(self._mix_for(xc), xc, *self._st(xc, t)), x)
 
     def denoise(self, x: Tensor, t: float | Tensor) -> Tensor:
         """E[x_0 | x_t = x] (Tweedie): (B, D)."""
-        x = self._check_x(x)
-        return mx.denoise(self._mix_for(x), x, *self._st(x, t))
+        xc = self._check_x(x)
+        return self._out(mx.denoise(self._mix_for(xc), xc, *self._st(xc, t)), x)
 
     def responsibilities(self, x: Tensor, t: float | Tensor) -> Tensor:
         """Posterior probabilities R_{k,l}(x) of each component: (B, K, max n_k), padded modes 0."""
-        x = self._check_x(x)
-        return mx.responsibilities(self._mix_for(x), x, *self._st(x, t))
+        xc = self._check_x(x)
+        return self._out(mx.responsibilities(self._mix_for(xc), xc, *self._st(xc, t)), x)
 
     def posterior(self, x: Tensor, t: float | Tensor) -> mx.Posterior:
         """log p_t, R and s E[x0|x_t] from one evaluation."""
-        x = self._check_x(x)
-        return mx.posterior(self._mix_for(x), x, *self._st(x, t))
+        xc = self._check_x(x)
+        return mx.posterior(self._mix_for(xc), xc, *self._st(xc, t))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw n points: x (n, D) and labels (n, 2) = (k, l)."""
-        if int(n) < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, Integral) or not 1 <= int(n) <= 10**8:
+            raise MolrmogError(f"n must be a whole number of samples in [1, 1e8], got {n!r}")
         m = self.mixture
         probs = m.log_weights.exp().flatten().double()
         idx = torch.multinomial(probs, int(n), replacement=True, generator=generator)
@@ -295,6 +321,7 @@ class MoLRMoG:
 
     def noise(self, x0: Tensor, t, generator: torch.Generator | None = None) -> Tensor:
         """x_t = s_t x_0 + gamma_t eps."""
+        x0 = self._check_x(x0)
         s, g = self._st(x0, t)
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         sv = s if s.ndim == 0 else s[:, None]
@@ -339,8 +366,7 @@ class MoLRMoG:
             tensors["A"] = m.A
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         atomic_write(directory / "params.safetensors", lambda p: save_file(tensors, p))
-        atomic_write(directory / "config.json",
-                      lambda p: Path(p).write_text(json.dumps(self.config(), indent=2)))
+        write_json(directory / "config.json", self.config())
         return directory
 
     @classmethod
@@ -352,11 +378,15 @@ class MoLRG(MoLRMoG):
     """Mixture of low-rank Gaussians: one zero-mean Gaussian N(0, A_k U_k U_k^T A_k^T) per subspace."""
 
     def __init__(self, A: Sequence[Tensor], U: Sequence[Tensor] | None = None, w=None, **kwargs):
-        A = [torch.as_tensor(a) for a in A]
+        A = [_as_float_tensor(a, f"A[{k}]") for k, a in enumerate(A)]
+        for k, a in enumerate(A):
+            if a.ndim != 2:
+                raise MolrmogError(f"A[{k}] must be a matrix (D, d_k) with orthonormal columns, got shape "
+                                   f"{tuple(a.shape)}")
         if U is None:  # isotropic unit covariance in each subspace
             U = [torch.eye(a.shape[1], dtype=a.dtype) for a in A]
         if len(U) != len(A):
-            raise ValueError(f"U must have one factor per subspace: K = {len(A)}, got {len(U)}")
+            raise MolrmogError(f"U must have one factor per subspace: K = {len(A)}, got {len(U)}")
         mu = [torch.zeros(1, a.shape[1], dtype=a.dtype) for a in A]
         super().__init__(A, mu, [[torch.as_tensor(u)] for u in U], w=w, **kwargs)
 
@@ -391,7 +421,7 @@ class GaussianMixture(MoLRMoG):
         regime: the probability-flow ODE ends on training points."""
         points = torch.as_tensor(points)
         if points.ndim != 2 or points.shape[0] < 1:
-            raise ValueError(f"points must have shape (N >= 1, D), got {tuple(points.shape)}")
+            raise MolrmogError(f"points must have shape (N >= 1, D), got {tuple(points.shape)}")
         return cls(points, points.new_zeros(points.shape[0], points.shape[1], 0), **kwargs)
 
     @classmethod
@@ -408,37 +438,79 @@ class GaussianMixture(MoLRMoG):
 
 def _check_dims(D, K, d, n, r) -> None:
     if int(K) < 1:
-        raise ValueError(f"K (number of subspaces) must be >= 1, got {K}")
+        raise MolrmogError(f"K (number of subspaces) must be >= 1, got {K}")
     for name, v in (("d", d), ("n", n), ("r", r)):
         if v is None:
             continue
         vals = [v] if isinstance(v, int) else list(v)
         if any(int(x) < 1 for x in vals):
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise MolrmogError(f"{name} must be >= 1, got {v}")
     dl = [d] * K if isinstance(d, int) else list(d)
     if any(x > D for x in dl):
-        raise ValueError(f"latent dimensions d = {d} must not exceed the ambient D = {D}")
+        raise MolrmogError(f"latent dimensions d = {d} must not exceed the ambient D = {D}")
     if r is not None:
         rl = [r] * len(dl) if isinstance(r, int) else list(r)
         if len(rl) == len(dl) and any(a > b for a, b in zip(rl, dl, strict=True)):
-            raise ValueError(f"rank r = {r} must not exceed the latent dimension d = {d}")
+            raise MolrmogError(f"rank r = {r} must not exceed the latent dimension d = {d}")
 
 
 _CLASSES = {"MoLRMoG": MoLRMoG, "MoLRG": MoLRG, "GaussianMixture": GaussianMixture}
 
 
+def _int_list(v, what: str, length: int | None = None) -> list:
+    if not isinstance(v, list) or (length is not None and len(v) != length) or \
+            not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise MolrmogError(f"{what} must be a list of {length or ''} non-negative integers, got {v!r}")
+    return v
+
+
 def load_distribution(directory: str | os.PathLike) -> MoLRMoG:
-    """Rebuild a distribution saved with `save` (its class comes from config.json)."""
-    cfg, t = read_artifact(directory, "params.safetensors", "distribution")
-    if cfg.get("class") not in _CLASSES:
-        raise ValueError(f"{directory}/config.json: unknown class {cfg.get('class')!r}")
-    K, d, n, r = cfg["K"], cfg["d"], cfg["n"], cfg["r"]
-    A = None if cfg["identity_A"] else [t["A"][k, :, : d[k]] for k in range(K)]
-    mu = [t["mu"][k, : n[k], : d[k]] for k in range(K)]
-    U = [[t["U"][k, l, : d[k], : r[k][l]] for l in range(n[k])] for k in range(K)]
-    w = t["log_w"].double().exp()
-    pi = [t["log_pi"][k, : n[k]].double().exp() for k in range(K)]
-    obj = MoLRMoG.__new__(_CLASSES[cfg["class"]])
-    MoLRMoG.__init__(obj, A, mu, U, w=w, pi=pi, schedule=cfg["schedule"], normalize=True,
-                     dtype=getattr(torch, cfg["dtype"]))
+    """Rebuild a distribution saved with `save` (its class comes from config.json). Any damage --
+    unknown class or format version, missing keys, wrong types or shapes -- is one ArtefactError."""
+    directory = Path(directory)
+    source = directory / "config.json"
+    cfg = read_json(source, "distribution config")
+    t = read_safetensors(directory / "params.safetensors", "distribution parameters")
+    try:
+        if not isinstance(cfg, dict):
+            raise MolrmogError(f"must be a JSON object, got {type(cfg).__name__}")
+        if cfg.get("class") not in _CLASSES:
+            raise MolrmogError(f"unknown class {cfg.get('class')!r} (known: {', '.join(_CLASSES)})")
+        if cfg.get("format_version") != FORMAT_VERSION:
+            raise MolrmogError(f"format version {cfg.get('format_version')!r} is not {FORMAT_VERSION}, the one this "
+                               f"molrmog reads")
+        missing = [k for k in ("K", "d", "n", "r", "identity_A", "dtype", "schedule") if k not in cfg]
+        if missing:
+            raise MolrmogError(f"lacks the key(s) {missing}")
+        K = cfg["K"]
+        if not isinstance(K, int) or K < 1:
+            raise MolrmogError(f"K must be a positive integer, got {K!r}")
+        d, n = _int_list(cfg["d"], "d", K), _int_list(cfg["n"], "n", K)
+        r = cfg["r"]
+        if not isinstance(r, list) or len(r) != K:
+            raise MolrmogError(f"r must hold one list per subspace, got {r!r}")
+        r = [_int_list(rk, f"r[{k}]", n[k]) for k, rk in enumerate(r)]
+        dtype = getattr(torch, str(cfg["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise MolrmogError(f"dtype {cfg['dtype']!r} is not a torch floating dtype")
+        L, dm, rm = max(n), max(d), max(max(x) for x in r) if any(r) else 0
+        shapes = {"log_w": (K,), "log_pi": (K, L), "mu": (K, L, dm), "U": (K, L, dm, rm)}
+        if not cfg["identity_A"]:
+            shapes["A"] = (K, t["A"].shape[1] if "A" in t and t["A"].ndim == 3 else -1, dm)
+        for key, shape in shapes.items():
+            if key not in t or tuple(t[key].shape) != shape:
+                raise MolrmogError(f"params.safetensors: {key} must have shape {shape}, got "
+                                   f"{tuple(t[key].shape) if key in t else 'nothing'}")
+        A = None if cfg["identity_A"] else [t["A"][k, :, : d[k]] for k in range(K)]
+        mu = [t["mu"][k, : n[k], : d[k]] for k in range(K)]
+        U = [[t["U"][k, l, : d[k], : r[k][l]] for l in range(n[k])] for k in range(K)]
+        w = t["log_w"].double().exp()
+        pi = [t["log_pi"][k, : n[k]].double().exp() for k in range(K)]
+        obj = MoLRMoG.__new__(_CLASSES[cfg["class"]])
+        MoLRMoG.__init__(obj, A, mu, U, w=w, pi=pi, schedule=cfg["schedule"], normalize=True, dtype=dtype)
+    except MolrmogError as e:
+        raise ArtefactError(f"{source}: {e}; restore the files or save the distribution again") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ArtefactError(f"{source}: the saved distribution is damaged ({type(e).__name__}: {e}); restore the "
+                            f"files or save it again") from None
     return obj

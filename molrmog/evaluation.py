@@ -16,27 +16,27 @@ features follow a ReLU, so raw cosines are all positive and crowd near 1.
 from __future__ import annotations
 
 import itertools
-import json
+import logging
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import metrics as M
-from .data import load_dataset
 from .distributions import GaussianMixture
-from .experts import LatentExpert
+from .errors import MolrmogError
 from .featurizer import get_featurizer
-from .io import atomic_write
-from .pipeline import encode_images, load_config, load_run, sample_loaded
+from .kinds import LatentExpert
+from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
+from .pipeline import encode_images, load_config, load_run, load_run_data, run_labels, sample_loaded
 
 __all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank"]
 
 MEMORISE = "memorise"
+log = logging.getLogger(__name__)
 
 
 class MemorisationExpert(nn.Module):
@@ -80,21 +80,23 @@ class _Context:
         self.run = Path(run)
         self.cfg = cfg = load_config(run)
         if not (self.run / "clusters.safetensors").is_file():
-            raise ValueError(f"run {run} is not finished (no clusters.safetensors); continue it with --resume")
-        kw = {"data_dir": cfg.data_dir, "size": cfg.size, "channels": cfg.channels, "skip_bad": cfg.skip_bad}
-        self.train = load_dataset(cfg.dataset, limit=cfg.limit, **kw)
-        self.test = load_dataset(cfg.dataset, split="test", **kw)
-        self.labels = load_file(str(self.run / "clusters.safetensors"))["labels"]
+            raise MolrmogError(f"run {run} is not finished (no clusters.safetensors); continue it with --resume")
+        self.train = load_run_data(cfg)
+        self.test = load_run_data(cfg, split="test")
+        self.labels = run_labels(self.run)[0]
         if self.labels.shape[0] != self.train.images.shape[0]:
-            raise ValueError(f"run {run}: {self.labels.shape[0]} cluster labels but {self.train.images.shape[0]} "
+            raise MolrmogError(f"run {run}: {self.labels.shape[0]} cluster labels but {self.train.images.shape[0]} "
                              f"training images; the dataset changed since the run was trained")
         self.K = int(self.labels.max()) + 1
         self.class_conditional = cfg.clusters is None and self.train.labels is not None
         self.device = device
+        self._loaded: dict = {}
 
     def load(self, kind: str):
-        _, weights, names, vaes, experts = load_run(self.run, kind, self.device)
-        return weights, names, vaes, experts
+        if kind not in self._loaded:
+            _, weights, names, vaes, experts = load_run(self.run, kind, self.device)
+            self._loaded[kind] = (weights, names, vaes, experts)
+        return self._loaded[kind]
 
     @torch.no_grad()
     def latents(self, vae, k: int) -> Tensor:
@@ -147,13 +149,15 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
     """All metrics of a run's expert kinds (and the memorisation baseline and the test split);
     writes evaluation.json, evaluation.md and evaluation_samples.png into the run when `write`."""
     if samples < 2 or reference < 2:
-        raise ValueError("--samples and --reference must be >= 2")
+        raise MolrmogError("--samples and --reference must be >= 2")
     ctx = _Context(run, device)
     cfg = ctx.cfg
     kinds = list(kinds or cfg.experts)
     missing = [kd for kd in kinds if kd not in cfg.experts]
     if missing:
-        raise ValueError(f"run {run} has no {missing} experts (it trained {', '.join(cfg.experts)})")
+        raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(cfg.experts)})")
+    for kd in kinds:  # every artefact is read (and checked) before any work
+        ctx.load(kd)
     feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size,
                           channels=cfg.channels, data_dir=cfg.data_dir)
     per_cluster = math.ceil(samples / ctx.K)
@@ -187,6 +191,7 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
         row = _row(f, probs, imgs, ks if ctx.class_conditional else None, ref, opts)
         row.update({"parameters": n_params, "sample_images_per_second": imgs.shape[0] / secs})
         result["models"][name] = row
+        log.info("evaluate %s: %d samples in %.1f s, FID %.2f", name, imgs.shape[0], secs, row["fid"])
         feats[name] = (f, imgs.flatten(1))
         grids[name] = imgs.view(ctx.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
     for a, b in itertools.combinations(feats, 2):
@@ -199,10 +204,8 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
         result["pairs"][f"{a} vs {b}"] = pair
     if write:
         out = Path(run)
-        atomic_write(out / "evaluation.json", lambda p: Path(p).write_text(json.dumps(result, indent=2)))
-        atomic_write(out / "evaluation.md", lambda p: Path(p).write_text(evaluation_md(result)))
-        from .report import save_grid
-
+        write_json(out / "evaluation.json", result)
+        write_text(out / "evaluation.md", evaluation_md(result))
         panel = torch.cat([grids[n][:, :2].flatten(0, 1) for n in grids])
         save_grid(out / "evaluation_samples.png", panel, 2 * ctx.K)
     return result
@@ -269,9 +272,9 @@ def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.
     ctx = _Context(run, device)
     kinds = list(kinds or ctx.cfg.experts)
     if not 0 <= cluster < ctx.K:
-        raise ValueError(f"--cluster must lie in 0..{ctx.K - 1}, got {cluster}")
+        raise MolrmogError(f"--cluster must lie in 0..{ctx.K - 1}, got {cluster}")
     if points < 1 or not ts or any(not 0 < t <= 1 for t in ts):
-        raise ValueError("--points must be >= 1 and every t in (0, 1]")
+        raise MolrmogError("--points must be >= 1 and every t in (0, 1]")
     out = Path(out or Path(run) / "jacobian")
     out.mkdir(parents=True, exist_ok=True)
     rows, summary, spectra = [], {}, {}
@@ -299,10 +302,8 @@ def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.
                      for p in range(sv.shape[0]) for i, v in enumerate(sv[p].tolist())]
     res = {"run": str(run), "cluster": cluster, "tol": tol, "points": points, "ts": list(ts),
            "models": summary}
-    from .experiments.common import pyplot, write_csv
-
     write_csv(out / "jacobian.csv", rows)
-    atomic_write(out / "jacobian.json", lambda p: Path(p).write_text(json.dumps(res, indent=2)))
+    write_json(out / "jacobian.json", res)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(spectra), figsize=(3.6 * len(spectra), 3.3), squeeze=False, sharey=True)
     for ax, (name, per_t) in zip(axes[0], spectra.items(), strict=True):
@@ -314,6 +315,5 @@ def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("singular value of d x0_hat / d x_t")
     fig.tight_layout()
-    fig.savefig(out / "jacobian.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "jacobian.png", dpi=110)
     return res

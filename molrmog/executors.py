@@ -15,19 +15,17 @@ weights do not depend on the executor:
 Every task runs with the same number of intra-op threads, max(1, cpus // workers), set inside
 the task, so a given --workers gives bit-identical weights under either executor. A failing task
 is retried once (Ray: `max_retries` / `retry_exceptions`; local: resubmitted) -- except on bad
-input (ValueError), which is deterministic and raised as a ValueError naming the task; tasks that
-fail twice are reported by name in `TasksFailed` after every other task has finished, so their
-checkpoints and results stay and `--resume` skips them.
-
-Testing hook: MOLRMOG_FAIL_TASK=<task name> makes that task die once (MOLRMOG_FAIL_MODE=once,
-the default, with the marker file MOLRMOG_FAIL_MARKER recording the first death) or on every
-attempt (MOLRMOG_FAIL_MODE=always). On Ray the worker process is killed (os._exit), as a lost
-node would; locally the task raises.
+input (`MolrmogError`), which is deterministic and raised again naming the task; tasks that fail
+twice are reported by name in `TasksFailed` after every other task has finished, so their
+checkpoints and results stay and `--resume` skips them. Divergence (`TrainingDiverged`) is not
+retried either: the same seed diverges again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -35,10 +33,12 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .errors import MolrmogError, TrainingDiverged
+
 __all__ = ["Task", "Executor", "TasksFailed", "run_tasks", "EXECUTORS"]
 
+log = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
-FAULT_VARS = ("MOLRMOG_FAIL_TASK", "MOLRMOG_FAIL_MODE", "MOLRMOG_FAIL_MARKER")
 
 
 @dataclass
@@ -70,9 +70,9 @@ class Executor:
 
     def __post_init__(self):
         if self.kind not in EXECUTORS:
-            raise ValueError(f"unknown --executor {self.kind!r}; choose local or ray")
+            raise MolrmogError(f"unknown --executor {self.kind!r}; choose local or ray")
         if int(self.workers) < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise MolrmogError(f"--workers must be >= 1, got {self.workers}")
         if self.kind == "ray":
             _import_ray()
 
@@ -89,45 +89,29 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise ValueError("--executor ray needs Ray, which is an optional extra: pip install 'molrmog[ray]' "
+        raise MolrmogError("--executor ray needs Ray, which is an optional extra: pip install 'molrmog[ray]' "
                          "(or pip install ray); use --executor local otherwise") from None
     return ray
 
 
-def _fault_spec() -> dict:
-    return {k: os.environ[k] for k in FAULT_VARS if k in os.environ}
+class _Final(NamedTuple):
+    """A task stopped on bad input or diverged: deterministic, so it is reported, not retried."""
 
-
-def _maybe_fail(name: str, spec: dict, hard: bool) -> None:
-    if spec.get("MOLRMOG_FAIL_TASK") != name:
-        return
-    if spec.get("MOLRMOG_FAIL_MODE", "once") == "once":
-        marker = spec.get("MOLRMOG_FAIL_MARKER")
-        if not marker:
-            raise ValueError("MOLRMOG_FAIL_MODE=once needs MOLRMOG_FAIL_MARKER (a file path)")
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return  # died once already: run normally
-        os.close(fd)
-    if hard:
-        os._exit(17)  # the worker process dies mid-task, as on a lost node
-    raise RuntimeError(f"injected failure of task {name} (MOLRMOG_FAIL_TASK)")
-
-
-class _BadInput(NamedTuple):
-    """A task stopped on bad input (ValueError): deterministic, so it is reported, not retried."""
-
+    kind: str  # "input" or "diverged"
     message: str
 
 
-def _invoke(name: str, fn: Callable, args: tuple, kwargs: dict, threads: int, spec: dict, hard: bool):
+def _invoke(name: str, fn: Callable, args: tuple, kwargs: dict, threads: int):
     torch.set_num_threads(threads)
-    _maybe_fail(name, spec, hard)
+    t0 = time.perf_counter()
     try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        return _BadInput(str(e))
+        result = fn(*args, **kwargs)
+    except MolrmogError as e:
+        return _Final("input", str(e))
+    except TrainingDiverged as e:
+        return _Final("diverged", str(e))
+    log.debug("task %s done in %.1f s", name, time.perf_counter() - t0)
+    return result
 
 
 def run_tasks(tasks: list[Task], ex: Executor | None = None, *, progress: bool = True,
@@ -138,30 +122,33 @@ def run_tasks(tasks: list[Task], ex: Executor | None = None, *, progress: bool =
         return {}
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names}")
-    spec = _fault_spec()
+        raise MolrmogError(f"task names must be unique, got {names}")
     if ex.kind == "ray":
-        results, failures = _run_ray(tasks, ex, spec, progress, desc)
+        results, failures = _run_ray(tasks, ex, progress, desc)
     elif ex.workers > 1:
-        results, failures = _run_pool(tasks, ex, spec, progress, desc)
+        results, failures = _run_pool(tasks, ex, progress, desc)
     else:
-        results, failures = _run_here(tasks, ex, spec, progress, desc)
-    bad = {k: v.message for k, v in results.items() if isinstance(v, _BadInput)}
+        results, failures = _run_here(tasks, ex, progress, desc)
+    final = {k: v for k, v in results.items() if isinstance(v, _Final)}
+    bad = {k: v.message for k, v in final.items() if v.kind == "input"}
     if bad:  # bad input: the CLI's one-line error, exit 2 (finished tasks are kept all the same)
-        raise ValueError("; ".join(f"{k}: {v}" for k, v in bad.items()))
+        raise MolrmogError("; ".join(f"{k}: {v}" for k, v in bad.items()))
+    diverged = [v.message for v in final.values() if v.kind == "diverged"]
+    if diverged:
+        raise TrainingDiverged("; ".join(diverged))
     if failures:
         raise TasksFailed(failures, results)
     return results
 
 
-def _run_here(tasks, ex, spec, progress, desc):
+def _run_here(tasks, ex, progress, desc):
     results, failures = {}, {}
     old = torch.get_num_threads()
     try:
         for t in tqdm(tasks, desc=desc, disable=not progress or len(tasks) < 2, leave=False):
             for attempt in range(ex.retries + 1):
                 try:
-                    results[t.name] = _invoke(t.name, t.fn, t.args, t.kwargs, ex.threads, spec, False)
+                    results[t.name] = _invoke(t.name, t.fn, t.args, t.kwargs, ex.threads)
                     break
                 except KeyboardInterrupt:
                     raise
@@ -173,7 +160,7 @@ def _run_here(tasks, ex, spec, progress, desc):
     return results, failures
 
 
-def _run_pool(tasks, ex, spec, progress, desc):
+def _run_pool(tasks, ex, progress, desc):
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -183,7 +170,7 @@ def _run_pool(tasks, ex, spec, progress, desc):
     with ProcessPoolExecutor(max_workers=ex.workers, mp_context=mp.get_context("spawn")) as pool:
         def submit(t):
             attempts[t.name] += 1
-            return pool.submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads, spec, False)
+            return pool.submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads)
 
         pending = {submit(t): t.name for t in tasks}
         bar = tqdm(total=len(tasks), desc=desc, disable=not progress, leave=False)
@@ -204,7 +191,7 @@ def _run_pool(tasks, ex, spec, progress, desc):
     return results, failures
 
 
-def _run_ray(tasks, ex, spec, progress, desc):
+def _run_ray(tasks, ex, progress, desc):
     ray = _import_ray()
     if not ray.is_initialized():
         kw = {"address": ex.ray_address} if ex.ray_address else {"num_cpus": int(ex.workers)}
@@ -212,7 +199,7 @@ def _run_ray(tasks, ex, spec, progress, desc):
     gpus = 1 if str(ex.device).startswith("cuda") else 0
     remote = ray.remote(_invoke).options(num_cpus=1, num_gpus=gpus, max_retries=ex.retries,
                                          retry_exceptions=True)
-    refs = {remote.remote(t.name, t.fn, t.args, t.kwargs, ex.threads, spec, True): t.name for t in tasks}
+    refs = {remote.remote(t.name, t.fn, t.args, t.kwargs, ex.threads): t.name for t in tasks}
     results, failures = {}, {}
     bar = tqdm(total=len(tasks), desc=desc, disable=not progress, leave=False)
     pending = list(refs)

@@ -9,8 +9,9 @@
 - `MLPScore`: an unstructured MLP with a time embedding (baseline).
 
 Every model is called as `model(x, t) -> score` with t a scalar or (B,) tensor, has
-`denoise(x, t)`, and saves to / loads from a directory (`config.json` + `model.safetensors`):
-the constructor arguments are the config.
+`denoise(x, t)`, and is a diffusers model (`molrmog.artefacts.Model`): the constructor arguments
+are its config, `save_pretrained` / `from_pretrained` (or the checked `save` / `load`) write and
+read `config.json` + `diffusion_pytorch_model.safetensors`.
 """
 
 from __future__ import annotations
@@ -24,24 +25,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import mixture as mx
-from .io import Configurable, load_module
+from .artefacts import Model, register_to_config
+from .errors import MolrmogError
 from .schedules import get_schedule
 
-__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "LatentExpert",
-           "load_model",
-           "k_subspaces", "MODEL_CLASSES"]
+__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "load_model",
+           "k_subspaces"]
 
 
-class ScoreModel(Configurable):
-    """Base class: schedule handling, denoise; config, save_pretrained and loading from `Configurable`."""
+class ScoreModel(Model):
+    """Base class of every score model: schedule handling and the Tweedie denoiser.
 
-    def __init__(self, schedule="vp"):
-        super().__init__()
+    A subclass decorates its `__init__` with `@register_to_config` and calls `self._set_schedule`;
+    it is then a diffusers model: `save_pretrained` / `from_pretrained`, or the checked
+    `save` / `load` (`molrmog.artefacts`).
+    """
+
+    def _set_schedule(self, schedule) -> None:
         self.schedule = get_schedule(schedule)
-
-    @staticmethod
-    def _normalise_config(cfg: dict) -> dict:
-        return {**cfg, "schedule": get_schedule(cfg.get("schedule", "vp")).config()}
+        self.register_to_config(schedule=self.schedule.config())  # a JSON dict, whatever was passed
 
     def st(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         """(s_t, gamma_t) in x's dtype, shape () or (B,)."""
@@ -60,21 +62,23 @@ class ScoreModel(Configurable):
         s, g = (s, g) if s.ndim == 0 else (s[:, None], g[:, None])
         return (x + g**2 * self.score(x, t)) / s
 
+
 def _check_expert_dims(d: int, n: int, r: int) -> None:
     if int(d) < 1:
-        raise ValueError(f"latent dimension d must be >= 1, got {d}")
+        raise MolrmogError(f"latent dimension d must be >= 1, got {d}")
     if int(n) < 1:
-        raise ValueError(f"number of modes n_k must be >= 1, got {n}")
+        raise MolrmogError(f"number of modes n_k must be >= 1, got {n}")
     if not 1 <= int(r) <= int(d):
-        raise ValueError(f"rank r must satisfy 1 <= r <= d = {d}, got r = {r}; lower --r or raise --d")
+        raise MolrmogError(f"rank r must satisfy 1 <= r <= d = {d}, got r = {r}; lower --r or raise --d")
 
 
-class MoGExpert(ScoreModel):
-    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,)."""
+class _MixtureExpert(ScoreModel):
+    """A mixture of n low-rank Gaussians in a d-dim latent (shared by `MoGExpert` and `GaussianExpert`):
+    means mu (n, d), factors U (n, d, r), mode logits (n,); its score is `mixture.score`."""
 
-    def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
-                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0):
-        super().__init__(schedule)
+    def _setup(self, d: int, n: int, r: int | None, schedule, init_scale: float, learn_means: bool,
+               learn_weights: bool, seed: int) -> None:
+        self._set_schedule(schedule)
         r = d if r is None else r
         _check_expert_dims(d, n, r)
         self.d, self.n, self.r = int(d), int(n), int(r)
@@ -105,13 +109,13 @@ class MoGExpert(ScoreModel):
         return mx.score(self.mixture(), z, *self.st(z, t))
 
     @torch.no_grad()
-    def init_from_data(self, z: Tensor, seed: int = 0) -> MoGExpert:
+    def init_from_data(self, z: Tensor, seed: int = 0) -> _MixtureExpert:
         """Data-driven start: k-means++ means, local PCA factors, cluster fractions as weights."""
         from sklearn.cluster import KMeans
 
         z = torch.as_tensor(z)
         if z.ndim != 2 or z.shape[1] != self.d or z.shape[0] < 1:
-            raise ValueError(f"init data must have shape (N >= 1, d = {self.d}), got {tuple(z.shape)}")
+            raise MolrmogError(f"init data must have shape (N >= 1, d = {self.d}), got {tuple(z.shape)}")
         zn = z.detach().double().cpu().numpy()
         if self.n > 1 and isinstance(self.mu, nn.Parameter):
             k = min(self.n, zn.shape[0])
@@ -142,43 +146,56 @@ class MoGExpert(ScoreModel):
         return self
 
 
-class GaussianExpert(MoGExpert):
+class MoGExpert(_MixtureExpert):
+    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,)."""
+
+    @register_to_config
+    def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
+                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0):
+        super().__init__()
+        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed)
+
+
+class GaussianExpert(_MixtureExpert):
     """MoLRG expert: one zero-mean Gaussian N(0, U U^T) in the latent; its score is linear in z."""
 
+    @register_to_config
     def __init__(self, d: int, r: int | None = None, schedule="vp", init_scale: float = 1.0, seed: int = 0,
                  learn_factors: bool = True):
-        super().__init__(d, 1, r, schedule, init_scale, learn_means=False, learn_weights=False, seed=seed)
+        super().__init__()
+        self._setup(d, 1, r, schedule, init_scale, learn_means=False, learn_weights=False, seed=seed)
         if not learn_factors:  # the MoLRG parameterisation of the theory: U = I_d, only A_k is learnt
             if self.r != self.d:
-                raise ValueError(f"learn_factors=False fixes U = I and needs r = d, got r = {self.r}")
+                raise MolrmogError(f"learn_factors=False fixes U = I and needs r = d, got r = {self.r}")
             del self.U
             self.register_buffer("U", torch.eye(self.d)[None])
 
 
 class MoEScore(ScoreModel):
-    """Mixture-of-experts score in R^D: K MoG (or Gaussian) experts on orthonormal subspaces A_k.
+    """Mixture-of-experts score in R^D: K MoG experts (or, with gaussian=True, one zero-mean Gaussian each:
+    MoLRG) on orthonormal subspaces A_k.
 
     A_k = Q(W_k) from a QR factorisation (sign-fixed), so A_k^T A_k = I holds exactly; the
     subspace weights w_k are learnable logits. The score is `mixture.score` of the stacked
     parameters: gating by closed-form responsibilities.
     """
 
+    @register_to_config
     def __init__(self, D: int, K: int, d: int, n: int = 2, r: int | None = None, schedule="vp",
-                 expert: str = "mog", init_scale: float = 1.0, seed: int = 0, learn_factors: bool = True):
-        super().__init__(schedule)
+                 gaussian: bool = False, init_scale: float = 1.0, seed: int = 0, learn_factors: bool = True):
+        super().__init__()
+        self._set_schedule(schedule)
         r = d if r is None else r
         if int(K) < 1:
-            raise ValueError(f"K (number of experts) must be >= 1, got {K}")
+            raise MolrmogError(f"K (number of experts) must be >= 1, got {K}")
         if int(d) > int(D):
-            raise ValueError(f"latent d = {d} must not exceed the ambient D = {D}")
-        if expert not in ("mog", "gaussian"):
-            raise ValueError(f"expert must be 'mog' or 'gaussian', got {expert!r}")
+            raise MolrmogError(f"latent d = {d} must not exceed the ambient D = {D}")
         _check_expert_dims(d, n, r)
         self.D, self.K, self.d = int(D), int(K), int(d)
         g = torch.Generator().manual_seed(seed)
         self.W = nn.Parameter(torch.randn(K, D, d, generator=g))
         self.logit_w = nn.Parameter(torch.zeros(K))
-        make = (lambda k: MoGExpert(d, n, r, schedule, init_scale, seed=seed + 1 + k)) if expert == "mog" \
+        make = (lambda k: MoGExpert(d, n, r, schedule, init_scale, seed=seed + 1 + k)) if not gaussian \
             else (lambda k: GaussianExpert(d, r, schedule, init_scale, seed=seed + 1 + k,
                                            learn_factors=learn_factors))
         self.experts = nn.ModuleList([make(k) for k in range(K)])
@@ -206,7 +223,7 @@ class MoEScore(ScoreModel):
         """Data-driven start: K-subspaces clustering for A_k, then each expert's own data-driven init."""
         x = torch.as_tensor(x)
         if x.ndim != 2 or x.shape[1] != self.D or x.shape[0] < 1:
-            raise ValueError(f"init data must have shape (N >= 1, D = {self.D}), got {tuple(x.shape)}")
+            raise MolrmogError(f"init data must have shape (N >= 1, D = {self.D}), got {tuple(x.shape)}")
         bases, labels = k_subspaces(x, self.K, self.d, seed=seed, restarts=restarts)
         self.W.copy_(bases.to(self.W.dtype))
         counts = torch.bincount(labels, minlength=self.K).double()
@@ -274,11 +291,13 @@ def k_subspaces(x: Tensor, K: int, d: int, seed: int = 0, restarts: int = 5, ite
 class MLPScore(ScoreModel):
     """Unstructured baseline: an MLP eps-predictor with a Fourier time embedding; score = -eps / gamma."""
 
+    @register_to_config
     def __init__(self, D: int, hidden: int = 256, depth: int = 3, emb: int = 32, schedule="vp",
                  data_std: float = 1.0, seed: int = 0):
-        super().__init__(schedule)
+        super().__init__()
+        self._set_schedule(schedule)
         if int(D) < 1 or int(hidden) < 1 or int(depth) < 1:
-            raise ValueError(f"D, hidden and depth must be >= 1, got {D}, {hidden}, {depth}")
+            raise MolrmogError(f"D, hidden and depth must be >= 1, got {D}, {hidden}, {depth}")
         self.D, self.data_std = int(D), float(data_std)
         self.register_buffer("freqs", torch.randn(emb // 2, generator=torch.Generator().manual_seed(seed)))
         with torch.random.fork_rng():  # seeded weights without touching the global RNG
@@ -310,9 +329,11 @@ class UNetScore(ScoreModel):
     at large t the network's error is scaled away, so the long VP horizon does not amplify it.
     Without it (old runs) the raw network output is eps."""
 
+    @register_to_config
     def __init__(self, latent=(2, 4, 4), width: int = 32, schedule="vp", seed: int = 0,
-                 precondition: bool = False):
-        super().__init__(schedule)
+                 precondition: bool = True):
+        super().__init__()
+        self._set_schedule(schedule)
         from diffusers import UNet2DModel
 
         self.precondition = bool(precondition)
@@ -344,43 +365,6 @@ class UNetScore(ScoreModel):
         return -eps / g[:, None]
 
 
-class LatentExpert(ScoreModel):
-    """A latent expert of one cluster: standardisation u = (z - shift) / scale stored with it, and a
-    score model in u: kind 'mog' (MoGExpert), 'gaussian' (GaussianExpert) or 'unet' (UNetScore)."""
-
-    KINDS = ("mog", "gaussian", "unet")
-
-    def __init__(self, kind: str = "mog", latent=(2, 4, 4), modes: int = 10, rank: int = 4, width: int = 32,
-                 schedule="vp", seed: int = 0, precondition: bool = False):
-        super().__init__(schedule)
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown expert kind {kind!r}; choose from {', '.join(self.KINDS)}")
-        self.kind, self.latent = kind, tuple(int(v) for v in latent)
-        d = math.prod(self.latent)
-        if kind == "mog":
-            self.net = MoGExpert(d, modes, rank, schedule, seed=seed)
-        elif kind == "gaussian":
-            self.net = GaussianExpert(d, rank, schedule, seed=seed)
-        else:
-            self.net = UNetScore(self.latent, width, schedule, seed=seed, precondition=precondition)
-        self.register_buffer("shift", torch.zeros(d))
-        self.register_buffer("scale", torch.ones(d))
-
-    def standardise(self, z: Tensor) -> Tensor:
-        return (z.flatten(1) - self.shift) / self.scale
-
-    def unstandardise(self, u: Tensor) -> Tensor:
-        return u * self.scale + self.shift
-
-    def score(self, u: Tensor, t) -> Tensor:
-        """Score in standardised latent coordinates u."""
-        return self.net(u, t)
-
-
-MODEL_CLASSES = {c.__name__: c for c in (MoGExpert, GaussianExpert, MoEScore, MLPScore, UNetScore,
-                                            LatentExpert)}
-
-
 def load_model(directory: str | os.PathLike) -> ScoreModel:
-    """Rebuild a model saved with `save_pretrained`."""
-    return load_module(directory, "model")
+    """Rebuild any score model saved with `save` / `save_pretrained` (checked; see `molrmog.artefacts`)."""
+    return ScoreModel.load(directory, "score model")

@@ -12,7 +12,7 @@ Cache: --cache DIR, else $MOLRMOG_CACHE, else ~/.cache/molrmog; one folder per d
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,23 +21,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .artefacts import Model, is_saved, register_to_config, write_json
 from .data import ImageData, load_dataset
-from .io import Configurable, atomic_write, load_module
+from .errors import MolrmogError
 from .train import fit
 
 __all__ = ["Featurizer", "train_featurizer", "get_featurizer", "featurizer_dir", "FEATURIZER_DEFAULTS"]
+
+log = logging.getLogger(__name__)
 
 # steps at batch 128; digits: ~50 epochs of 1438 images, Fashion-MNIST: ~5 epochs of 60k
 FEATURIZER_DEFAULTS = {"digits": 600, "fashion-mnist": 2500}
 
 
-class Featurizer(Configurable):
-    """conv32-[pool]-conv64-pool-conv64-avgpool(4x4)-fc(features)-fc(classes), batch-normalised."""
+class Featurizer(Model):
+    """conv32-[pool]-conv64-pool-conv64-avgpool(4x4)-fc(features)-fc(classes), batch-normalised.
 
+    Its weights are initialised from the global RNG (like any torch module): `train_featurizer`
+    seeds it inside a forked RNG state."""
+
+    @register_to_config
     def __init__(self, image_shape=(1, 28, 28), classes: int = 10, features: int = 128, width: int = 32,
                  seed: int = 0):
         super().__init__()
-        torch.manual_seed(seed)
         C = image_shape[0]
         w = width
         self.image_shape = tuple(int(v) for v in image_shape)
@@ -55,11 +61,11 @@ class Featurizer(Configurable):
 
     def check_images(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}) for this "
+            raise MolrmogError(f"images must have shape (N, {', '.join(map(str, self.image_shape))}) for this "
                              f"featurizer, got {tuple(x.shape)}; resize them or train a featurizer for "
                              f"this image size")
         if not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or Inf")
+            raise MolrmogError("images contain NaN or Inf")
         return x
 
     def features(self, x: Tensor) -> Tensor:
@@ -113,17 +119,16 @@ def train_featurizer(dataset: str, *, cache: str | os.PathLike | None = None, st
                      limit: int | None = None, force: bool = False) -> Featurizer:
     """Train (or resume, or load when finished) the featurizer of a labelled dataset."""
     out = featurizer_dir(dataset, cache)
-    if not force and (out / "model.safetensors").is_file():
-        return load_module(out, "featurizer").to(device)
+    if not force and is_saved(out):
+        return Featurizer.load(out, "featurizer", device)
     kw = _dataset_kwargs(size, channels, data_dir)
     train = load_dataset(dataset, split="train", limit=limit, **kw)
     test = load_dataset(dataset, split="test", **kw)
     if train.labels is None:
-        raise ValueError(f"{dataset} has no labels; a featurizer is a classifier and needs class sub-folders")
+        raise MolrmogError(f"{dataset} has no labels; a featurizer is a classifier and needs class sub-folders")
     steps = int(steps or FEATURIZER_DEFAULTS.get(dataset, 2000))
     if steps < 1 or batch < 1:
-        raise ValueError("featurizer --steps and --batch must be >= 1")
-    model = Featurizer(train.shape, len(train.classes) or int(train.labels.max()) + 1, seed=seed).to(device)
+        raise MolrmogError("featurizer --steps and --batch must be >= 1")
     x, y = train.images, train.labels
 
     def loss_fn(m, gen):
@@ -136,16 +141,20 @@ def train_featurizer(dataset: str, *, cache: str | os.PathLike | None = None, st
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device))
 
     t0 = time.perf_counter()
-    model.train()
-    fit(model, loss_fn, steps=steps, lr=lr, optimizer="adamw", weight_decay=1e-4, seed=seed,
-        lr_schedule="cosine", progress=progress, desc=f"featurizer {dataset}",
-        checkpoint_dir=out / "checkpoint", checkpoint_every=200)
+    with torch.random.fork_rng(devices=[]):  # initial weights and dropout from `seed`, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = Featurizer(train.shape, len(train.classes) or int(train.labels.max()) + 1, seed=seed).to(device)
+        model.train()
+        fit(model, loss_fn, steps=steps, lr=lr, optimizer="adamw", weight_decay=1e-4, seed=seed,
+            lr_schedule="cosine", progress=progress, desc=f"featurizer {dataset}",
+            checkpoint_dir=out / "checkpoint", checkpoint_every=200)
     acc = accuracy(model, test)
     model.test_accuracy.fill_(acc)
-    model.save_pretrained(out)
+    model.save(out)
     info = {"dataset": dataset, "test_accuracy": acc, "test_images": int(test.images.shape[0]),
             "train_images": int(x.shape[0]), "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write(out / "featurizer.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))
+    write_json(out / "featurizer.json", info)
+    log.info("featurizer for %s: test accuracy %.4f after %d steps in %.1f s", dataset, acc, steps, info["seconds"])
     return model.eval()
 
 
@@ -153,10 +162,10 @@ def get_featurizer(dataset: str, cache: str | os.PathLike | None = None, device:
                    train_if_missing: bool = True, progress: bool = True, **kwargs) -> Featurizer:
     """The cached featurizer of a dataset; trained first (with a message) when there is none."""
     out = featurizer_dir(dataset, cache)
-    if (out / "model.safetensors").is_file():
-        return load_module(out, "featurizer").to(device).eval()
+    if is_saved(out):
+        return Featurizer.load(out, "featurizer", device).eval()
     if not train_if_missing:
-        raise ValueError(f"no featurizer for {dataset} in {out}; train it once with "
-                         f"`molrmog featurizer --dataset {dataset}`")
-    print(f"molrmog: no featurizer for {dataset} in {out}; training it now (once)")
+        raise MolrmogError(f"no featurizer for {dataset} in {out}; train it once with "
+                           f"`molrmog featurizer --dataset {dataset}`")
+    log.info("no featurizer for %s in %s; training it now (once)", dataset, out)
     return train_featurizer(dataset, cache=cache, device=device, progress=progress, **kwargs)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import MolrmogError
 from .schedules import Schedule
 
 __all__ = ["sample_times", "dsm_loss", "T_DISTRIBUTIONS"]
@@ -20,15 +21,15 @@ def sample_times(schedule: Schedule, n: int, dist: str = "uniform", generator=No
     lo = schedule.t_min if t_min is None else t_min
     hi = schedule.t_max if t_max is None else t_max
     if not lo < hi:
-        raise ValueError(f"t_min ({lo}) must be smaller than T ({hi})")
+        raise MolrmogError(f"t_min ({lo}) must be smaller than T ({hi})")
     u = torch.rand(n, generator=generator, dtype=torch.float64)
     if dist == "uniform":
         return lo + (hi - lo) * u
     if dist == "log":
         if lo <= 0:
-            raise ValueError("log-uniform times need t_min > 0")
+            raise MolrmogError("log-uniform times need t_min > 0")
         return torch.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u)
-    raise ValueError(f"unknown time distribution {dist!r}; choose one of {T_DISTRIBUTIONS}")
+    raise MolrmogError(f"unknown time distribution {dist!r}; choose one of {T_DISTRIBUTIONS}")
 
 
 def dsm_loss(model, x0: Tensor, schedule: Schedule, *, generator=None, t_dist: str = "uniform",

@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .errors import MolrmogError
+
 __all__ = ["energy_distance", "sliced_w2", "mode_weight_error", "subspace_distance", "score_error",
            "fid", "kid", "precision_recall", "class_score", "cosine_similarity", "reproducibility_score",
            "generalisation_score", "pf_distance"]
@@ -22,11 +24,11 @@ __all__ = ["energy_distance", "sliced_w2", "mode_weight_error", "subspace_distan
 def _check_pair(x: Tensor, y: Tensor) -> None:
     for name, v in (("x", x), ("y", y)):
         if v.ndim != 2:
-            raise ValueError(f"{name} must have shape (N, D), got {tuple(v.shape)}")
+            raise MolrmogError(f"{name} must have shape (N, D), got {tuple(v.shape)}")
         if not torch.isfinite(v).all():
-            raise ValueError(f"{name} contains NaN or Inf")
+            raise MolrmogError(f"{name} contains NaN or Inf")
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
+        raise MolrmogError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -80,19 +82,19 @@ def score_error(score_fn, true_score_fn, x: Tensor, t: Tensor, gamma: Tensor) ->
 def _check_features(name: str, f: Tensor, min_rows: int = 2) -> Tensor:
     if not isinstance(f, Tensor) or f.ndim != 2:
         shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-        raise ValueError(f"{name} must be a feature matrix of shape (N, F), got {shape}; embed images "
+        raise MolrmogError(f"{name} must be a feature matrix of shape (N, F), got {shape}; embed images "
                          f"with Featurizer.embed first")
     if f.shape[0] < min_rows:
-        raise ValueError(f"{name} needs at least {min_rows} rows, got {f.shape[0]}")
+        raise MolrmogError(f"{name} needs at least {min_rows} rows, got {f.shape[0]}")
     if not torch.isfinite(f).all():
-        raise ValueError(f"{name} contains NaN or Inf (did sampling diverge?)")
+        raise MolrmogError(f"{name} contains NaN or Inf (did sampling diverge?)")
     return f.double().cpu()
 
 
 def _check_features_pair(a: Tensor, b: Tensor, names=("real", "fake"), min_rows: int = 2):
     a, b = _check_features(names[0], a, min_rows), _check_features(names[1], b, min_rows)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{names[0]} and {names[1]} features differ in width: {a.shape[1]} vs {b.shape[1]}")
+        raise MolrmogError(f"{names[0]} and {names[1]} features differ in width: {a.shape[1]} vs {b.shape[1]}")
     return a, b
 
 
@@ -157,12 +159,12 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> dict:
 def class_score(probs: Tensor, intended: Tensor) -> float:
     """Mean classifier probability of the intended class (offline counterpart of a CLIP score)."""
     if probs.ndim != 2 or intended.ndim != 1 or probs.shape[0] != intended.shape[0]:
-        raise ValueError(f"probs must be (N, classes) and intended (N,), got {tuple(probs.shape)} and "
+        raise MolrmogError(f"probs must be (N, classes) and intended (N,), got {tuple(probs.shape)} and "
                          f"{tuple(intended.shape)}")
     if not torch.isfinite(probs).all():
-        raise ValueError("probs contains NaN or Inf")
+        raise MolrmogError("probs contains NaN or Inf")
     if intended.min() < 0 or intended.max() >= probs.shape[1]:
-        raise ValueError(f"intended classes must lie in 0..{probs.shape[1] - 1}")
+        raise MolrmogError(f"intended classes must lie in 0..{probs.shape[1] - 1}")
     return float(probs.double().gather(1, intended.long()[:, None]).mean())
 
 
@@ -181,7 +183,7 @@ def reproducibility_score(a: Tensor, b: Tensor, threshold: float = 0.6, center: 
     whose feature cosine similarity exceeds `threshold`, and the mean similarity."""
     a, b = _check_features_pair(a, b, ("a", "b"), min_rows=1)
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"paired samples must have the same count, got {a.shape[0]} and {b.shape[0]}")
+        raise MolrmogError(f"paired samples must have the same count, got {a.shape[0]} and {b.shape[0]}")
     if center is not None:
         a, b = a - center.double(), b - center.double()
     sim = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
@@ -200,5 +202,5 @@ def pf_distance(a: Tensor, b: Tensor) -> float:
     """RMS feature distance between paired probability-flow outputs of two models (shared noise)."""
     a, b = _check_features_pair(a, b, ("a", "b"), min_rows=1)
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"paired samples must have the same count, got {a.shape[0]} and {b.shape[0]}")
+        raise MolrmogError(f"paired samples must have the same count, got {a.shape[0]} and {b.shape[0]}")
     return float(((a - b) ** 2).sum(1).mean().sqrt())

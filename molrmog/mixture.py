@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .errors import MolrmogError, NumericalError
+
 __all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities"]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -84,20 +86,20 @@ class Mixture:
         """Raise ValueError when the padded tensors do not fit together."""
         K, L, d, r = self.U.shape if self.U.ndim == 4 else (None,) * 4
         if self.U.ndim != 4:
-            raise ValueError(f"U must have shape (K, L, d, r), got {tuple(self.U.shape)}")
+            raise MolrmogError(f"U must have shape (K, L, d, r), got {tuple(self.U.shape)}")
         if self.mu.shape != (K, L, d):
-            raise ValueError(f"mu must have shape (K, L, d) = {(K, L, d)}, got {tuple(self.mu.shape)}")
+            raise MolrmogError(f"mu must have shape (K, L, d) = {(K, L, d)}, got {tuple(self.mu.shape)}")
         if self.log_pi.shape != (K, L):
-            raise ValueError(f"log_pi must have shape (K, L) = {(K, L)}, got {tuple(self.log_pi.shape)}")
+            raise MolrmogError(f"log_pi must have shape (K, L) = {(K, L)}, got {tuple(self.log_pi.shape)}")
         if self.log_w.shape != (K,):
-            raise ValueError(f"log_w must have shape (K,) = {(K,)}, got {tuple(self.log_w.shape)}")
+            raise MolrmogError(f"log_w must have shape (K,) = {(K,)}, got {tuple(self.log_w.shape)}")
         if self.A is None:
             if K != 1:
-                raise ValueError(f"A = None (identity) needs K = 1 subspace, got K = {K}")
+                raise MolrmogError(f"A = None (identity) needs K = 1 subspace, got K = {K}")
         elif self.A.ndim != 3 or self.A.shape[0] != K or self.A.shape[2] != d:
-            raise ValueError(f"A must have shape (K, D, d) = ({K}, D, {d}), got {tuple(self.A.shape)}")
+            raise MolrmogError(f"A must have shape (K, D, d) = ({K}, D, {d}), got {tuple(self.A.shape)}")
         elif self.A.shape[1] < d:
-            raise ValueError(f"A must have D >= d, got D = {self.A.shape[1]} < d = {d}")
+            raise MolrmogError(f"A must have D >= d, got D = {self.A.shape[1]} < d = {d}")
 
 
 class Posterior(NamedTuple):
@@ -117,7 +119,7 @@ def _per_sample(v: Tensor | float, x: Tensor) -> Tensor:
     """s or gamma as a tensor of shape () or (B,), in x's dtype/device."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
     if v.ndim > 1 or (v.ndim == 1 and v.shape[0] not in (1, x.shape[0])):
-        raise ValueError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(v.shape)}")
+        raise MolrmogError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(v.shape)}")
     return v.reshape(()) if v.numel() == 1 else v
 
 
@@ -152,9 +154,9 @@ def _capacitance(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
     s2 = sigma2 if sigma2.ndim == 0 else sigma2[:, None, None, None, None]
     chol, info = torch.linalg.cholesky_ex(s2 * eye + UtU)
     if bool((info != 0).any()):
-        raise ValueError(
+        raise NumericalError(
             "capacitance matrix sigma^2 I + U^T U is not positive definite at this t "
-            "(sigma too small for the dtype); use float64 or a larger t_min"
+            "(sigma too small for the dtype, or non-finite U); use float64 or a larger t_min"
         )
     logdet_M = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     logdet = logdet_M - mix.r * torch.log(sigma2 if sigma2.ndim == 0 else sigma2[:, None, None])
@@ -175,7 +177,7 @@ def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float)
     """
     s, gamma = _per_sample(s, x), _per_sample(gamma, x)
     if bool((gamma <= 0).any()):
-        raise ValueError("gamma_t must be > 0 for the noised mixture; use t > 0")
+        raise MolrmogError("gamma_t must be > 0 for the noised mixture; use t > 0")
     rows = max(64, BLOCK_ELEMENTS // (mix.K * mix.L * (mix.r + 1)))
     if x.shape[0] <= rows:
         return _posterior_block(mix, x, s, gamma)
@@ -271,7 +273,7 @@ def log_prob_clean(mix: Mixture, x: Tensor) -> Tensor:
     -1/2 [ ||M0^{-1} U^T v||^2 + D log 2 pi + log det M0 ], M0 = U^T U, v = A^T x - mu.
     """
     if mix.r != mix.D or mix.d != mix.D:
-        raise ValueError(
+        raise MolrmogError(
             f"p_0 lives on a union of subspaces (latent d = {mix.d}, rank r = {mix.r}, ambient "
             f"D = {mix.D}) and has no density in R^D; evaluate log_prob at t > 0 instead"
         )
@@ -281,7 +283,7 @@ def log_prob_clean(mix: Mixture, x: Tensor) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(M0)
     valid = torch.isfinite(mix.log_pi)
     if bool((info[valid] != 0).any()):
-        raise ValueError("p_0 has a singular covariance (U U^T not invertible); evaluate at t > 0")
+        raise MolrmogError("p_0 has a singular covariance (U U^T not invertible); evaluate at t > 0")
     y = torch.einsum("bkld,kldr->bklr", v, mix.U)
     sol = torch.cholesky_solve(y[..., None], chol).squeeze(-1)
     logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)

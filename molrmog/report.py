@@ -1,67 +1,88 @@
-"""The report of a finished run: loss table and curves, sample grids per expert kind, report.md/json."""
+"""The report of a trained run: loss table and curves, sample grids per expert kind, report.md/json."""
 
 from __future__ import annotations
 
-import json
-import math
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from .data import load_dataset
-from .io import atomic_write, load_module
-from .pipeline import RunConfig, _task_done, load_config, load_run, sample_loaded
+from .artefacts import read_json
+from .kinds import get_kind
+from .layouts import get_layout
+from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
+from .pipeline import load_config, load_run, load_run_data, run_labels, sample_loaded
 
-__all__ = ["finish_run", "save_grid"]
+__all__ = ["finish_run", "read_logs", "train_seconds"]
+
+log = logging.getLogger(__name__)
 
 
-def finish_run(out: Path) -> dict:
-    """Loss table and curves, sample grids per expert kind, and report.md / report.json."""
+def read_logs(out: Path) -> dict[str, dict]:
+    """{task: {"loss": [...], "seconds": s}} of every finished stage of a run."""
+    return {p.stem: read_json(p, "training log") for p in sorted((Path(out) / "logs").glob("*.json"))}
+
+
+def train_seconds(out: Path, kind: str) -> float:
+    return sum(lg["seconds"] for name, lg in read_logs(out).items() if name.startswith(f"{kind}-"))
+
+
+def finish_run(out: str | Path) -> dict:
+    """Loss table and curves, sample grids per expert kind, and report.md / report.json of a trained run."""
+    out = Path(out)
+    t0 = time.perf_counter()
     cfg = load_config(out)
-    logs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "logs").glob("*.json"))}
-    rows = [{"task": name, "step": i, "loss": v}
-            for name, lg in logs.items() for i, v in enumerate(lg["loss"])]
-    with open(out / "losses.csv", "w") as f:
-        f.write("task,step,loss\n")
-        f.writelines(f"{r['task']},{r['step']},{r['loss']}\n" for r in rows)
+    logs = read_logs(out)
+    rows = [{"task": name, "step": i, "loss": v} for name, lg in logs.items() for i, v in enumerate(lg["loss"])]
+    write_csv(out / "losses.csv", rows or [{"task": "", "step": 0, "loss": 0.0}])
     _loss_plot(out / "loss_curves.png", logs, cfg.experts)
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit, size=cfg.size,
-                        channels=cfg.channels, skip_bad=cfg.skip_bad)
-    labels = load_file(str(out / "clusters.safetensors"))["labels"]
-    K = int(labels.max()) + 1
+    labels, weights, _ = run_labels(out)
+    K = weights.numel()
+    data = load_run_data(cfg)
     m = cfg.samples_per_class
     if all((labels == k).sum() >= m for k in range(K)):
         real = torch.cat([data.images[(labels == k).nonzero().flatten()[:m]] for k in range(K)])
         save_grid(out / "samples_data.png", real, m)
-    report = {"dataset": cfg.dataset, "vae": cfg.vae, "clusters": K, "latent": cfg.latent, "experts": {}}
-    vae_params = sum(load_module(p, "VAE").num_parameters() for p in sorted((out / "vae").iterdir())
-                     if _task_done(p))
-    report["vae_parameters_total"] = vae_params
+    vaes = get_layout(cfg.vae).load(out, K, cfg.device)
+    report = {"dataset": cfg.dataset, "vae": cfg.vae, "clusters": K, "latent": list(cfg.latent), "experts": {},
+              "vae_parameters_total": _vae_parameters(vaes)}
     for kind in cfg.experts:
         _, weights, _, vaes, experts = load_run(out, kind, cfg.device)
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         imgs = torch.cat([sample_loaded(weights, vaes, experts, m, k, cfg.sampler, cfg.sample_steps,
                                         cfg.seed + k, cfg.device)[0] for k in range(K)])
-        sample_s = time.perf_counter() - t0
+        sample_s = time.perf_counter() - t1
         save_grid(out / f"samples_{kind}.png", imgs, m)
-        train_s = sum(lg["seconds"] for name, lg in logs.items() if name.startswith(f"{kind}-"))
-        steps = sum(len(lg["loss"]) for name, lg in logs.items() if name.startswith(f"{kind}-"))
+        mine = {n: lg for n, lg in logs.items() if n.startswith(f"{kind}-")}
+        train_s = sum(lg["seconds"] for lg in mine.values())
+        steps = sum(len(lg["loss"]) for lg in mine.values())
         report["experts"][kind] = {
+            "label": get_kind(kind).label,
             "parameters_per_expert": experts[0].net.num_parameters(),
             "parameters_total": sum(e.net.num_parameters() for e in experts),
             "train_seconds": round(train_s, 2),
             "train_steps_per_second": round(steps / train_s, 2) if train_s else None,
             "sample_images_per_second": round(imgs.shape[0] / sample_s, 2),
         }
-    atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
-    atomic_write(out / "report.md", lambda p: Path(p).write_text(_report_md(report, cfg)))
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", _report_md(report, cfg))
+    log.info("report of %s written in %.1f s", out, time.perf_counter() - t0)
     return report
 
 
-def _report_md(report: dict, cfg: RunConfig) -> str:
+def _vae_parameters(vaes) -> int:
+    seen, total = set(), 0
+    for v in vaes:
+        v = getattr(v, "vae", v)  # a cluster view of a shared VAE
+        if id(v) not in seen:
+            seen.add(id(v))
+            total += sum(p.numel() for p in v.parameters())
+    return total
+
+
+def _report_md(report: dict, cfg) -> str:
     lines = [f"# molrmog run: {cfg.dataset}, {cfg.vae} VAEs, latent {'x'.join(map(str, cfg.latent))}, "
              f"{report['clusters']} clusters", "",
              f"VAE parameters (all clusters): {report['vae_parameters_total']:,}", "",
@@ -76,34 +97,13 @@ def _report_md(report: dict, cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def save_grid(path: Path, images: torch.Tensor, per_row: int, scale: int = 4) -> None:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid."""
-    from PIL import Image
-
-    N, C, H, W = images.shape
-    rows = math.ceil(N / per_row)
-    grid = np.ones((rows * (H + 1) + 1, per_row * (W + 1) + 1, C), dtype=np.float32)
-    arr = images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    for i in range(N):
-        r, c = divmod(i, per_row)
-        grid[1 + r * (H + 1): 1 + r * (H + 1) + H, 1 + c * (W + 1): 1 + c * (W + 1) + W] = arr[i]
-    arr8 = (grid * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr8[..., 0] if C == 1 else arr8)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
-
-
 def _loss_plot(path: Path, logs: dict, kinds) -> None:
-    from .experiments.common import pyplot
-
     plt = pyplot()
-    groups = [("vae", "VAE")] + [(k, f"{k} expert") for k in kinds]
+    groups = [("vae", "VAE")] + [(k, get_kind(k).label) for k in kinds]
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
     for ax, (prefix, title) in zip(axes[0], groups, strict=True):
         for name, lg in logs.items():
-            if name.startswith(prefix + "-"):
+            if name.startswith(prefix + "-") and lg["loss"]:
                 y = np.asarray(lg["loss"])
                 w = max(1, len(y) // 30)
                 ax.plot(np.convolve(y, np.ones(w) / w, mode="valid"), lw=0.8)
@@ -111,5 +111,4 @@ def _loss_plot(path: Path, logs: dict, kinds) -> None:
         ax.set_xlabel("step")
         ax.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import MolrmogError
 from .schedules import Schedule
 
 __all__ = ["sample_euler", "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_euler_maruyama",
@@ -40,9 +41,9 @@ def tweedie(score: ScoreFn, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
 
 def _steps(ts: Tensor, progress: bool, name: str):
     if ts.ndim != 1 or ts.numel() < 2:
-        raise ValueError(f"ts must be a 1-D grid with at least 2 times, got shape {tuple(ts.shape)}")
+        raise MolrmogError(f"ts must be a 1-D grid with at least 2 times, got shape {tuple(ts.shape)}")
     if not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError("ts must be strictly decreasing (from t_max to t_min)")
+        raise MolrmogError("ts must be strictly decreasing (from t_max to t_min)")
     return tqdm(range(ts.numel() - 1), desc=name, disable=not progress, leave=False)
 
 
@@ -133,7 +134,7 @@ SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "ddim": sample_ddim,
 
 def get_sampler(name: str):
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+        raise MolrmogError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]
 
 

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import MolrmogError
+
 __all__ = [
     "Schedule",
     "VPSchedule",
@@ -29,7 +31,12 @@ __all__ = [
 
 
 def _t(t: Tensor | float) -> Tensor:
-    return t if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
+    if isinstance(t, Tensor):
+        return t
+    try:
+        return torch.tensor(float(t), dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise MolrmogError(f"t must be a number or a tensor of times, got {t!r}") from None
 
 
 class Schedule:
@@ -39,9 +46,9 @@ class Schedule:
 
     def __init__(self, t_min: float, t_max: float):
         if not (math.isfinite(t_min) and math.isfinite(t_max)):
-            raise ValueError(f"schedule range must be finite, got [{t_min}, {t_max}]")
+            raise MolrmogError(f"schedule range must be finite, got [{t_min}, {t_max}]")
         if t_min >= t_max:
-            raise ValueError(
+            raise MolrmogError(
                 f"t_min ({t_min}) must be smaller than t_max ({t_max}); "
                 "pass e.g. t_min=1e-3 and a larger t_max"
             )
@@ -76,10 +83,10 @@ class Schedule:
         return self.ds(t) * self.sigma(t) + self.s(t) * self.dsigma(t)
 
     def check_t(self, t: Tensor | float, *, allow_zero: bool = False) -> None:
-        """Raise ValueError unless every t lies in [t_min, t_max] (or is 0 when allowed)."""
+        """Raise MolrmogError unless every t lies in [t_min, t_max] (or is 0 when allowed)."""
         tt = _t(t).detach()
         if not torch.isfinite(tt).all():
-            raise ValueError("t contains NaN or Inf; pass finite times")
+            raise MolrmogError("t contains NaN or Inf; pass finite times")
         lo, hi = tt.min().item(), tt.max().item()
         tol = 1e-9 * max(1.0, self.t_max)
         low_ok = tt >= self.t_min - tol
@@ -88,7 +95,7 @@ class Schedule:
         ok_lo = bool(low_ok.all())
         if not ok_lo or hi > self.t_max + tol:
             extra = " (t = 0 is allowed here too)" if allow_zero else ""
-            raise ValueError(
+            raise MolrmogError(
                 f"t must lie in the {self.name} schedule's range [{self.t_min:g}, {self.t_max:g}]"
                 f"{extra}, got values in [{lo:g}, {hi:g}]; clip t or build the schedule "
                 f"with another t_min/t_max"
@@ -113,7 +120,7 @@ class VPSchedule(Schedule):
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 8.0):
         if t_min < 0:
-            raise ValueError(f"vp schedule needs t_min >= 0, got {t_min}")
+            raise MolrmogError(f"vp schedule needs t_min >= 0, got {t_min}")
         super().__init__(t_min, t_max)
 
     def s(self, t):
@@ -143,7 +150,7 @@ class VESchedule(Schedule):
 
     def __init__(self, t_min: float = 2e-3, t_max: float = 80.0):
         if t_min < 0:
-            raise ValueError(f"ve schedule needs t_min >= 0, got {t_min}")
+            raise MolrmogError(f"ve schedule needs t_min >= 0, got {t_min}")
         super().__init__(t_min, t_max)
 
     def s(self, t):
@@ -170,7 +177,7 @@ class CosineSchedule(Schedule):
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 0.999, eps: float = 0.008):
         if t_min < 0 or t_max >= 1:
-            raise ValueError(f"cosine schedule needs 0 <= t_min < t_max < 1, got [{t_min}, {t_max}]")
+            raise MolrmogError(f"cosine schedule needs 0 <= t_min < t_max < 1, got [{t_min}, {t_max}]")
         super().__init__(t_min, t_max)
         self.eps = float(eps)
         self._c = math.pi / 2 / (1 + self.eps)
@@ -218,7 +225,7 @@ def get_schedule(name: str | Schedule | dict = "vp", **kwargs) -> Schedule:
         cfg = dict(name)
         return get_schedule(cfg.pop("name"), **cfg)
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+        raise MolrmogError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     return SCHEDULES[name](**kwargs)
 
 
@@ -227,7 +234,7 @@ def get_schedule(name: str | Schedule | dict = "vp", **kwargs) -> Schedule:
 
 def _check_n(n: int) -> None:
     if int(n) < 1:
-        raise ValueError(f"a time grid needs at least 1 step, got n={n}")
+        raise MolrmogError(f"a time grid needs at least 1 step, got n={n}")
 
 
 def uniform_grid(schedule: Schedule, n: int, dtype=torch.float64) -> Tensor:
@@ -264,5 +271,5 @@ GRIDS = {"uniform": uniform_grid, "logsnr": logsnr_grid, "karras": karras_grid}
 
 def make_grid(schedule: Schedule, n: int, kind: str = "karras", **kwargs) -> Tensor:
     if kind not in GRIDS:
-        raise ValueError(f"unknown grid {kind!r}; choose one of {sorted(GRIDS)}")
+        raise MolrmogError(f"unknown grid {kind!r}; choose one of {sorted(GRIDS)}")
     return GRIDS[kind](schedule, n, **kwargs)

@@ -1,9 +1,23 @@
-"""Training loops for score models: DSM with Adam/AdamW, optional EMA, seeds, safe checkpoints."""
+"""The one training loop (`fit`) and denoising score matching on data (`train_score`).
+
+Checkpoints are one safetensors file, written atomically: model, EMA and optimiser tensors, the
+loop's generator and the global CPU RNG state (dropout), and the losses. A stopped run resumes
+bit-for-bit. Only a state that passed the divergence check is ever written:
+
+    at every checkpoint boundary (and every CHECK_EVERY steps without checkpoints), and at the end,
+    the losses of the window since the last check must be finite, the parameters finite, and the
+    median of the last 10 losses at most EXPLOSION_FACTOR x the smaller of the median of the 200
+    losses before them and the first loss (the untrained model's).
+
+Otherwise `TrainingDiverged` names the task, the step and the checkpoint that is kept (the last
+good one). Losses stay on the device between checks: no host synchronisation per step.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -14,42 +28,43 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .io import atomic_write
+from .artefacts import atomic_write
+from .errors import ArtefactError, MolrmogError, NumericalError, TrainingDiverged
 from .losses import T_DISTRIBUTIONS, dsm_loss
 
-__all__ = ["TrainingDiverged", "fit", "train_score", "check_train_args", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainingDiverged", "fit", "train_score", "check_train_args", "save_checkpoint", "load_checkpoint",
+           "CHECKPOINT", "EXPLOSION_FACTOR", "CHECK_EVERY"]
 
+log = logging.getLogger(__name__)
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint (if any) is kept."""
+CHECKPOINT = "checkpoint.safetensors"
+EXPLOSION_FACTOR = 100.0  # recent median loss / running median beyond which training has diverged
+CHECK_EVERY = 50  # steps between divergence checks when no checkpoints are written
+_RECENT, _HISTORY = 10, 200
 
 
 def check_train_args(data: Tensor, steps: int, batch_size: int, lr: float, optimizer: str, t_dist: str,
                      ema_decay: float | None) -> None:
     if not isinstance(data, Tensor) or data.ndim != 2:
-        raise ValueError(f"training data must be a (N, D) tensor, got {getattr(data, 'shape', type(data))}")
+        raise MolrmogError(f"training data must be a (N, D) tensor, got {getattr(data, 'shape', type(data))}")
     if data.shape[0] == 0:
-        raise ValueError("training data is empty (N = 0); give at least one sample")
+        raise MolrmogError("training data is empty (N = 0); give at least one sample")
     if not torch.isfinite(data).all():
-        raise ValueError("training data contains NaN or Inf; clean it first")
+        raise MolrmogError("training data contains NaN or Inf; clean it first")
     if int(steps) < 1 or int(batch_size) < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        raise MolrmogError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"learning rate must be a positive number, got {lr}")
+        raise MolrmogError(f"learning rate must be a positive number, got {lr}")
     if optimizer not in ("adam", "adamw", "sgd"):
-        raise ValueError(f"optimizer must be adam, adamw or sgd, got {optimizer!r}")
+        raise MolrmogError(f"optimizer must be adam, adamw or sgd, got {optimizer!r}")
     if t_dist not in T_DISTRIBUTIONS:
-        raise ValueError(f"t distribution must be one of {T_DISTRIBUTIONS}, got {t_dist!r}")
-    if ema_decay is not None and not 0 < ema_decay < 1:
-        raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}")
+        raise MolrmogError(f"t distribution must be one of {T_DISTRIBUTIONS}, got {t_dist!r}")
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise MolrmogError(f"ema_decay must lie in [0, 1), got {ema_decay}")
 
 
-CHECKPOINT = "checkpoint.safetensors"
-
-
-def save_checkpoint(path: Path, model, opt, ema, gen: torch.Generator, step: int,
-                    losses: list[float]) -> None:
-    """One file, written atomically: model/EMA/optimizer tensors, RNG state, and the scalars as metadata."""
+def save_checkpoint(path: Path, model, opt, ema, gen: torch.Generator, step: int, losses: list[float]) -> None:
+    """One file, written atomically: model/EMA/optimizer tensors, RNG states, and the scalars as metadata."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()})
@@ -62,6 +77,7 @@ def save_checkpoint(path: Path, model, opt, ema, gen: torch.Generator, step: int
             else:
                 scalars[f"{i}.{name}"] = float(v)
     tensors["rng"] = gen.get_state()
+    tensors["rng_global"] = torch.get_rng_state()
     meta = {"step": step, "losses": losses, "opt_scalars": scalars, "param_groups": osd["param_groups"]}
     atomic_write(path, lambda p: save_file(tensors, p, metadata={"state": json.dumps(meta)}))
 
@@ -84,60 +100,125 @@ def load_checkpoint(path: Path, model, opt, ema, gen: torch.Generator) -> tuple[
             state.setdefault(int(i), {})[name] = torch.tensor(v)
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         gen.set_state(tensors["rng"])
+        if "rng_global" in tensors:
+            torch.set_rng_state(tensors["rng_global"])
     except Exception as e:  # noqa: BLE001 - any damage is reported with the file name
-        raise ValueError(f"checkpoint {path} is corrupt or does not match this model ({e}); "
-                         f"delete it to start this stage again") from e
+        raise ArtefactError(f"checkpoint {path} is corrupt or does not match this model ({type(e).__name__}: {e}); "
+                            f"delete it to start this stage again") from e
     return int(meta["step"]), list(meta["losses"])
+
+
+def _divergence(losses: list[float], new: list[float], first_step: int) -> str | None:
+    """Why the window `new` (steps first_step...) is not good, or None."""
+    for i, v in enumerate(new):
+        if not math.isfinite(v):
+            return f"the loss became {v} at step {first_step + i}"
+    every = losses + new
+    for i in range(len(new)):
+        end = len(losses) + i + 1
+        if end < _RECENT:
+            continue
+        recent = sorted(every[end - _RECENT:end])[_RECENT // 2]
+        hist = sorted(every[max(0, end - _RECENT - _HISTORY):max(1, end - _RECENT)])
+        ref = min(hist[len(hist) // 2], every[0])  # the running median, or the untrained model's loss
+        if ref > 0 and recent > EXPLOSION_FACTOR * ref:
+            return (f"the loss exploded at step {first_step + i}: its recent median {recent:.4g} is more than "
+                    f"{EXPLOSION_FACTOR:g}x the reference {ref:.4g} (the running median or the first loss)")
+    return None
+
+
+def _params_finite(model) -> bool:
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
         ema_decay: float | None = None, seed: int = 0, lr_schedule: str = "constant", progress: bool = True,
-        desc: str = "train", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> dict:
+        desc: str = "train", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+        params=None) -> dict:
     """The one training loop: `loss_fn(model, generator) -> loss`, Adam/AdamW/SGD, optional EMA and
     cosine LR. With `checkpoint_dir`, a checkpoint is written atomically every `checkpoint_every`
     steps and at the end, and an existing one is resumed: the run continues bit-for-bit as if it had
-    never stopped. A NaN/Inf loss raises `TrainingDiverged` and leaves the last checkpoint alone."""
+    never stopped. Divergence (module docstring) raises `TrainingDiverged` and keeps the last good
+    checkpoint. `params` (default: every parameter that requires grad) are the ones optimised.
+    The global CPU RNG (dropout) is forked: the caller's state is left as it was."""
     if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        raise MolrmogError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+    with torch.random.fork_rng(devices=[]):
+        return _fit(model, loss_fn, steps=int(steps), lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                    ema_decay=ema_decay or None, seed=seed, lr_schedule=lr_schedule, progress=progress, desc=desc,
+                    checkpoint_dir=checkpoint_dir, checkpoint_every=int(checkpoint_every or 0), params=params)
+
+
+def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed, lr_schedule, progress, desc,
+         checkpoint_dir, checkpoint_every, params):
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer](
         params, lr=lr, weight_decay=weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
+    ema_pairs = None if ema is None else list(zip(*[(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters(),
+                                                                               strict=True)], strict=True))
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     start, losses = 0, []
     if ckpt is not None and ckpt.is_file():
         start, losses = load_checkpoint(ckpt, model, opt, ema, gen)
+    every = checkpoint_every if ckpt is not None and checkpoint_every else CHECK_EVERY
+    last_good = start
+    window: list[Tensor] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(start, int(steps)), desc=desc, disable=not progress, leave=False,
-               initial=start, total=int(steps))
+    bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False, initial=start, total=steps)
+
+    def diverged(why: str) -> TrainingDiverged:
+        if ckpt is None:
+            kept = "nothing was saved"
+        elif last_good:
+            kept = f"the last good checkpoint (step {last_good}) stays in {ckpt}"
+        else:
+            kept = f"no checkpoint was good enough to keep ({ckpt} was not written)"
+        return TrainingDiverged(f"{desc}: {why}; {kept}. Lower the learning rate (now {lr:g}) or check the data, "
+                                f"then train again")
+
+    def check(step_end: int) -> None:
+        new = torch.stack(window).double().cpu().tolist() if window else []
+        why = _divergence(losses, new, step_end - len(new))
+        if why is None and not _params_finite(model):
+            why = f"the parameters stopped being finite by step {step_end}"
+        if why is not None:
+            raise diverged(why)
+        losses.extend(new)
+        window.clear()
+
     for step in bar:
         if lr_schedule == "cosine":  # closed form, so a resumed run needs no scheduler state
             for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / int(steps)))
-        loss = loss_fn(model, gen)
-        if not torch.isfinite(loss):
-            where = f"; the last good checkpoint stays in {checkpoint_dir}" if checkpoint_dir else ""
-            raise TrainingDiverged(
-                f"{desc}: loss became {loss.item()} at step {step}{where}; lower the learning rate "
-                f"(now {lr:g}) or check the data")
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+        try:
+            loss = loss_fn(model, gen)
+        except NumericalError as e:  # the model's own parameters broke the closed form: divergence
+            raise diverged(f"the closed-form maths broke down at step {step} ({e})") from None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if ema is not None:
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - ema_decay)
-        losses.append(loss.item())
+                torch._foreach_lerp_(list(ema_pairs[0]), list(ema_pairs[1]), 1 - ema_decay)
+        window.append(loss.detach())
         if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(ckpt, model, opt, ema, gen, step + 1, losses)
-    if ckpt is not None:
-        save_checkpoint(ckpt, model, opt, ema, gen, int(steps), losses)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % every == 0:
+            check(step + 1)
+            if ckpt is not None:
+                save_checkpoint(ckpt, model, opt, ema, gen, step + 1, losses)
+                last_good = step + 1  # noqa: F841 (read by diverged())
+    check(steps)
+    if ckpt is not None and last_good != steps:
+        save_checkpoint(ckpt, model, opt, ema, gen, steps, losses)
     if ema is not None:
         model.load_state_dict(ema.state_dict())
-    return {"loss": losses, "seconds": time.perf_counter() - t0, "steps": int(steps)}
+    seconds = time.perf_counter() - t0
+    log.debug("%s: %d steps in %.1f s", desc, steps - start, seconds)
+    return {"loss": losses, "seconds": seconds, "steps": steps}
 
 
 def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256, lr: float = 1e-2,
@@ -152,11 +233,9 @@ def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256
 
     def loss_fn(m, gen):
         idx = torch.randint(0, N, (batch_size,), generator=gen)  # with replacement: fresh noise per draw
-        return dsm_loss(m, data[idx], m.schedule, generator=gen, t_dist=t_dist, t_min=t_min, t_max=t_max)
+        return dsm_loss(m, data[idx.to(data.device)], m.schedule, generator=gen, t_dist=t_dist, t_min=t_min,
+                        t_max=t_max)
 
-    hist = fit(model, loss_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+    return fit(model, loss_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                ema_decay=ema_decay, seed=seed, lr_schedule=lr_schedule, progress=progress, desc=desc,
                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
-    if checkpoint_dir:
-        model.save_pretrained(checkpoint_dir)
-    return hist

@@ -1,50 +1,59 @@
 """Small convolutional VAEs: one per cluster (dedicated), one for all (unified), or one shared
-backbone with a low-rank adapter per cluster (LoRA).
+backbone with a low-rank adapter per cluster (LoRA, through peft).
 
 Images (B, C, H, W) in [0, 1] map to a latent (B, c, h, w) with H / h a power of two; the
-latent code used by the experts is the encoder mean.
+latent code used by the experts is the encoder mean. Both classes are diffusers models
+(`molrmog.artefacts.Model`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import Configurable
+from .artefacts import Model, register_to_config
+from .errors import MolrmogError
 
-__all__ = ["ConvVAE", "LoRAVAE", "check_latent_shape", "vae_loss"]
+__all__ = ["ConvVAE", "LoRAVAE", "check_latent_shape", "vae_loss", "MAX_LATENT_CHANNELS"]
+
+MAX_LATENT_CHANNELS = 256
 
 
 def check_latent_shape(image_shape, latent) -> int:
-    """Number of stride-2 stages from image (C, H, W) to latent (c, h, w); ValueError if it does not fit."""
+    """Number of stride-2 stages from image (C, H, W) to latent (c, h, w); MolrmogError if it does not fit."""
     C, H, W = image_shape
     c, h, w = latent
     if min(c, h, w) < 1:
-        raise ValueError(f"latent shape must be positive, got {tuple(latent)}")
+        raise MolrmogError(f"latent shape must be positive, got {tuple(latent)}")
+    if c > MAX_LATENT_CHANNELS:
+        raise MolrmogError(f"latent channels {c} exceed {MAX_LATENT_CHANNELS}; use a smaller --latent (e.g. 4,7,7)")
     if H != W or h != w:
-        raise ValueError(f"square images and latents only, got image {H}x{W} and latent {h}x{w}")
+        raise MolrmogError(f"square images and latents only, got image {H}x{W} and latent {h}x{w}")
     ratio = H / h
     n_down = round(math.log2(ratio)) if ratio >= 1 else -1
     if H % h != 0 or n_down < 0 or 2**n_down != ratio:
-        raise ValueError(f"latent {c}x{h}x{w} does not fit {H}x{W} images: H / h must be a power of two "
-                         f"(e.g. {H // 2 if H % 2 == 0 else H}x... for this size)")
+        raise MolrmogError(f"latent {c}x{h}x{w} does not fit {H}x{W} images: H / h must be a power of two "
+                           f"(e.g. {H // 2 if H % 2 == 0 else H}x... for this size)")
     return n_down
 
 
-class ConvVAE(Configurable):
+class _VAE(Model):
     """Encoder: conv, n_down x (stride-2 conv), conv -> (mean, logvar); decoder mirrors it."""
 
-    def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0,
-                 seed: int = 0):
-        super().__init__()
-        self.image_shape, self.latent = tuple(image_shape), tuple(latent)
+    def _build(self, image_shape, latent, width: int, beta: float, seed: int) -> None:
+        self.image_shape, self.latent = tuple(int(v) for v in image_shape), tuple(int(v) for v in latent)
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise MolrmogError(f"the VAE's KL weight beta must be a finite number >= 0, got {beta}")
+        if not 1 <= int(width) <= 1024:
+            raise MolrmogError(f"the VAE width must lie in [1, 1024], got {width}")
         self.beta = float(beta)
         n_down = check_latent_shape(self.image_shape, self.latent)
         C, c = self.image_shape[0], self.latent[0]
-        with torch.random.fork_rng():
+        with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG
             torch.manual_seed(seed)
             enc = [nn.Conv2d(C, width, 3, padding=1), nn.SiLU()]
             ch = width
@@ -78,7 +87,16 @@ class ConvVAE(Configurable):
         return torch.sigmoid(self.decode(self.encode(x)[0]))
 
 
-def vae_loss(vae: ConvVAE, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+class ConvVAE(_VAE):
+    """A small convolutional VAE (one per cluster, or one for all clusters)."""
+
+    @register_to_config
+    def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0):
+        super().__init__()
+        self._build(image_shape, latent, width, beta, seed)
+
+
+def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
     """Negative ELBO per image: Bernoulli reconstruction + beta KL(q(z|x) || N(0, I))."""
     mean, logvar = vae.encode(x)
     eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
@@ -88,57 +106,51 @@ def vae_loss(vae: ConvVAE, x: Tensor, gen: torch.Generator | None = None) -> Ten
     return rec + vae.beta * kl
 
 
-class _LoRA(nn.Module):
-    """W + B A (rank r) on a conv layer's flattened weight, one (A, B) pair per cluster."""
+class LoRAVAE(_VAE):
+    """One VAE backbone shared by all clusters plus one peft LoRA adapter per cluster (named
+    `cluster_<k>`) on every Conv2d layer (peft's LoRA has no ConvTranspose2d layer, so the decoder's
+    upsampling convolutions are shared). `set_cluster(k)` activates cluster k's adapter."""
 
-    def __init__(self, base: nn.Module, clusters: int, rank: int):
+    @register_to_config
+    def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0,
+                 clusters: int = 10, rank: int = 4):
         super().__init__()
-        self.base = base
-        w = base.weight
-        fan = w[0].numel() if not isinstance(base, nn.ConvTranspose2d) else w[:, 0].numel()
-        out = w.shape[0] if not isinstance(base, nn.ConvTranspose2d) else w.shape[1]
-        self.A = nn.Parameter(torch.randn(clusters, rank, fan) / math.sqrt(fan))
-        self.B = nn.Parameter(torch.zeros(clusters, out, rank))  # zero: adapters start at the backbone
-        self.cluster = 0
+        from peft import LoraConfig, inject_adapter_in_model
 
-    def forward(self, x: Tensor) -> Tensor:
-        b = self.base
-        delta = self.B[self.cluster] @ self.A[self.cluster]
-        if isinstance(b, nn.ConvTranspose2d):  # weight (in, out, k, k); delta (out, in k k)
-            cin, cout, *k = b.weight.shape
-            w = b.weight + delta.view(cout, cin, *k).transpose(0, 1)
-            return F.conv_transpose2d(x, w, b.bias, b.stride, b.padding)
-        w = b.weight + delta.view(b.weight.shape)
-        return F.conv2d(x, w, b.bias, b.stride, b.padding)
-
-
-class LoRAVAE(ConvVAE):
-    """Shared VAE backbone plus a per-cluster low-rank adapter on every conv layer (option B)."""
-
-    def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0,
-                 seed: int = 0, clusters: int = 10, rank: int = 4):
-        super().__init__(image_shape, latent, width, beta, seed)
+        self._build(image_shape, latent, width, beta, seed)
+        if not 1 <= int(clusters) <= 10_000 or not 1 <= int(rank) <= 1024:
+            raise MolrmogError(f"LoRA VAE needs 1 <= clusters <= 10000 and 1 <= rank <= 1024, got {clusters}, {rank}")
         self.clusters, self.rank = int(clusters), int(rank)
-        with torch.random.fork_rng():
+        targets = [name for name, m in self.named_modules() if type(m) is nn.Conv2d]
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # peft: "multiple adapters in the model" -- one per cluster
             torch.manual_seed(seed + 1)
-            for seq in (self.encoder, self.decoder):
-                for i, m in enumerate(seq):
-                    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                        seq[i] = _LoRA(m, self.clusters, self.rank)
+            for k in range(self.clusters):  # B = 0: every adapter starts as the backbone
+                inject_adapter_in_model(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=targets),
+                                        self, adapter_name=self.adapter(k))
+        self.cluster = None
+        self.set_cluster(0)
 
-    def adapters(self):
-        return [m for seq in (self.encoder, self.decoder) for m in seq if isinstance(m, _LoRA)]
+    @staticmethod
+    def adapter(k: int) -> str:
+        return f"cluster_{k}"
 
     def set_cluster(self, k: int) -> LoRAVAE:
+        """Activate cluster k's adapter (only its parameters require grad afterwards)."""
         if not 0 <= k < self.clusters:
-            raise ValueError(f"cluster {k} outside 0..{self.clusters - 1}")
-        for m in self.adapters():
-            m.cluster = k
+            raise MolrmogError(f"cluster {k} outside 0..{self.clusters - 1}")
+        if k != self.cluster:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for m in self.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.set_adapter(self.adapter(k))
+            self.cluster = k
         return self
 
-    def adapter_parameters(self):
-        return [p for m in self.adapters() for p in (m.A, m.B)]
+    def adapter_parameters(self, k: int) -> list[nn.Parameter]:
+        tag = f".{self.adapter(k)}."
+        return [p for name, p in self.named_parameters() if tag in name]
 
-    def backbone_parameters(self):
-        ids = {id(p) for p in self.adapter_parameters()}
-        return [p for p in self.parameters() if id(p) not in ids]
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if ".lora_" not in name]

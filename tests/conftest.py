@@ -53,3 +53,22 @@ def torch_reference(dist: MoLRMoG, t: float):
 @pytest.fixture
 def ragged():
     return ragged_molrmog(0)
+
+
+def tiny(experts=("mog", "gaussian", "unet"), **steps) -> list[str]:
+    """Flags of a tiny training run (seconds on 2 CPU cores) with these expert kinds."""
+    args = ["--vae-steps", "16", "--vae-batch", "32", "--sample-steps", "3", "--checkpoint-every", "4",
+            "--no-progress", "--experts", ",".join(experts)]
+    for kind in experts:
+        args += [f"--{kind}-steps", str(steps.get(kind, 3 if kind == "unet" else 12)), f"--{kind}-batch", "32"]
+    return args
+
+
+@pytest.fixture(scope="session")
+def featurizer_cache(tmp_path_factory):
+    """A cache folder holding the digits featurizer, trained once per test session."""
+    from molrmog.featurizer import get_featurizer
+
+    cache = tmp_path_factory.mktemp("featurizer-cache")
+    get_featurizer("digits", cache, progress=False)
+    return cache

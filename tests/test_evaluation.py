@@ -20,9 +20,9 @@ from molrmog.experts import GaussianExpert
 from molrmog.featurizer import get_featurizer
 from molrmog.samplers import generate
 from molrmog.schedules import make_grid
+from tests.conftest import tiny
 
-TINY = ["--vae-steps", "16", "--expert-steps", "12", "--unet-steps", "3", "--batch", "32",
-        "--sample-steps", "3", "--checkpoint-every", "4", "--no-progress"]
+TINY = tiny()
 
 
 def _gaussian(n, mean, cov_factor, seed):
@@ -123,8 +123,8 @@ def test_class_score_and_bad_inputs():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(featurizer_cache):
+    return featurizer_cache
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +244,7 @@ def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache):
     assert res["rows"]["U-Net expert"]["parameters"] > 10 * res["rows"]["MoG expert"]["parameters"]
     for f in ("comparison.md", "comparison_samples.png", "comparison_losses.png"):
         assert (out / f).is_file()
-    before = (out / "dedicated" / "experts" / "mog" / "0" / "model.safetensors").stat().st_mtime_ns
+    weights = out / "dedicated" / "experts" / "mog" / "0" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
     assert main(args) == 0  # finished runs are resumed, not retrained
-    assert (out / "dedicated" / "experts" / "mog" / "0" / "model.safetensors").stat().st_mtime_ns == before
+    assert weights.stat().st_mtime_ns == before

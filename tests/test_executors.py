@@ -1,6 +1,7 @@
 """Executors: local (sequential / process pool) and Ray give the same results; a killed task is retried;
 a task that keeps failing is reported by name and `--resume` finishes the run without redoing the rest."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,12 +10,37 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from molrmog import pipeline
 from molrmog.cli import main
+from molrmog.errors import MolrmogError
 from molrmog.executors import Executor, Task, TasksFailed, run_tasks
 from molrmog.experiments.estimation import run_estimation
+from tests.conftest import tiny
 
-TINY = ["--vae-steps", "16", "--expert-steps", "12", "--batch", "32", "--sample-steps", "3",
-        "--checkpoint-every", "4", "--no-progress", "--experts", "mog,gaussian"]
+TINY = tiny(("mog", "gaussian"))
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+_expert_task = pipeline.expert_task  # the real task, captured before any test replaces it
+
+
+def _dies_once(marker: str, victim: str):
+    """An expert task that kills its worker process the first time it runs `victim` (as a lost node would)."""
+    def task(out, kind, k, progress=False):
+        if f"{kind}-{k}" == victim:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os._exit(17)
+            except FileExistsError:
+                pass
+        return _expert_task(out, kind, k, progress)
+    return task
+
+
+def _always_fails(victim: str):
+    def task(out, kind, k, progress=False):
+        if f"{kind}-{k}" == victim:
+            raise RuntimeError(f"injected failure of {victim}")
+        return _expert_task(out, kind, k, progress)
+    return task
 
 
 def _square(x):
@@ -30,12 +56,26 @@ def _fails_on_three(x):
 def _bad_input(x, log):
     with open(log, "a") as f:
         f.write("x")
-    raise ValueError(f"--size {x} is not a valid size")
+    raise MolrmogError(f"--size {x} is not a valid size")
+
+
+def _dependency_error(log):
+    with open(log, "a") as f:
+        f.write("x")
+    raise ValueError("a ValueError from inside a dependency: a bug, not bad input")
+
+
+def _flaky(marker):
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return "second attempt"
+    raise RuntimeError("first attempt fails")
 
 
 def _weights(run: Path) -> dict:
     return {str(f.relative_to(run)): load_file(str(f))
-            for f in sorted(run.glob("vae/*/model.safetensors")) + sorted(run.glob("experts/*/*/model.safetensors"))}
+            for f in sorted(run.glob(f"vae/*/{WEIGHTS}")) + sorted(run.glob(f"experts/*/*/{WEIGHTS}"))}
 
 
 def _assert_same_weights(a: dict, b: dict, exact: bool = True):
@@ -48,7 +88,7 @@ def _assert_same_weights(a: dict, b: dict, exact: bool = True):
                 torch.testing.assert_close(a[f][k], b[f][k], rtol=1e-4, atol=1e-5)
 
 
-def test_run_tasks_local_and_pool_agree_retry_and_report(tmp_path, monkeypatch):
+def test_run_tasks_local_and_pool_agree_retry_and_report(tmp_path):
     tasks = [Task(f"sq-{i}", _square, (i,)) for i in range(5)]
     seq = run_tasks(tasks, Executor(), progress=False)
     assert seq == {f"sq-{i}": i * i for i in range(5)}
@@ -58,18 +98,20 @@ def test_run_tasks_local_and_pool_agree_retry_and_report(tmp_path, monkeypatch):
             run_tasks([Task(f"bad-{i}", _fails_on_three, (i,)) for i in range(5)], ex, progress=False)
         assert set(err.value.failures) == {"bad-3"} and len(err.value.results) == 4  # the rest finished
         assert "three is bad" in str(err.value) and "--resume" in str(err.value)
-    # bad input is deterministic: reported as a ValueError naming the task, not retried
+    # bad input (MolrmogError) is deterministic: reported naming the task, not retried; any other error
+    # (a ValueError from a dependency included) is retried once and then reported as a failure
     log = tmp_path / "attempts"
     for ex in (Executor(), Executor(workers=2)):
         log.write_text("")
-        with pytest.raises(ValueError, match="bad-1: --size 1 is not a valid size"):
+        with pytest.raises(MolrmogError, match="bad-1: --size 1 is not a valid size"):
             run_tasks([Task("bad-1", _bad_input, (1, str(log)))], ex, progress=False)
         assert log.read_text() == "x"
-    # injected failure once: the task dies, is retried, and succeeds
-    marker = tmp_path / "died"
-    monkeypatch.setenv("MOLRMOG_FAIL_TASK", "sq-2")
-    monkeypatch.setenv("MOLRMOG_FAIL_MARKER", str(marker))
-    assert run_tasks(tasks, Executor(workers=2), progress=False) == seq and marker.is_file()
+        log.write_text("")
+        with pytest.raises(TasksFailed, match="a ValueError from inside a dependency"):
+            run_tasks([Task("dep", _dependency_error, (str(log),))], ex, progress=False)
+        assert log.read_text() == "xx"
+        marker = tmp_path / f"flaky-{ex.workers}"
+        assert run_tasks([Task("flaky", _flaky, (str(marker),))], ex, progress=False) == {"flaky": "second attempt"}
     with pytest.raises(ValueError, match="unknown --executor"):
         Executor("dask")
     with pytest.raises(ValueError, match="--workers must be >= 1"):
@@ -109,10 +151,11 @@ def ray_session():
 
 
 def test_ray_matches_local_and_survives_a_killed_task(pool_run, ray_session, tmp_path, monkeypatch):
-    # the worker running mog-3 is killed (os._exit) on its first attempt; Ray retries the task
+    # the worker running mog-3 is killed (os._exit) on its first attempt; Ray retries the task. The
+    # replacement task is defined here, in the test, and shipped to Ray's workers by value.
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marker = tmp_path / "mog-3-died"
-    monkeypatch.setenv("MOLRMOG_FAIL_TASK", "mog-3")
-    monkeypatch.setenv("MOLRMOG_FAIL_MARKER", str(marker))
+    monkeypatch.setattr(pipeline, "expert_task", _dies_once(str(marker), "mog-3"))
     out = tmp_path / "ray"
     assert main(["train", "--dataset", "digits", "--out", str(out), "--executor", "ray", "--workers", "2",
                  *TINY]) == 0
@@ -120,15 +163,14 @@ def test_ray_matches_local_and_survives_a_killed_task(pool_run, ray_session, tmp
     _assert_same_weights(_weights(pool_run), _weights(out))  # bitwise, the retried task included
 
     # a task that fails on every attempt: reported by name, the other 29 models are kept
-    monkeypatch.setenv("MOLRMOG_FAIL_TASK", "gaussian-2")
-    monkeypatch.setenv("MOLRMOG_FAIL_MODE", "always")
+    monkeypatch.setattr(pipeline, "expert_task", _always_fails("gaussian-2"))
     out2 = tmp_path / "ray-fail"
     assert main(["train", "--dataset", "digits", "--out", str(out2), "--executor", "ray", "--workers", "2",
                  *TINY]) == 1
-    assert not (out2 / "experts" / "gaussian" / "2" / "model.safetensors").exists()
-    kept = {f: f.stat().st_mtime_ns for f in out2.glob("experts/*/*/model.safetensors")}
-    assert len(kept) == 19 and len(list(out2.glob("vae/*/model.safetensors"))) == 10
-    monkeypatch.delenv("MOLRMOG_FAIL_TASK")
+    assert not (out2 / "experts" / "gaussian" / "2" / WEIGHTS).exists()
+    kept = {f: f.stat().st_mtime_ns for f in out2.glob(f"experts/*/*/{WEIGHTS}")}
+    assert len(kept) == 19 and len(list(out2.glob(f"vae/*/{WEIGHTS}"))) == 10
+    monkeypatch.setattr(pipeline, "expert_task", _expert_task)
     assert main(["train", "--resume", str(out2), "--workers", "2", "--no-progress"]) == 0
     assert all(f.stat().st_mtime_ns == t for f, t in kept.items())  # finished experts were not redone
     _assert_same_weights(_weights(pool_run), _weights(out2))

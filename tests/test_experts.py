@@ -48,7 +48,7 @@ def test_gaussian_expert_score_is_linear():
 
 
 @pytest.mark.parametrize("make", [lambda: MoGExpert(4, 3, 2, schedule="cosine"), lambda: GaussianExpert(5, 2),
-                                  lambda: MoEScore(12, 2, 3, 2, expert="gaussian", learn_factors=False),
+                                  lambda: MoEScore(12, 2, 3, 2, gaussian=True, learn_factors=False),
                                   lambda: MoEScore(12, 2, 3, 2), lambda: MLPScore(7, hidden=32, depth=2)])
 def test_models_save_and_load(tmp_path, make):
     m = make()

@@ -1,6 +1,9 @@
-"""The image pipeline end to end on small settings: train, sample, resume after SIGKILL, bad config."""
+"""The image pipeline end to end on small settings: train, sample, resume after SIGKILL, the kind registry,
+the generated configuration, VAE layouts."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,13 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from molrmog.cli import main
+from molrmog import kinds
+from molrmog.cli import build_parser, main
+from molrmog.config import CommonOptions, RunConfig
 from molrmog.data import DEBIAN_FASHION_DIR, load_dataset
+from molrmog.experts import MLPScore
+from molrmog.kinds import ExpertKind, KindOptions
+from molrmog.options import flag_of, option
+from tests.conftest import tiny
 
-TINY = ["--vae-steps", "16", "--expert-steps", "12", "--unet-steps", "3", "--batch", "32",
-        "--sample-steps", "3", "--checkpoint-every", "4", "--no-progress"]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _cli(*args, timeout=600):
@@ -26,7 +35,7 @@ def _cli(*args, timeout=600):
 
 def _weights(run: Path) -> dict:
     out = {}
-    for f in sorted(run.glob("vae/*/model.safetensors")) + sorted(run.glob("experts/*/*/model.safetensors")):
+    for f in sorted(run.glob(f"vae/*/{WEIGHTS}")) + sorted(run.glob(f"experts/*/*/{WEIGHTS}")):
         out[str(f.relative_to(run))] = load_file(str(f))
     return out
 
@@ -34,16 +43,15 @@ def _weights(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    assert main(["train", "--dataset", "digits", "--out", str(out), *TINY]) == 0
+    assert main(["train", "--dataset", "digits", "--out", str(out), *tiny()]) == 0
     return out
 
 
 def test_train_writes_a_complete_run_directory(digits_run):
-    for name in ("config.json", "clusters.safetensors", "losses.csv", "loss_curves.png", "report.md",
-                 "report.json", "samples_mog.png", "samples_gaussian.png", "samples_unet.png",
-                 "samples_data.png"):
+    for name in ("config.json", "clusters.safetensors", "clusters.json", "losses.csv", "loss_curves.png", "report.md",
+                 "report.json", "samples_mog.png", "samples_gaussian.png", "samples_unet.png", "samples_data.png"):
         assert (digits_run / name).is_file(), name
-    assert len(list(digits_run.glob("vae/*/model.safetensors"))) == 10
+    assert len(list(digits_run.glob(f"vae/*/{WEIGHTS}"))) == 10
     for kind in ("mog", "gaussian", "unet"):
         assert len(list(digits_run.glob(f"experts/{kind}/*/config.json"))) == 10
     rep = json.loads((digits_run / "report.json").read_text())
@@ -51,12 +59,14 @@ def test_train_writes_a_complete_run_directory(digits_run):
     assert e["mog"]["parameters_per_expert"] * 10 <= e["unet"]["parameters_per_expert"]
     assert e["gaussian"]["parameters_per_expert"] < e["mog"]["parameters_per_expert"]
     assert "| mog |" in (digits_run / "report.md").read_text()
+    cfg = json.loads((digits_run / "config.json").read_text())
+    assert cfg["format_version"] == 2 and set(cfg["expert_options"]) == {"mog", "gaussian", "unet"}
+    assert cfg["expert_options"]["mog"]["modes"] == 10 and cfg["latent"] == [2, 4, 4]  # every value written out
 
 
 def test_sample_command_writes_png_and_npy(digits_run, tmp_path):
     out = tmp_path / "s.png"
-    r = _cli("sample", str(digits_run), "--n", "6", "--class", "3", "--steps", "4", "--out", str(out),
-             "--npy")
+    r = _cli("sample", str(digits_run), "--n", "6", "--class", "3", "--steps", "4", "--out", str(out), "--npy")
     assert r.returncode == 0, r.stderr
     arr = np.load(out.with_suffix(".npy"))
     assert arr.shape == (6, 1, 8, 8) and 0 <= arr.min() and arr.max() <= 1
@@ -66,7 +76,7 @@ def test_sample_command_writes_png_and_npy(digits_run, tmp_path):
 
 
 def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, digits_run):
-    args = ["train", "--dataset", "digits", "--experts", "mog,gaussian", *TINY]
+    args = ["train", "--dataset", "digits", *tiny(("mog", "gaussian"))]
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "molrmog.cli", *args, "--out", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,50 +86,37 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, digits_run):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "report.md").exists(), "the run finished before it could be killed"
+    (run / "vae" / ".stale.tmp").write_text("half a file")  # what a killed atomic write leaves behind
     r = _cli("train", "--resume", str(run), "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert not (run / "vae" / ".stale.tmp").exists()
     resumed = _weights(run)
     reference = {k: v for k, v in _weights(digits_run).items() if "unet" not in k}
-    assert resumed.keys() == reference.keys()
+    assert resumed.keys() == reference.keys() and len(reference) == 30
     for name, tensors in reference.items():
         for key, v in tensors.items():
             assert (resumed[name][key] == v).all(), f"{name}:{key} differs after resume"
 
 
-def test_corrupt_checkpoint_is_named(tmp_path):
-    run = tmp_path / "c"
-    assert main(["train", "--dataset", "digits", "--experts", "gaussian", "--out", str(run), *TINY]) == 0
-    (run / "vae" / "0" / "model.safetensors").unlink()
-    (run / "checkpoints" / "vae-0" / "checkpoint.safetensors").write_bytes(b"garbage")
-    r = _cli("train", "--resume", str(run))
-    assert r.returncode == 2 and "checkpoints/vae-0/checkpoint.safetensors is corrupt" in r.stderr
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--experts", "mog,transformer"], "unknown expert kind"),
-    (["--latent", "2,3,3"], "does not fit 8x8 images"),
-    (["--modes", "0"], "--modes must be >= 1"),
-    (["--dataset", "cifar"], "unknown dataset"),
-    (["--vae", "huge"], "unknown --vae"),
-])
-def test_bad_config_fails_before_training(tmp_path, args, message):
-    r = _cli("train", "--out", str(tmp_path / "x"), *args)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "x" / "vae").exists()
-
-
 def test_existing_run_is_not_overwritten(digits_run):
+    before = (digits_run / "config.json").read_text()
     r = _cli("train", "--out", str(digits_run))
     assert r.returncode == 2 and "--resume" in r.stderr
+    assert (digits_run / "config.json").read_text() == before
 
 
 @pytest.mark.parametrize("vae", ["unified", "lora"])
 def test_unified_and_lora_vaes(tmp_path, vae):
     run = tmp_path / vae
-    assert main(["train", "--dataset", "digits", "--experts", "gaussian", "--vae", vae, "--out", str(run),
-                 *TINY]) == 0
+    assert main(["train", "--dataset", "digits", "--vae", vae, "--out", str(run), *tiny(("gaussian",))]) == 0
     assert (run / "samples_gaussian.png").is_file()
+    if vae == "lora":  # peft adapters, one per cluster, on the shared backbone; adapters differ after training
+        from molrmog.vae import LoRAVAE
+
+        v = LoRAVAE.load(run / "vae" / "lora")
+        assert v.clusters == 10 and (run / "vae" / "backbone" / "config.json").is_file()
+        b0, b1 = v.adapter_parameters(0)[1], v.adapter_parameters(1)[1]  # lora_B (zero at the start)
+        assert b0.abs().sum() > 0 and not torch.equal(b0, b1)
 
 
 def test_unlabelled_folder_is_clustered(tmp_path):
@@ -133,8 +130,8 @@ def test_unlabelled_folder_is_clustered(tmp_path):
         (a[:, :4] if i % 2 else a[:, 4:]).fill(200 + rng.integers(0, 50))
         Image.fromarray(a).save(folder / f"{i:03d}.png")  # loaded in sorted name order
     run = tmp_path / "run"
-    assert main(["train", "--dataset", f"folder:{folder}", "--size", "8", "--clusters", "2", "--experts",
-                 "gaussian", "--out", str(run), "--rank", "2", *TINY, "--vae-steps", "60"]) == 0
+    assert main(["train", "--dataset", f"folder:{folder}", "--size", "8", "--clusters", "2", "--out", str(run),
+                 *tiny(("gaussian",)), "--gaussian-rank", "2", "--vae-steps", "60"]) == 0
     labels = load_file(str(run / "clusters.safetensors"))["labels"].numpy()
     imgs = load_dataset(f"folder:{folder}", size=8).images  # the run's (train split) images, in order
     parity = (imgs[:, 0, :, :4].mean((1, 2)) > imgs[:, 0, :, 4:].mean((1, 2))).numpy().astype(int)
@@ -146,7 +143,103 @@ def test_unlabelled_folder_is_clustered(tmp_path):
                     and not os.environ.get("CI"), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_subset_runs(tmp_path):
     run = tmp_path / "fm"
-    assert main(["train", "--dataset", "fashion-mnist", "--limit", "600", "--experts", "mog,gaussian",
-                 "--out", str(run), *TINY]) == 0
+    assert main(["train", "--dataset", "fashion-mnist", "--limit", "600", "--out", str(run),
+                 *tiny(("mog", "gaussian"))]) == 0
     rep = json.loads((run / "report.json").read_text())
     assert rep["latent"] == [4, 7, 7] and rep["clusters"] == 10
+
+
+# --- the registry of expert kinds -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyOptions(KindOptions):
+    hidden: int = option(8, "hidden width of the toy MLP", low=1, high=64)
+
+
+@pytest.fixture
+def toy_kind():
+    """A new kind registered inside the test: one class (MLPScore) and one entry."""
+    entry = kinds.register(ExpertKind(
+        "toy", "Toy MLP expert", MLPScore, ToyOptions,
+        net_config=lambda latent, o, schedule, seed: {"D": math.prod(latent), "hidden": o.hidden, "depth": 1,
+                                                      "schedule": schedule, "seed": seed}))
+    yield entry
+    kinds.unregister("toy")
+
+
+def test_a_kind_registered_in_a_test_goes_through_train_sample_and_compare(toy_kind, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *tiny(("mog", "toy")), "--toy-hidden", "4"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["expert_options"]["toy"]["hidden"] == 4 and (run / "samples_toy.png").is_file()
+    assert json.loads((run / "experts" / "toy" / "0" / "config.json").read_text())["net_config"]["hidden"] == 4
+    assert main(["sample", str(run), "--kind", "toy", "--n", "4", "--steps", "3",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), "--samples", "30", "--reference", "200", "--cache",
+                 str(tmp_path / "cache"), *tiny(("mog", "toy"))]) == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert "Toy MLP expert" in rows and "MoG expert, unified VAE" in rows
+    assert "Toy MLP expert" not in [k for k in rows if "unified" in k]  # the ablation is the headline kind's
+
+
+def test_seeds_come_from_kind_names_not_positions(toy_kind):
+    seeds = {k: kinds.expert_seed(0, k, 3) for k in kinds.kind_names()}
+    assert seeds == {"mog": 1003, "gaussian": 2003, "unet": 3003, "toy": seeds["toy"]}
+    assert len(set(seeds.values())) == len(seeds)
+    with pytest.raises(ValueError, match="seed salt"):
+        kinds.register(dataclasses.replace(toy_kind, name="toy2", seed_salt=1))
+
+
+def test_kind_names_appear_only_in_the_registry_and_their_classes():
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"molrmog/kinds.py", "molrmog/experts.py"}  # the registry and the kinds' own classes
+    hits = []
+    for p in sorted(list((root / "molrmog").rglob("*.py")) + list((root / "benchmarks").glob("*.py"))):
+        rel = str(p.relative_to(root))
+        if rel in allowed:
+            continue
+        for i, line in enumerate(p.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(q in code for q in ('"mog"', '"gaussian"', '"unet"', "'mog'", "'gaussian'", "'unet'")):
+                hits.append(f"{rel}:{i}: {line.strip()}")
+    assert not hits, "expert-kind names outside the registry:\n" + "\n".join(hits)
+
+
+def test_train_help_lists_every_run_config_field():
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    flags = {s for a in train._actions for s in a.option_strings}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "expert_options":
+            continue
+        if not f.metadata["option"]["cli"]:  # declared once, with the options every command shares
+            assert f.name in {g.name for g in dataclasses.fields(CommonOptions)}
+        assert flag_of(f) in flags, f"{f.name}: {flag_of(f)} missing from train --help"
+    for name in kinds.kind_names():
+        for f in dataclasses.fields(kinds.get_kind(name).options):
+            assert f"--{name}-{f.name.replace('_', '-')}" in flags
+    for needed in ("--vae-lr", "--lora-rank", "--mog-lr", "--unet-lr", "--mog-ema-decay", "--schedule",
+                   "--samples-per-class", "--device", "--seed", "--no-progress", "--executor", "--workers"):
+        assert needed in flags
+
+
+def test_training_leaves_the_global_rng_alone_and_logs_each_stage(tmp_path, capsys):
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    assert main(["train", "--out", str(tmp_path / "r"), *tiny(("gaussian",))]) == 0
+    assert torch.equal(torch.get_rng_state(), state)
+    err = capsys.readouterr().err
+    for stage in ("clusters:", "vae-0:", "vae-9:", "gaussian-0:", "gaussian-9:", "report of"):
+        assert stage in err, stage
+    assert " s" in err.split("vae-0:")[1].splitlines()[0]  # each stage line carries its wall time
+
+
+def test_run_config_is_not_mutated_by_training(tmp_path):
+    from molrmog.pipeline import train_run
+
+    cfg = RunConfig(experts=("gaussian",), vae_steps=4, checkpoint_every=2,
+                    expert_options={"gaussian": kinds.get_kind("gaussian").options(steps=4)})
+    before = dataclasses.asdict(cfg)
+    train_run(tmp_path / "r", cfg, progress=False)
+    assert dataclasses.asdict(cfg) == before and cfg.latent is None

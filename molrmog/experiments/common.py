@@ -1,48 +1,22 @@
-"""Small helpers shared by the experiments: output folders, CSV/JSON writing, slopes, plotting setup."""
+"""Small helpers shared by the experiments: slopes, embedded synthetic truths (output writers: `molrmog.outputs`)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..distributions import MoLRMoG, random_orthonormal
+from ..outputs import out_dir, pyplot, save_figure, write_csv, write_json
 
-
-def out_dir(path) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))
+__all__ = ["loglog_slope", "embedded_molrmog", "out_dir", "pyplot", "save_figure", "write_csv", "write_json"]
 
 
 def loglog_slope(x, y) -> float:
     """Least-squares slope of log y against log x."""
     lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
     return float(np.polyfit(lx, ly, 1)[0])
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def embedded_molrmog(D: int, K: int, d: int, n: int, r: int | None = None, separation: float = 5.0,

@@ -12,7 +12,7 @@ from .. import mixture as mx
 from ..distributions import GaussianMixture
 from ..executors import Task, run_tasks
 from ..losses import sample_times
-from .common import out_dir, pyplot, write_csv, write_json
+from .common import out_dir, pyplot, save_figure, write_csv, write_json
 
 PRESETS = {
     "quick": dict(d=6, separation=4.0, N=4000, steps=150, distances=[0.05, 0.2, 0.5], t_max=2.0),
@@ -145,8 +145,7 @@ def _plot(out, rows, distances, H, d, rates) -> None:
     ax.set_title("GD on the DSM loss: linear convergence")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "convergence.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "convergence.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(5.6, 5))
     im = ax.imshow(H.abs().numpy(), cmap="viridis")
@@ -156,5 +155,4 @@ def _plot(out, rows, distances, H, d, rates) -> None:
     ax.set_title("|Hessian| at the minimiser\n(mu_1, u_1 | mu_2, u_2)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(out / "hessian.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "hessian.png", dpi=120)

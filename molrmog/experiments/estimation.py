@@ -11,7 +11,7 @@ from ..executors import Task, run_tasks
 from ..experts import MLPScore, MoEScore
 from ..losses import sample_times
 from ..train import train_score
-from .common import embedded_molrmog, loglog_slope, out_dir, pyplot, write_csv, write_json
+from .common import embedded_molrmog, loglog_slope, out_dir, pyplot, save_figure, write_csv, write_json
 
 PRESETS = {
     "quick": dict(Ds=[32, 128], ns=[64, 256, 1024], K=2, d=4, modes=2, steps=150, mlp_steps=300,
@@ -92,5 +92,4 @@ def _plot(path, rows, slopes) -> None:
     ax.set_title("estimation error vs samples")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

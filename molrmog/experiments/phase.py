@@ -15,7 +15,7 @@ from ..executors import Task, run_tasks
 from ..experts import MoEScore, k_subspaces
 from ..losses import dsm_loss
 from ..train import train_score
-from .common import out_dir, pyplot, write_csv, write_json
+from .common import out_dir, pyplot, save_figure, write_csv, write_json
 
 PRESETS = {
     "quick": dict(D=20, Ks=[1, 2], ds=[2, 4], Ns=[1, 2, 4, 8, 16], steps=300, lr=0.1, batch=256,
@@ -40,7 +40,7 @@ def _train_molrg(x, D: int, K: int, d: int, cfg: dict, seed: int) -> MoEScore:
     with the lowest DSM loss on a fixed evaluation draw (no use of the truth)."""
     best, best_loss = None, math.inf
     for restart in range(1 if K == 1 else cfg["restarts"]):
-        model = MoEScore(D, K, d, n=1, expert="gaussian", learn_factors=False, seed=seed + restart).double()
+        model = MoEScore(D, K, d, n=1, gaussian=True, learn_factors=False, seed=seed + restart).double()
         train_score(model, x, steps=cfg["steps"], batch_size=cfg["batch"], lr=cfg["lr"], seed=seed + restart,
                     t_max=1.0, lr_schedule="cosine", progress=False)
         with torch.no_grad():
@@ -108,5 +108,4 @@ def _plot(path, rows, cfg) -> None:
             name = "DSM (MoLRG)" if key == "error_dsm" else ("PCA" if K == 1 else "K-subspaces")
             ax.set_title(f"K={K}: {name}")
     fig.colorbar(im, ax=axes.ravel().tolist(), label="subspace error (0 = exact)")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

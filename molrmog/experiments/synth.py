@@ -2,25 +2,48 @@
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..distributions import MoLRMoG
 from ..metrics import energy_distance, mode_weight_error, sliced_w2
-from ..samplers import generate
-from ..schedules import make_grid
+from ..options import int_list, option
+from ..outputs import pyplot, save_figure, write_json
+from ..samplers import SAMPLERS, generate
+from ..schedules import GRIDS, make_grid
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """The flags of `molrmog synth`."""
+
+    D: int = option(64, "ambient dimension", low=1, high=100_000, flag="--D")
+    K: int = option(3, "number of subspaces", low=1, high=1000, flag="--K")
+    d: int | tuple[int, ...] = option(4, "latent dimension d_k: an int or a comma list per k", parse=int_list,
+                                      low=1, high=100_000, flag="--d")
+    n: int | tuple[int, ...] = option(3, "modes n_k per subspace: an int or a comma list", parse=int_list, low=1,
+                                      high=10_000, flag="--n")
+    r: int | tuple[int, ...] | None = option(None, "rank r_k of each mode's factor (default d_k)", parse=int_list,
+                                             low=1, high=100_000, flag="--r")
+    separation: float = option(5.0, "typical norm of the latent means", low=0, high=1e6)
+    schedule: str = option("vp", "noise schedule", choices=("vp", "ve", "cosine"))
+    sampler: str = option("heun", "sampler", choices=tuple(SAMPLERS))
+    grid: str = option("karras", "time grid", choices=tuple(GRIDS))
+    steps: int = option(30, "sampler steps", low=1, high=10_000)
+    samples: int = option(2000, "points to generate (and to draw from the truth, twice)", low=2, high=10_000)
+    out: str = option("runs/synth", "output directory")
 
 
 def run_synth(out: str | Path, *, D: int = 64, K: int = 3, d=4, n=3, r=None, separation: float = 5.0,
               schedule: str = "vp", sampler: str = "heun", steps: int = 30, grid: str = "karras",
               samples: int = 2000, seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
     """Draw a random MoLR-MoG, generate with the exact score, write synth.png and synth.json."""
+    dist = MoLRMoG.random(D, K, d, n, r, separation=separation, seed=seed, schedule=schedule)  # validates first
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dist = MoLRMoG.random(D, K, d, n, r, separation=separation, seed=seed, schedule=schedule)
     dist.save(out / "distribution")
     g = torch.Generator().manual_seed(seed + 1)
     x_data, lab_data = dist.sample(samples, generator=g)
@@ -57,17 +80,13 @@ def run_synth(out: str | Path, *, D: int = 64, K: int = 3, d=4, n=3, r=None, sep
         "sampling_seconds": elapsed,
         "score_evaluations": steps * (2 if sampler == "heun" else 1) + 1,
     }
-    (out / "synth.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "synth.json", result)
     _plot(out / "synth.png", x_data, lab_data[:, 0], x_gen, lab_gen // L, result)
     return result
 
 
 def _plot(path: Path, x_data, k_data, x_gen, k_gen, result) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     # 2-D projection: the top two principal directions of the data
     mean = x_data.mean(0)
     _, _, V = torch.linalg.svd(x_data - mean, full_matrices=False)
@@ -84,5 +103,4 @@ def _plot(path: Path, x_data, k_data, x_gen, k_gen, result) -> None:
                  f"(true vs true {result['energy_distance_true_vs_true']:.4f}); "
                  f"sliced W2 {result['sliced_w2']:.3f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -1,0 +1,228 @@
+"""The registry of latent expert kinds, and `LatentExpert` (one cluster's expert with its standardisation).
+
+A kind is one `ExpertKind` entry: the score-model class it trains, the options it takes (a
+dataclass of `molrmog.options.option` fields -- its own steps, learning rate, batch, EMA, width...),
+how to build the model's constructor arguments from a latent shape and those options, and an
+optional data-driven start. Pipeline, compare, evaluation, the command line (`--<kind>-<option>`
+flags) and the benchmarks iterate over this registry; adding a kind is one class and one
+`register(ExpertKind(...))`:
+
+    @dataclass(frozen=True)
+    class MyOptions(KindOptions):
+        width: int = option(64, "hidden width", low=1, high=4096)
+
+    register(ExpertKind("mine", "My expert", MyScoreModel, MyOptions,
+                        net_config=lambda latent, o, schedule, seed: {"D": prod(latent), "width": o.width,
+                                                                      "schedule": schedule, "seed": seed}))
+
+Seeds come from stable names: `expert_seed(seed, kind, k)` = seed + 1000 * salt + k, where the salt
+is declared with the kind (built-in kinds: 1, 2, 3; otherwise derived from the kind's name), never
+from a position in a list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .artefacts import FORMAT_VERSION, Model, build_from_config, register_to_config
+from .errors import MolrmogError
+from .experts import GaussianExpert, MoGExpert, ScoreModel, UNetScore
+from .options import option
+
+__all__ = ["KindOptions", "ExpertKind", "register", "unregister", "get_kind", "kind_names", "headline_kinds",
+           "baseline_kinds",
+           "expert_seed", "LatentExpert", "model_config", "MAX_STEPS"]
+
+MAX_STEPS = 10**7
+
+
+@dataclass(frozen=True)
+class KindOptions:
+    """Options every latent expert kind has (flags --<kind>-steps, --<kind>-lr, ...)."""
+
+    steps: int = option(400, "training steps per expert", low=1, high=MAX_STEPS)
+    lr: float = option(1e-2, "Adam learning rate", low=0, low_open=True, high=10.0)
+    batch: int = option(128, "training batch size", low=1, high=2**16)
+    ema_decay: float = option(0.99, "EMA decay of the weights; 0 turns EMA off", low=0, high=0.99999)
+
+
+@dataclass(frozen=True)
+class ExpertKind:
+    """One latent expert kind (see the module docstring)."""
+
+    name: str
+    label: str  # for tables and figures
+    net_class: type
+    options: type = KindOptions
+    net_config: Callable[[tuple, Any, dict, int], dict] | None = None  # (latent, options, schedule, seed) -> kwargs
+    init_from_data: Callable[[Any, Tensor, Any, int], None] | None = None  # (net, u (N, d), options, seed)
+    check: Callable[[Any, tuple], None] | None = None  # (options, latent) -> raise MolrmogError when they clash
+    seed_salt: int | None = None
+    headline: bool = False  # the project's own model: compare also trains it on a unified VAE
+    baseline: bool = False  # the reference the headline kind is measured against (benchmark ratios)
+    description: str = ""
+
+    @property
+    def salt(self) -> int:
+        return self.seed_salt if self.seed_salt is not None else 4 + zlib.crc32(self.name.encode()) % 997
+
+    def build(self, latent, options, schedule: dict, seed: int) -> ScoreModel:
+        return self.net_class(**self.net_config(tuple(latent), options, schedule, seed))
+
+
+_REGISTRY: dict[str, ExpertKind] = {}
+
+
+def register(kind: ExpertKind, *, replace: bool = False) -> ExpertKind:
+    """Add a kind; its name must be a new plain identifier and its seed salt unused."""
+    if not kind.name.replace("_", "").isalnum() or kind.name != kind.name.lower():
+        raise MolrmogError(f"an expert kind name must be lower-case letters, digits or _, got {kind.name!r}")
+    if kind.name in _REGISTRY and not replace:
+        raise MolrmogError(f"expert kind {kind.name!r} is already registered")
+    clash = [k.name for k in _REGISTRY.values() if k.name != kind.name and k.salt == kind.salt]
+    if clash:
+        raise MolrmogError(f"expert kind {kind.name!r}: seed salt {kind.salt} is used by {clash[0]!r}; "
+                           f"declare another seed_salt")
+    if not dataclasses.is_dataclass(kind.options) or not issubclass(kind.options, KindOptions):
+        raise MolrmogError(f"expert kind {kind.name!r}: options must be a dataclass derived from KindOptions")
+    _REGISTRY[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get_kind(name: str) -> ExpertKind:
+    if name not in _REGISTRY:
+        raise MolrmogError(f"unknown expert kind {name!r}; choose from {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def kind_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def headline_kinds() -> tuple[str, ...]:
+    return tuple(k.name for k in _REGISTRY.values() if k.headline)
+
+
+def baseline_kinds() -> tuple[str, ...]:
+    return tuple(k.name for k in _REGISTRY.values() if k.baseline)
+
+
+def expert_seed(seed: int, kind: str, k: int) -> int:
+    """The seed of (kind, cluster k): from names, not positions."""
+    return int(seed) + 1000 * get_kind(kind).salt + int(k)
+
+
+def model_config(model: Model) -> dict:
+    """A model's constructor config with its class name: what `build_from_config` rebuilds."""
+    return {"_class_name": type(model).__name__, "_molrmog_format": FORMAT_VERSION,
+            **{k: v for k, v in model.config.items() if not k.startswith("_")}}
+
+
+class LatentExpert(Model):
+    """The expert of one cluster: a score model of its kind in standardised latent coordinates
+    u = (z - shift) / scale, the statistics stored beside it as buffers.
+
+    kind: a registered kind; latent: the (c, h, w) latent shape; net_config: the score model's config
+    (`model_config(net)`), rebuilt with the kind's model class as `self.net`."""
+
+    @register_to_config
+    def __init__(self, kind: str = "mog", latent=(2, 4, 4), net_config: dict | None = None):
+        super().__init__()
+        entry = get_kind(kind)
+        self.kind, self.latent = kind, tuple(int(v) for v in latent)
+        if net_config is None:
+            raise MolrmogError("LatentExpert needs the config of its score model (net_config=model_config(model))")
+        self.net = build_from_config(net_config, entry.net_class, f"the {kind} expert's net_config", f"{kind} model")
+        d = math.prod(self.latent)
+        self.register_buffer("shift", torch.zeros(d))
+        self.register_buffer("scale", torch.ones(d))
+
+    @classmethod
+    def wrap(cls, kind: str, latent, net: ScoreModel) -> LatentExpert:
+        """A LatentExpert whose net starts as a copy of `net` (weights included)."""
+        e = cls(kind, tuple(latent), model_config(net))
+        e.net.load_state_dict(net.state_dict())
+        return e
+
+    @property
+    def schedule(self):
+        return self.net.schedule
+
+    def standardise(self, z: Tensor) -> Tensor:
+        return (z.flatten(1) - self.shift) / self.scale
+
+    def unstandardise(self, u: Tensor) -> Tensor:
+        return u * self.scale + self.shift
+
+    def forward(self, u: Tensor, t) -> Tensor:
+        """Score in standardised latent coordinates u."""
+        return self.net(u, t)
+
+    def score(self, u: Tensor, t) -> Tensor:
+        return self.net(u, t)
+
+    def denoise(self, u: Tensor, t) -> Tensor:
+        return self.net.denoise(u, t)
+
+
+# --- the built-in kinds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoGOptions(KindOptions):
+    modes: int = option(10, "mixture modes n_k per expert", low=1, high=4096)
+    rank: int = option(4, "rank r of each mode's covariance factor", low=1, high=4096)
+
+
+@dataclass(frozen=True)
+class GaussianOptions(KindOptions):
+    rank: int = option(4, "rank r of the covariance factor", low=1, high=4096)
+
+
+@dataclass(frozen=True)
+class UNetOptions(KindOptions):
+    steps: int = option(300, "training steps per expert", low=1, high=MAX_STEPS)
+    lr: float = option(3e-3, "Adam learning rate", low=0, low_open=True, high=10.0)
+    width: int = option(16, "channels of the first U-Net block (the second has twice as many)", low=4, high=1024)
+
+
+def _check_rank(o, latent) -> None:
+    d = math.prod(latent)
+    if o.rank > d:
+        raise MolrmogError(f"rank {o.rank} exceeds the latent dimension {d} ({'x'.join(map(str, latent))}); "
+                           f"lower --mog-rank / --gaussian-rank or use a larger --latent")
+
+
+def _mixture_init(net, u: Tensor, o, seed: int) -> None:
+    net.init_from_data(u, seed=seed)
+
+
+register(ExpertKind(
+    "mog", "MoG expert", MoGExpert, MoGOptions, seed_salt=1, headline=True,
+    net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "n": o.modes, "r": o.rank,
+                                                  "schedule": schedule, "seed": seed},
+    init_from_data=_mixture_init, check=_check_rank,
+    description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
+register(ExpertKind(
+    "gaussian", "Gaussian expert", GaussianExpert, GaussianOptions, seed_salt=2,
+    net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "r": o.rank, "schedule": schedule,
+                                                  "seed": seed},
+    init_from_data=_mixture_init, check=_check_rank,
+    description="one zero-mean low-rank Gaussian (MoLRG): a linear score"))
+register(ExpertKind(
+    "unet", "U-Net expert", UNetScore, UNetOptions, seed_salt=3, baseline=True,
+    net_config=lambda latent, o, schedule, seed: {"latent": list(latent), "width": o.width, "schedule": schedule,
+                                                  "seed": seed, "precondition": True},
+    description="a small diffusers UNet2DModel with EDM-style preconditioning (the baseline)"))

@@ -1,0 +1,145 @@
+"""How the package is built: no import cycles, one artefact format (diffusers models), typed errors."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ConfigMixin, ModelMixin
+
+from molrmog.artefacts import FORMAT_VERSION, WEIGHTS, Model
+from molrmog.errors import ArtefactError, MolrmogError
+from molrmog.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, UNetScore, load_model
+from molrmog.featurizer import Featurizer
+from molrmog.kinds import LatentExpert, get_kind, model_config
+from molrmog.vae import ConvVAE, LoRAVAE
+
+ROOT = Path(__file__).resolve().parents[1] / "molrmog"
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """molrmog modules imported anywhere in a file (function-level imports included)."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("molrmog")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("molrmog"):
+                continue
+            for a in node.names:  # `from . import mixture` imports a module, `from .x import f` the module x
+                sub = f"{target}.{a.name}"
+                out.add(sub if (ROOT.parent / (sub.replace(".", "/") + ".py")).is_file() else target)
+    return out
+
+
+def test_no_import_cycles_in_the_package():
+    graph = {}
+    for p in ROOT.rglob("*.py"):
+        mod = ".".join(p.relative_to(ROOT.parent).with_suffix("").parts)
+        mod = mod.removesuffix(".__init__")
+        graph[mod] = {m for m in _imports(p, mod) if m != mod}
+    assert "molrmog.pipeline" in graph and "molrmog.mixture" in graph["molrmog.experts"]
+    state, stack, cycles = {}, [], []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    # core maths imports nothing of the pipeline, plotting or CLI
+    for core in ("molrmog.mixture", "molrmog.schedules", "molrmog.errors", "molrmog.artefacts"):
+        assert not graph[core] - {"molrmog.errors"}, (core, graph[core])
+
+
+def _models():
+    lat = (2, 4, 4)
+    return [MoGExpert(5, 3, 2, seed=1), GaussianExpert(6, 3), MoEScore(12, 2, 3, 2), MLPScore(7, hidden=16, depth=2),
+            UNetScore(lat, width=8), ConvVAE((1, 8, 8), lat, 8, 0.1, seed=2), LoRAVAE((1, 8, 8), lat, 8, 0.1, 0, 3, 2),
+            Featurizer((1, 8, 8), 10, 16, 8),
+            LatentExpert.wrap("mog", lat, get_kind("mog").build(lat, get_kind("mog").options(), {"name": "vp"}, 3))]
+
+
+@pytest.mark.parametrize("model", _models(), ids=lambda m: type(m).__name__)
+def test_every_model_is_a_diffusers_model_that_round_trips_bit_for_bit(model, tmp_path):
+    assert isinstance(model, ModelMixin) and isinstance(model, ConfigMixin)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the initial values
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.nan_to_num_(0.5)  # (the featurizer's test accuracy starts as NaN; NaN != NaN)
+    model.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["_class_name"] == type(model).__name__ and cfg["_molrmog_format"] == FORMAT_VERSION
+    back = type(model).from_pretrained(tmp_path / "a")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+    double = model.double()  # float64 survives the checked loader (and from_pretrained with torch_dtype)
+    double.save(tmp_path / "b")
+    for loaded in (type(model).load(tmp_path / "b"), type(model).from_pretrained(tmp_path / "b",
+                                                                                  torch_dtype=torch.float64)):
+        for v, v2 in zip(double.state_dict().values(), loaded.state_dict().values(), strict=True):
+            assert v2.dtype == v.dtype and torch.equal(v, v2)
+
+
+def test_score_models_load_by_class_name_and_refuse_unknown_classes_and_versions(tmp_path):
+    m = MoGExpert(4, 2, 2)
+    m.save(tmp_path / "m")
+    assert isinstance(load_model(tmp_path / "m"), MoGExpert)
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for change, message in (({"_class_name": "Transformer"}, "unknown score model class 'Transformer'"),
+                            ({"_molrmog_format": 99}, "artefact format 99"),
+                            ({"extra": 1}, r"unknown key\(s\) \['extra'\]"),
+                            ({"d": "four"}, "does not describe a valid model")):
+        cfg_path.write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ArtefactError, match=message) as e:
+            load_model(tmp_path / "m")
+        assert str(cfg_path) in str(e.value) and "\n" not in str(e.value)
+    cfg_path.write_text(json.dumps({"class": "MoGExpert", "config": {}}))  # molrmog 0.1's layout
+    with pytest.raises(ArtefactError, match="written by molrmog 0.1"):
+        load_model(tmp_path / "m")
+    cfg_path.write_text(json.dumps(cfg))
+    ConvVAE().save(tmp_path / "v")
+    with pytest.raises(ArtefactError, match="expected ScoreModel"):
+        load_model(tmp_path / "v")  # a VAE is not a score model
+    state = {"U": torch.zeros(3, 3, 3)}
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "m" / WEIGHTS))
+    with pytest.raises(ArtefactError, match="does not match its config.json"):
+        load_model(tmp_path / "m")
+
+
+def test_latent_expert_keeps_its_net_config():
+    e = LatentExpert.wrap("gaussian", (2, 4, 4), GaussianExpert(32, 3, seed=5))
+    assert model_config(e.net)["r"] == 3 and isinstance(e.net, GaussianExpert)
+    assert e.config["net_config"]["_class_name"] == "GaussianExpert"
+    with pytest.raises(MolrmogError, match="unknown expert kind"):
+        LatentExpert("transformer", (2, 4, 4), model_config(e.net))
+
+
+def test_model_subclasses_are_known_by_name():
+    assert {"MoGExpert", "LatentExpert", "ConvVAE", "LoRAVAE", "Featurizer"} <= set(Model._classes)
+
+
+def test_errors_are_typed():
+    assert issubclass(ArtefactError, MolrmogError) and issubclass(MolrmogError, ValueError)
