@@ -226,6 +226,24 @@ def _cmd_jacobian(a) -> int:
     return 0
 
 
+def _cmd_few_step(a) -> int:
+    from .evaluation import few_step_images
+
+    c, o = _common(a), _eval_options(a)
+    try:
+        steps = [int(v) for v in a.steps.split(",") if v.strip()]
+    except ValueError:
+        raise MolrmogError(f"--steps must be a comma list of integers, got {a.steps!r}") from None
+    res = few_step_images(a.run, kinds=_kinds(a.kinds), sampler=a.sampler, steps=steps, samples=o.samples,
+                          reference=o.reference, cache=o.cache, seed=c.seed, device=c.device, out=a.out,
+                          progress=c.progress)
+    for r in res["rows"]:
+        print(f"{r['kind']:10s} {r['sampler']:8s} {r['steps']:4d} steps  FID {r['fid']:8.2f}  recall "
+              f"{r['recall']:.3f}  {r['images_per_second']:9.1f} images/s")
+    print(f"wrote {a.out or a.run + '/few_step'}/few_step_{a.sampler}.csv, .json and .png")
+    return 0
+
+
 def _cmd_compare(a) -> int:
     from .compare import compare
 
@@ -346,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.6, help="similarity threshold (default 0.6)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian)", description="Analyses of a trained run.")
+    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian, few-step)",
+                       description="Analyses of a trained run.")
     asub = p.add_subparsers(dest="analysis", metavar="NAME", required=True, parser_class=_Parser)
     j = asub.add_parser("jacobian", parents=[par["common"]],
                         help="singular values of the denoiser's Jacobian per expert kind and t",
@@ -364,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
     j.add_argument("--out", default=None, help="output folder (default RUN/jacobian)")
     j.set_defaults(func=_cmd_jacobian)
+
+    fs = asub.add_parser("few-step", parents=[par["common"]],
+                         help="FID of expert kinds at few sampling steps (ddpm, ddim, exact, ...)",
+                         description="Sample each expert kind of a trained run with --sampler at each of --steps "
+                         "(and with the run's own sampler as the reference) and measure FID, KID, precision, recall, "
+                         "class score and images/s against the training images. Writes few_step_<sampler>.csv/.json/"
+                         ".png into --out (default RUN/few_step). The exact sampler needs MoG / Gaussian experts.")
+    fs.add_argument("run", help="run directory written by molrmog train")
+    fs.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
+    fs.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS), help="sampler (default ddpm)")
+    fs.add_argument("--steps", default="5,10,20,50", help="comma list of step counts (default 5,10,20,50)")
+    add_options(fs, EvalOptions, title="evaluation options")
+    fs.add_argument("--out", default=None, help="output folder (default RUN/few_step)")
+    fs.set_defaults(func=_cmd_few_step)
 
     p = sub.add_parser("compare", parents=[par["common"], par["executor"]],
                        help="every expert kind on the same dedicated VAEs (and dedicated vs unified VAE)",

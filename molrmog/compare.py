@@ -1,7 +1,7 @@
 """`molrmog compare`: every latent expert kind on the same dedicated VAEs, plus the dedicated-vs-unified
 VAE ablation for the registry's headline kinds (the MoG expert), in one table.
 
-    OUT/dedicated/   a run with every kind of --experts (default: all registered kinds) on one VAE per cluster
+    OUT/dedicated/   a run with every kind of --experts (default: the registry's default kinds) on one VAE per cluster
     OUT/unified/     a run with the headline kinds on one VAE shared by all clusters (the ablation)
     OUT/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png
 
@@ -19,7 +19,7 @@ import torch
 
 from .config import RunConfig
 from .evaluation import MEMORISE, evaluate_run
-from .kinds import get_kind, headline_kinds, kind_names
+from .kinds import default_kinds, get_kind, headline_kinds
 from .outputs import pyplot, save_figure, save_grid, write_json, write_text
 from .pipeline import load_run, sample_loaded, train_run
 from .report import finish_run, read_logs, train_seconds
@@ -44,7 +44,7 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
     """Train (or resume) both runs (their VAEs and experts as tasks on `executor`), evaluate them and
     write the comparison files into `out`."""
     out = Path(out)
-    kinds = tuple(cfg.experts or kind_names())
+    kinds = tuple(cfg.experts or default_kinds())
     cfg = dataclasses.replace(cfg, experts=kinds, vae="dedicated")
     out.mkdir(parents=True, exist_ok=True)
     runs = {"dedicated": out / "dedicated"}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import MolrmogError
-from .kinds import KindOptions, get_kind, kind_names
+from .kinds import KindOptions, default_kinds, get_kind, kind_names
 from .options import check, comma_list, from_dict, option, shape3, to_dict
 
 __all__ = ["RunConfig", "CommonOptions", "ExecutorOptions", "check_config", "resolve_config", "config_from_json",
@@ -82,7 +82,8 @@ class RunConfig:
     clusters: int | None = option(None, "cluster with k-means on unified-VAE features into this many clusters "
                                   "instead of using the labels", low=1, high=10_000)
     experts: tuple[str, ...] | None = option(None, "comma list of latent expert kinds (default: every registered "
-                                             "kind)", parse=comma_list, choices=kind_names, metavar="KIND,...")
+                                             "kind marked default)", parse=comma_list, choices=kind_names,
+                                             metavar="KIND,...")
     vae: str = option("dedicated", "VAE layout: one per cluster, one for all, or a shared backbone with "
                       "per-cluster LoRA adapters", choices=VAE_LAYOUTS)
     latent: tuple[int, int, int] | None = option(None, "latent shape c,h,w (default: digits 2,4,4; "
@@ -121,7 +122,7 @@ def check_config(cfg: RunConfig, image_shape=None) -> None:
     if not isinstance(cfg, RunConfig):
         raise MolrmogError(f"a run configuration must be a RunConfig, got {type(cfg).__name__}")
     check(cfg)
-    experts = cfg.experts if cfg.experts is not None else kind_names()
+    experts = cfg.experts if cfg.experts is not None else default_kinds()
     if len(set(experts)) != len(experts):
         raise MolrmogError(f"--experts lists a kind twice: {','.join(experts)}")
     if not isinstance(cfg.expert_options, dict):
@@ -155,7 +156,7 @@ def resolve_config(cfg: RunConfig, image_shape) -> RunConfig:
     object is left as it was)."""
     check_config(cfg)
     if cfg.experts is None:
-        cfg = dataclasses.replace(cfg, experts=kind_names())
+        cfg = dataclasses.replace(cfg, experts=default_kinds())
     if cfg.latent is None:
         cfg = dataclasses.replace(cfg, latent=default_latent(cfg.dataset, image_shape[-1]))
     # every trained kind's options written out, so the run does not depend on this version's defaults

@@ -244,7 +244,7 @@ class MoLRMoG:
         return mean, F @ F.transpose(-1, -2)
 
     # --- input checks -----------------------------------------------------------------
-    def _check_x(self, x: Tensor) -> Tensor:
+    def _check_x(self, x: Tensor, finite: bool = True) -> Tensor:
         """x as a float32 / float64 (B, D) tensor; half precision is computed in float32 (see `_out`)."""
         x = _as_float_tensor(x, "x")
         if not x.is_floating_point():
@@ -253,7 +253,7 @@ class MoLRMoG:
             x = x.float()
         if x.ndim != 2 or x.shape[1] != self.D:
             raise MolrmogError(f"x must have shape (B, D) with D = {self.D}, got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if finite and not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(1).nonzero().flatten()[:5].tolist()
             raise MolrmogError(f"x contains NaN or Inf (rows {bad}...); clean the input first")
         return x
@@ -274,36 +274,43 @@ class MoLRMoG:
         return s, g
 
     # --- the verbs --------------------------------------------------------------------
-    def log_prob(self, x: Tensor, t: float | Tensor = 0.0) -> Tensor:
-        """log p_t(x): (B,). At t = 0 only for distributions with a density in R^D (full rank)."""
-        xc = self._check_x(x)
+    def log_prob(self, x: Tensor, t: float | Tensor = 0.0, *, check: bool = True) -> Tensor:
+        """log p_t(x): (B,). At t = 0 only for distributions with a density in R^D (full rank).
+
+        Every verb validates x and t (`check=False` skips the NaN scan of x and the factorisation
+        check, e.g. inside a sampler loop on a GPU, after validating once)."""
+        xc = self._check_x(x, check)
         tt = _as_float_tensor(t, "t", torch.float64)
         if bool((tt == 0).all()):
             return self._out(mx.log_prob_clean(self._mix_for(xc), xc), x)
         if bool((tt == 0).any()):
             raise MolrmogError("mixing t = 0 with t > 0 in one call is not supported; split the batch")
         s, g = self._st(xc, t)
-        return self._out(mx.log_prob(self._mix_for(xc), xc, s, g), x)
+        return self._out(mx.log_prob(self._mix_for(xc), xc, s, g, check=check), x)
 
-    def score(self, x: Tensor, t: float | Tensor) -> Tensor:
+    def score(self, x: Tensor, t: float | Tensor, *, check: bool = True) -> Tensor:
         """grad_x log p_t(x): (B, D)."""
-        xc = self._check_x(x)
-        return self._out(mx.score(self._mix_for(xc), xc, *self._st(xc, t)), x)
+        xc = self._check_x(x, check)
+        return self._out(mx.score(self._mix_for(xc), xc, *self._st(xc, t), check=check), x)
 
-    def denoise(self, x: Tensor, t: float | Tensor) -> Tensor:
+    def denoise(self, x: Tensor, t: float | Tensor, *, check: bool = True) -> Tensor:
         """E[x_0 | x_t = x] (Tweedie): (B, D)."""
-        xc = self._check_x(x)
-        return self._out(mx.denoise(self._mix_for(xc), xc, *self._st(xc, t)), x)
+        xc = self._check_x(x, check)
+        return self._out(mx.denoise(self._mix_for(xc), xc, *self._st(xc, t), check=check), x)
 
-    def responsibilities(self, x: Tensor, t: float | Tensor) -> Tensor:
+    def responsibilities(self, x: Tensor, t: float | Tensor, *, check: bool = True) -> Tensor:
         """Posterior probabilities R_{k,l}(x) of each component: (B, K, max n_k), padded modes 0."""
-        xc = self._check_x(x)
-        return self._out(mx.responsibilities(self._mix_for(xc), xc, *self._st(xc, t)), x)
+        xc = self._check_x(x, check)
+        return self._out(mx.responsibilities(self._mix_for(xc), xc, *self._st(xc, t), check=check), x)
 
-    def posterior(self, x: Tensor, t: float | Tensor) -> mx.Posterior:
+    def posterior(self, x: Tensor, t: float | Tensor, *, check: bool = True) -> mx.Posterior:
         """log p_t, R and s E[x0|x_t] from one evaluation."""
-        xc = self._check_x(x)
-        return mx.posterior(self._mix_for(xc), xc, *self._st(xc, t))
+        xc = self._check_x(x, check)
+        return mx.posterior(self._mix_for(xc), xc, *self._st(xc, t), check=check)
+
+    def mixture_for(self, x: Tensor) -> mx.Mixture:
+        """The padded mixture in x's dtype and device (what the exact sampler steps with)."""
+        return self._mix_for(x)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw n points: x (n, D) and labels (n, 2) = (k, l)."""

@@ -33,7 +33,8 @@ from .kinds import LatentExpert
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
 from .pipeline import encode_images, load_config, load_run, load_run_data, run_labels, sample_loaded
 
-__all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank"]
+__all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank",
+           "few_step_images"]
 
 MEMORISE = "memorise"
 log = logging.getLogger(__name__)
@@ -316,4 +317,74 @@ def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.
     axes[0][0].set_ylabel("singular value of d x0_hat / d x_t")
     fig.tight_layout()
     save_figure(fig, out / "jacobian.png", dpi=110)
+    return res
+
+
+# --- few-step sampling of image experts ------------------------------------------------------------
+
+
+def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps=(5, 10, 20, 50), samples: int = 1000,
+                    reference: int = 10000, cache=None, seed: int = 0, device: str = "cpu", out=None,
+                    progress: bool = True) -> dict:
+    """FID / KID / precision / recall / class score of each expert kind sampled with `sampler` at each step
+    count, beside the same kind with the run's own sampler (e.g. heun, 30 steps) and the wall time per image;
+    writes few_step_<sampler>.csv/.json/.png into `out` (default RUN/few_step)."""
+    from .samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise MolrmogError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    steps = [int(n) for n in steps]
+    if not steps or min(steps) < 1 or max(steps) > 10_000 or samples < 2:
+        raise MolrmogError("--steps must be integers in [1, 10000] and --samples >= 2")
+    ctx = _Context(run, device)
+    cfg = ctx.cfg
+    kinds = list(kinds or cfg.experts)
+    missing = [kd for kd in kinds if kd not in cfg.experts]
+    if missing:
+        raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(cfg.experts)})")
+    for kd in kinds:
+        ctx.load(kd)
+    feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size, channels=cfg.channels,
+                          data_dir=cfg.data_dir)
+    per_cluster = math.ceil(samples / ctx.K)
+    g = torch.Generator().manual_seed(seed)
+    f_all, _ = feat.embed(ctx.train.images)
+    ref_idx = torch.randperm(f_all.shape[0], generator=g)[:reference]
+    ref = {"f": f_all[ref_idx], "f_pr": f_all[ref_idx[:3000]]}
+    rows = []
+    for kind in kinds:
+        weights, _, vaes, experts = ctx.load(kind)
+        for smp, n in [(sampler, n) for n in steps] + [(cfg.sampler, cfg.sample_steps)]:
+            imgs, ks, secs = _samples(weights, vaes, experts, per_cluster, smp, n, seed, device, progress)
+            f, probs = feat.embed(imgs)
+            row = {"kind": kind, "sampler": smp, "steps": n, "reference_sampler": (smp, n) == (cfg.sampler,
+                                                                                           cfg.sample_steps),
+                   "fid": M.fid(ref["f"], f), "kid": M.kid(ref["f"], f, seed=0)["mean"],
+                   **M.precision_recall(ref["f_pr"], f[:3000]), "seconds": round(secs, 3),
+                   "images_per_second": imgs.shape[0] / secs}
+            if ctx.class_conditional:
+                row["class_score"] = M.class_score(probs, ks)
+            rows.append(row)
+            log.info("few-step %s %s %d steps: FID %.2f (%.1f images/s)", kind, smp, n, row["fid"],
+                     row["images_per_second"])
+    out = Path(out or Path(run) / "few_step")
+    res = {"run": str(run), "sampler": sampler, "steps": steps, "reference": [cfg.sampler, cfg.sample_steps],
+           "samples_per_model": per_cluster * ctx.K, "reference_images": int(ref["f"].shape[0]), "rows": rows}
+    write_csv(out / f"few_step_{sampler}.csv", rows)
+    write_json(out / f"few_step_{sampler}.json", res)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for kind in kinds:
+        pts = [(r["steps"], r["fid"]) for r in rows if r["kind"] == kind and r["sampler"] == sampler
+               and not (r["reference_sampler"] and r["steps"] not in steps)]
+        line = ax.semilogx(*zip(*pts, strict=True), "-o", ms=3, label=f"{kind} ({sampler})")[0]
+        refrow = [r for r in rows if r["kind"] == kind and r["reference_sampler"]][-1]
+        ax.axhline(refrow["fid"], color=line.get_color(), ls=":", lw=1,
+                   label=f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps)")
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID (dataset featurizer)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / f"few_step_{sampler}.png", dpi=110)
     return res

@@ -30,7 +30,7 @@ from .errors import MolrmogError
 from .schedules import get_schedule
 
 __all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "load_model",
-           "k_subspaces"]
+           "k_subspaces", "precondition_eps"]
 
 
 class ScoreModel(Model):
@@ -107,6 +107,10 @@ class _MixtureExpert(ScoreModel):
 
     def score(self, z: Tensor, t) -> Tensor:
         return mx.score(self.mixture(), z, *self.st(z, t))
+
+    def mixture_for(self, x: Tensor) -> mx.Mixture:
+        """The expert's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with."""
+        return self.mixture().to(dtype=x.dtype, device=x.device)
 
     @torch.no_grad()
     def init_from_data(self, z: Tensor, seed: int = 0) -> _MixtureExpert:
@@ -218,6 +222,9 @@ class MoEScore(ScoreModel):
     def score(self, x: Tensor, t) -> Tensor:
         return mx.score(self.mixture(), x, *self.st(x, t))
 
+    def mixture_for(self, x: Tensor) -> mx.Mixture:
+        return self.mixture().to(dtype=x.dtype, device=x.device)
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor, seed: int = 0, restarts: int = 5) -> MoEScore:
         """Data-driven start: K-subspaces clustering for A_k, then each expert's own data-driven init."""
@@ -288,17 +295,27 @@ def k_subspaces(x: Tensor, K: int, d: int, seed: int = 0, restarts: int = 5, ite
     return best
 
 
+def precondition_eps(x_in: Tensor, out: Tensor, s: Tensor, g: Tensor, data_std: float) -> Tensor:
+    """EDM-style eps (Karras et al. 2022, Table 1, in eps form): eps = c_skip x_in + c_out F with n^2 = s^2
+    data_std^2 + gamma^2, x_in = x / n, c_skip = gamma / n (the exact E[eps | x] for N(0, data_std^2) data)
+    and c_out = s data_std / n (its posterior std): at large t the network's error is scaled away, so
+    Tweedie's x0 = (x - gamma eps) / s does not blow it up by gamma / s."""
+    n = torch.sqrt((s * data_std) ** 2 + g**2)[:, None]
+    return (g[:, None] / n) * x_in + (s[:, None] * data_std / n) * out
+
+
 class MLPScore(ScoreModel):
-    """Unstructured baseline: an MLP eps-predictor with a Fourier time embedding; score = -eps / gamma."""
+    """Unstructured baseline: an MLP eps-predictor with a Fourier time embedding; score = -eps / gamma.
+    precondition=True wraps it as `precondition_eps` (as the U-Net expert)."""
 
     @register_to_config
     def __init__(self, D: int, hidden: int = 256, depth: int = 3, emb: int = 32, schedule="vp",
-                 data_std: float = 1.0, seed: int = 0):
+                 data_std: float = 1.0, seed: int = 0, precondition: bool = False):
         super().__init__()
         self._set_schedule(schedule)
         if int(D) < 1 or int(hidden) < 1 or int(depth) < 1:
             raise MolrmogError(f"D, hidden and depth must be >= 1, got {D}, {hidden}, {depth}")
-        self.D, self.data_std = int(D), float(data_std)
+        self.D, self.data_std, self.precondition = int(D), float(data_std), bool(precondition)
         self.register_buffer("freqs", torch.randn(emb // 2, generator=torch.Generator().manual_seed(seed)))
         with torch.random.fork_rng():  # seeded weights without touching the global RNG
             torch.manual_seed(seed)
@@ -316,6 +333,8 @@ class MLPScore(ScoreModel):
         ang = 2 * math.pi * c_noise * self.freqs
         c_in = 1 / torch.sqrt((s * self.data_std) ** 2 + g**2)[:, None]  # unit-variance input
         eps = self.net(torch.cat([x * c_in, torch.sin(ang), torch.cos(ang)], 1))
+        if self.precondition:
+            eps = precondition_eps(x * c_in, eps, s, g, self.data_std)
         return -eps / g[:, None]
 
 

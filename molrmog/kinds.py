@@ -34,11 +34,12 @@ from torch import Tensor
 
 from .artefacts import FORMAT_VERSION, Model, build_from_config, register_to_config
 from .errors import MolrmogError
-from .experts import GaussianExpert, MoGExpert, ScoreModel, UNetScore
+from .experts import GaussianExpert, MLPScore, MoGExpert, ScoreModel, UNetScore
 from .options import option
+from .smd import SMDMLPScore, SMDUNetScore
 
 __all__ = ["KindOptions", "ExpertKind", "register", "unregister", "get_kind", "kind_names", "headline_kinds",
-           "baseline_kinds",
+           "baseline_kinds", "default_kinds",
            "expert_seed", "LatentExpert", "model_config", "MAX_STEPS"]
 
 MAX_STEPS = 10**7
@@ -66,6 +67,7 @@ class ExpertKind:
     init_from_data: Callable[[Any, Tensor, Any, int], None] | None = None  # (net, u (N, d), options, seed)
     check: Callable[[Any, tuple], None] | None = None  # (options, latent) -> raise MolrmogError when they clash
     seed_salt: int | None = None
+    default: bool = True  # trained when --experts is not given
     headline: bool = False  # the project's own model: compare also trains it on a unified VAE
     baseline: bool = False  # the reference the headline kind is measured against (benchmark ratios)
     description: str = ""
@@ -109,6 +111,11 @@ def get_kind(name: str) -> ExpertKind:
 
 def kind_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def default_kinds() -> tuple[str, ...]:
+    """The kinds a run trains when --experts is not given."""
+    return tuple(k.name for k in _REGISTRY.values() if k.default)
 
 
 def headline_kinds() -> tuple[str, ...]:
@@ -176,6 +183,13 @@ class LatentExpert(Model):
     def denoise(self, u: Tensor, t) -> Tensor:
         return self.net.denoise(u, t)
 
+    def mixture_for(self, u: Tensor):
+        """The net's closed-form law in standardised coordinates (MoG / Gaussian kinds; the exact sampler)."""
+        if not hasattr(self.net, "mixture_for"):
+            raise MolrmogError(f"the exact sampler needs a closed-form mixture; a {self.kind} expert has none "
+                               f"(use heun, ddim, dpmpp_2m, ddpm or euler_maruyama)")
+        return self.net.mixture_for(u)
+
 
 # --- the built-in kinds ---------------------------------------------------------------------------
 
@@ -226,3 +240,43 @@ register(ExpertKind(
     net_config=lambda latent, o, schedule, seed: {"latent": list(latent), "width": o.width, "schedule": schedule,
                                                   "seed": seed, "precondition": True},
     description="a small diffusers UNet2DModel with EDM-style preconditioning (the baseline)"))
+
+
+@dataclass(frozen=True)
+class SMDUNetOptions(UNetOptions):
+    latent_dim: int = option(8, "channels of the SMD latent field z_t", low=1, high=256)
+    hypernet_layers: int = option(2, "hypernetwork layers per adapter", low=1, high=16)
+
+
+@dataclass(frozen=True)
+class MLPOptions(KindOptions):
+    steps: int = option(1000, "training steps per expert", low=1, high=MAX_STEPS)
+    lr: float = option(1e-3, "Adam learning rate", low=0, low_open=True, high=10.0)
+    hidden: int = option(256, "hidden width", low=1, high=4096)
+    depth: int = option(3, "hidden layers", low=2, high=64)
+
+
+@dataclass(frozen=True)
+class SMDMLPOptions(MLPOptions):
+    latent_dim: int = option(16, "size of the SMD latent z_t", low=1, high=1024)
+    hypernet_layers: int = option(2, "hypernetwork layers per adapter", low=1, high=16)
+
+
+register(ExpertKind(
+    "smd_unet", "SMD U-Net expert", SMDUNetScore, SMDUNetOptions, seed_salt=4, default=False,
+    net_config=lambda latent, o, schedule, seed: {"latent": list(latent), "width": o.width, "latent_dim": o.latent_dim,
+                                                  "hypernet_layers": o.hypernet_layers, "schedule": schedule,
+                                                  "seed": seed},
+    description="the U-Net with Soft Mixture Denoising (Li et al. 2024): a latent z_t from [x_t, eta] steers "
+                "hypernetwork adapters after the first and before the last layer"))
+register(ExpertKind(
+    "mlp", "MLP expert", MLPScore, MLPOptions, seed_salt=5, default=False,
+    net_config=lambda latent, o, schedule, seed: {"D": math.prod(latent), "hidden": o.hidden, "depth": o.depth,
+                                                  "schedule": schedule, "seed": seed, "precondition": True},
+    description="an unstructured, EDM-preconditioned epsilon-MLP (the plain counterpart of smd_mlp)"))
+register(ExpertKind(
+    "smd_mlp", "SMD MLP expert", SMDMLPScore, SMDMLPOptions, seed_salt=6, default=False,
+    net_config=lambda latent, o, schedule, seed: {"D": math.prod(latent), "hidden": o.hidden, "depth": o.depth,
+                                                  "latent": o.latent_dim, "hypernet_layers": o.hypernet_layers,
+                                                  "schedule": schedule, "seed": seed},
+    description="an epsilon-MLP with Soft Mixture Denoising (identifier MLP and hypernetwork adapters)"))

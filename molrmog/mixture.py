@@ -20,6 +20,7 @@ The same functions serve the analytic ground truth (buffers) and the learnable e
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from .errors import MolrmogError, NumericalError
 
-__all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities"]
+__all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities", "bridge",
+           "reverse_step"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -144,16 +146,18 @@ def _decode(mix: Mixture, c: Tensor) -> Tensor:
     return c.transpose(0, 1).reshape(c.shape[1], K * d) @ mix.A.permute(0, 2, 1).reshape(K * d, D)
 
 
-def _capacitance(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
+def _capacitance(mix: Mixture, sigma2: Tensor, check: bool) -> tuple[Tensor, Tensor]:
     """Cholesky factor C of M = sigma^2 I_r + U^T U and log det(I_r + U^T U / sigma^2).
 
     sigma2 of shape () gives (K, L, r, r) and (K, L); of shape (B,) gives (B, K, L, r, r), (B, K, L).
+    With `check`, a factorisation failure raises NumericalError (a host synchronisation on a GPU:
+    without it, a failure shows up as NaN in the results).
     """
     UtU = mix.U.transpose(-1, -2) @ mix.U  # (K, L, r, r)
     eye = torch.eye(mix.r, dtype=UtU.dtype, device=UtU.device)
     s2 = sigma2 if sigma2.ndim == 0 else sigma2[:, None, None, None, None]
     chol, info = torch.linalg.cholesky_ex(s2 * eye + UtU)
-    if bool((info != 0).any()):
+    if check and bool((info != 0).any()):
         raise NumericalError(
             "capacitance matrix sigma^2 I + U^T U is not positive definite at this t "
             "(sigma too small for the dtype, or non-finite U); use float64 or a larger t_min"
@@ -163,107 +167,223 @@ def _capacitance(mix: Mixture, sigma2: Tensor) -> tuple[Tensor, Tensor]:
     return chol, logdet
 
 
-# Rows per evaluation block: keeps the (K, B, r + 1, L) working arrays near 8 MB (cache and
-# allocator friendly); blocks are independent, so this changes no result.
-BLOCK_ELEMENTS = 2**21
+# Elements of the (K, B, r + 1, L) working arrays per row block, per device and path: on the CPU the
+# eager path is fastest with ~8 MB blocks (cache), the fused (compiled) path with ~32 MB; on a GPU the
+# blocks only bound memory (512 MB). Blocks are independent, so this changes no result.
+BLOCK_ELEMENTS = {("cpu", False): 2**21, ("cpu", True): 2**23, ("cuda", False): 2**27, ("cuda", True): 2**27}
+FUSED = os.environ.get("MOLRMOG_FUSED", "") == "1"  # default of `fused`: compile the scalar-t block
 
 
-def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float) -> Posterior:
+def _rows(mix: Mixture, x: Tensor, fused: bool) -> int:
+    per_row = mix.K * mix.L * (mix.r + 1)
+    budget = BLOCK_ELEMENTS.get((x.device.type, fused), BLOCK_ELEMENTS[("cuda", fused)])
+    return max(64, budget // per_row)
+
+
+def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float, *, check: bool | None = None,
+              fused: bool | None = None) -> Posterior:
     """One batched evaluation of the noised mixture at x (B, D), scale s and noise gamma > 0.
 
-    s and gamma are scalars or per-sample (B,) tensors. Internally (K, B, L)-major so that
-    every product is one batched GEMM over k; no Python loop over k or l. Large batches are
-    evaluated in row blocks.
+    s and gamma are scalars or per-sample (B,) tensors. Internally (K, B, L)-major so that every
+    product is one batched GEMM over k; no Python loop over k or l. Large batches are evaluated in row
+    blocks sized per device. `check` (default: on the CPU, where it costs no synchronisation) validates
+    gamma > 0 and the capacitance factorisation; `fused` (scalar s and gamma only; default
+    `molrmog.mixture.FUSED`, environment MOLRMOG_FUSED=1) runs the block through torch.compile --
+    the same arithmetic, fused into few kernels.
     """
     s, gamma = _per_sample(s, x), _per_sample(gamma, x)
-    if bool((gamma <= 0).any()):
+    check = x.device.type == "cpu" if check is None else check
+    if check and bool((gamma <= 0).any()):
         raise MolrmogError("gamma_t must be > 0 for the noised mixture; use t > 0")
-    rows = max(64, BLOCK_ELEMENTS // (mix.K * mix.L * (mix.r + 1)))
+    if s.ndim == 0 and gamma.ndim == 0:
+        fused = FUSED if fused is None else fused
+        if fused and x.shape[0] <= _rows(mix, x, True):  # one compiled graph: factors, terms and the block
+            log_p, R, m, ok = _compiled(_scalar_full)(mix.log_weights, mix.A, mix.mu, mix.U, x, s, gamma)
+            if check and not bool(ok):
+                raise NumericalError("capacitance matrix sigma^2 I + U^T U is not positive definite at this t "
+                                     "(sigma too small for the dtype, or non-finite U); use float64 or a larger t_min")
+            return Posterior(log_p, R, m)
+        P, logdet = _scalar_terms(mix, (gamma / s) ** 2, check)
+        block = _compiled(_scalar_block) if fused else _scalar_block
+        A = mix.A
+        run = lambda xb, sb, gb: block(A, mix.log_weights, P, logdet, xb, s, gamma)  # noqa: E731
+    else:
+        fused = False
+        run = lambda xb, sb, gb: _per_sample_block(mix, xb, sb, gb, check)  # noqa: E731
+    rows = _rows(mix, x, fused)
     if x.shape[0] <= rows:
-        return _posterior_block(mix, x, s, gamma)
-    parts = [
-        _posterior_block(mix, x[i : i + rows], s if s.ndim == 0 else s[i : i + rows],
-                         gamma if gamma.ndim == 0 else gamma[i : i + rows])
-        for i in range(0, x.shape[0], rows)
-    ]
+        return Posterior(*run(x, s, gamma))
+    parts = [run(x[i: i + rows], s if s.ndim == 0 else s[i: i + rows], gamma if gamma.ndim == 0 else gamma[i: i + rows])
+             for i in range(0, x.shape[0], rows)]
     return Posterior(*(torch.cat(p) for p in zip(*parts, strict=True)))
 
 
-def _posterior_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor) -> Posterior:
+def _scalar_terms(mix: Mixture, sigma2: Tensor, check: bool) -> tuple[Tensor, Tensor]:
+    """Per call, for one sigma: P = [[F | mu], [F^T mu | ||mu||^2 / 2]] per k with the whitened factors
+    F = U C^{-T} (U M^{-1} U^T = F F^T), columns ordered (r + 1, L): (K, d + 1, (r + 1) L); and the
+    log-determinants (K, L)."""
+    mu, U = mix.mu, mix.U
+    K, L, d, r = U.shape
+    chol, logdet = _capacitance(mix, sigma2, check)
+    F = torch.linalg.solve_triangular(chol, U.transpose(-1, -2), upper=False).transpose(-1, -2)
+    top = torch.cat([F, mu[..., None]], -1).permute(0, 2, 3, 1)  # (K, d, r + 1, L)
+    bottom = torch.cat([(F * mu[..., None]).sum(2), 0.5 * (mu * mu).sum(-1, keepdim=True)], -1)
+    P = torch.cat([top, bottom.permute(0, 2, 1)[:, None]], 1).reshape(K, d + 1, (r + 1) * L)
+    return P.transpose(1, 2).contiguous().transpose(1, 2), logdet  # column-major per k: faster bmm for thin z
+
+
+def _scalar_block(A: Tensor | None, log_weights: Tensor, P: Tensor, logdet: Tensor, x: Tensor, s: Tensor,
+                  gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """log p, R, m for rows x (B, D) at one (s, gamma), from the per-call terms of `_scalar_terms`."""
+    K, L = log_weights.shape
+    r = P.shape[2] // L - 1
+    d, D, B = P.shape[1] - 1, x.shape[1], x.shape[0]
+    z = x[None] if A is None else (x @ A.permute(1, 0, 2).reshape(D, K * d)).view(B, K, d).transpose(0, 1)
+    g2 = gamma**2
+    # one bmm of [z, -s] with P gives proj = F^T v (v = z - s mu) and zmu = z.mu - s ||mu||^2 / 2
+    z1 = torch.cat([z, (-s).expand(K, B, 1)], -1)
+    Zp = torch.bmm(z1, P).view(K, B, r + 1, L)
+    proj, zmu = Zp[:, :, :r], Zp[:, :, r]
+    vMv = proj.square().sum(2)
+    # log N_{k,l}(x) (design notes, section 2) with ||x - A A^T x||^2 + ||v||^2 = ||x||^2 - 2 s zmu:
+    # log N = -||x||^2 / (2 gamma^2) + (s zmu + vMv / 2) / gamma^2 - (D log(2 pi gamma^2) + logdet) / 2.
+    # The first term is the same for every (k, l), so it is added to log p only.
+    logits = (log_weights[:, None] - 0.5 * (D * (LOG_2PI + torch.log(g2)) + logdet[:, None])
+              + (s * zmu + 0.5 * vMv) / g2)  # (K, B, L)
+    lse = torch.logsumexp(logits, dim=(0, 2))
+    log_p = lse - 0.5 * (x * x).sum(-1) / g2
+    R = torch.exp(logits - lse[None, :, None])
+    # c_k = sum_l R_kl (s mu_kl + U_kl M^{-1} U_kl^T v_kl) = [R a | s R] @ [F | mu]^T with a = F^T v;
+    # [R a | s R] written over Zp's layout without a concatenation; m = sum_k A_k c_k
+    G = Zp * R[:, :, None]
+    G[:, :, r] = s * R
+    c = torch.bmm(G.view(K, B, (r + 1) * L), P[:, :d].transpose(1, 2))
+    m = c[0] if A is None else c.transpose(0, 1).reshape(B, K * d) @ A.permute(0, 2, 1).reshape(K * d, D)
+    return log_p, R.permute(1, 0, 2), m
+
+
+def _scalar_full(log_weights: Tensor, A: Tensor | None, mu: Tensor, U: Tensor, x: Tensor, s: Tensor,
+                 gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_scalar_terms` then `_scalar_block` in one function (what the fused path compiles when the
+    batch is one block); returns also whether every capacitance factorisation succeeded."""
     sigma2 = (gamma / s) ** 2
-    per_sample = sigma2.ndim == 1
+    UtU = U.transpose(-1, -2) @ U
+    chol, info = torch.linalg.cholesky_ex(sigma2 * torch.eye(U.shape[-1], dtype=U.dtype, device=U.device) + UtU)
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1) - U.shape[-1] * torch.log(sigma2)
+    F = torch.linalg.solve_triangular(chol, U.transpose(-1, -2), upper=False).transpose(-1, -2)
+    K, L, d, r = U.shape
+    top = torch.cat([F, mu[..., None]], -1).permute(0, 2, 3, 1)
+    bottom = torch.cat([(F * mu[..., None]).sum(2), 0.5 * (mu * mu).sum(-1, keepdim=True)], -1)
+    P = torch.cat([top, bottom.permute(0, 2, 1)[:, None]], 1).reshape(K, d + 1, (r + 1) * L)
+    log_p, R, m = _scalar_block(A, log_weights, P, logdet, x, s, gamma)
+    return log_p, R, m, (info == 0).all()
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """fn through torch.compile, compiled once per process on first use (the `fused` path)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=None)
+    return _COMPILED[fn]
+
+
+def _per_sample_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor, check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The evaluation with per-sample (s, gamma) -- training, where every row has its own t: a per-sample
+    capacitance (B, K, L, r, r), the same formulas as `_scalar_block` otherwise."""
+    sigma2 = (gamma / s) ** 2
     sk, g2k = _kb(s), _kb(gamma**2)
     mu, U = mix.mu, mix.U
     K, L, d, r = U.shape
     B = x.shape[0]
-
     z = _encode(mix, x)  # (K, B, d)
-    chol, logdet = _capacitance(mix, sigma2)
-    if per_sample:
-        F = U
-    else:  # whitened factor F = U C^{-T}: U M^{-1} U^T = F F^T
-        F = torch.linalg.solve_triangular(chol, U.transpose(-1, -2), upper=False).transpose(-1, -2)
-
-    # P = [[F | mu], [F^T mu | ||mu||^2 / 2]] per k, columns ordered (r + 1, L): (K, d + 1, (r + 1) L).
-    # One bmm of [z, -s] with P gives proj = F^T v (v = z - s mu) and zmu = z.mu - s ||mu||^2 / 2.
-    top = torch.cat([F, mu[..., None]], -1).permute(0, 2, 3, 1)  # (K, d, r + 1, L)
-    bottom = torch.cat([(F * mu[..., None]).sum(2), 0.5 * (mu * mu).sum(-1, keepdim=True)], -1)
+    chol, logdet = _capacitance(mix, sigma2, check)  # (B, K, L, r, r), (B, K, L)
+    top = torch.cat([U, mu[..., None]], -1).permute(0, 2, 3, 1)  # (K, d, r + 1, L): unwhitened U
+    bottom = torch.cat([(U * mu[..., None]).sum(2), 0.5 * (mu * mu).sum(-1, keepdim=True)], -1)
     P = torch.cat([top, bottom.permute(0, 2, 1)[:, None]], 1).reshape(K, d + 1, (r + 1) * L)
-    P = P.transpose(1, 2).contiguous().transpose(1, 2)  # column-major per k: faster bmm for thin z
-    minus_s = (-s).expand(B) if s.ndim == 0 else -s
-    z1 = torch.cat([z, minus_s[None, :, None].expand(K, B, 1)], -1)
+    z1 = torch.cat([z, (-s)[None, :, None].expand(K, B, 1)], -1)
     Zp = torch.bmm(z1, P).view(K, B, r + 1, L)
-    proj, zmu = Zp[:, :, :r], Zp[:, :, r]
-    if per_sample:  # a = M^{-1} U^T v with a per-sample capacitance
-        a = torch.einsum("bklrq,kbql->kbrl", torch.cholesky_inverse(chol), proj)
-        vMv = (proj * a).sum(2)
-        logdet = logdet.transpose(0, 1)
-    else:
-        a = proj
-        vMv = proj.square().sum(2)
-        logdet = logdet[:, None]
-
-    # log N_{k,l}(x) (design notes, section 2) with ||x - A A^T x||^2 + ||v||^2 = ||x||^2 - 2 s zmu:
-    # log N = -||x||^2 / (2 gamma^2) + (s zmu + vMv / 2) / gamma^2 - (D log(2 pi gamma^2) + logdet) / 2.
-    # The first term is the same for every (k, l), so it is added to log p only.
-    logits = (mix.log_weights[:, None] - 0.5 * (mix.D * (LOG_2PI + torch.log(g2k)) + logdet)
+    proj, zmu = Zp[:, :, :r], Zp[:, :, r]  # proj = U^T v
+    a = torch.einsum("bklrq,kbql->kbrl", torch.cholesky_inverse(chol), proj)  # a = M^{-1} U^T v
+    vMv = (proj * a).sum(2)
+    logits = (mix.log_weights[:, None] - 0.5 * (mix.D * (LOG_2PI + torch.log(g2k)) + logdet.transpose(0, 1))
               + (sk * zmu + 0.5 * vMv) / g2k)  # (K, B, L)
     lse = torch.logsumexp(logits, dim=(0, 2))
     log_p = lse - 0.5 * (x * x).sum(-1) / (gamma**2)
     R = torch.exp(logits - lse[None, :, None])
-
-    # c_k = sum_l R_kl (s mu_kl + U_kl M^{-1} U_kl^T v_kl) = [R a | s R] @ [F | mu]^T;  m = sum_k A_k c_k
-    if per_sample:
-        G = torch.cat([a * R[:, :, None], (sk * R)[:, :, None]], 2)
-    else:  # a = Zp[:, :, :r]: write [R a | s R] over Zp's layout without a concatenation
-        G = Zp * R[:, :, None]
-        G[:, :, r] = sk * R
+    G = torch.cat([a * R[:, :, None], (sk * R)[:, :, None]], 2)
     c = torch.bmm(G.view(K, B, (r + 1) * L), P[:, :d].transpose(1, 2))
-    return Posterior(log_p, R.permute(1, 0, 2), _decode(mix, c))
+    return log_p, R.permute(1, 0, 2), _decode(mix, c)
 
 
-def log_prob(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
-    """log p_t(x): (B,)."""
-    return posterior(mix, x, s, gamma).log_p
+def log_prob(mix: Mixture, x: Tensor, s, gamma, **kw) -> Tensor:
+    """log p_t(x): (B,). Keywords as `posterior`."""
+    return posterior(mix, x, s, gamma, **kw).log_p
 
 
-def responsibilities(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+def responsibilities(mix: Mixture, x: Tensor, s, gamma, **kw) -> Tensor:
     """R_{k,l}(x): (B, K, L), padded modes 0."""
-    return posterior(mix, x, s, gamma).R
+    return posterior(mix, x, s, gamma, **kw).R
 
 
-def denoise(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+def denoise(mix: Mixture, x: Tensor, s, gamma, **kw) -> Tensor:
     """Tweedie: E[x_0 | x_t = x] = (x + gamma^2 score)/s: (B, D)."""
     s = _per_sample(s, x)
-    m = posterior(mix, x, s, gamma).m
+    m = posterior(mix, x, s, gamma, **kw).m
     return m / (s if s.ndim == 0 else s[:, None])
 
 
-def score(mix: Mixture, x: Tensor, s, gamma) -> Tensor:
+def score(mix: Mixture, x: Tensor, s, gamma, **kw) -> Tensor:
     """grad_x log p_t(x) = -(1/gamma^2) sum R_{k,l} delta_{k,l}(x) = (s E[x0|x_t] - x)/gamma^2: (B, D)."""
     g = _per_sample(gamma, x)
-    m = posterior(mix, x, s, g).m
+    m = posterior(mix, x, s, g, **kw).m
     return (m - x) / (g**2 if g.ndim == 0 else (g**2)[:, None])
+
+
+def bridge(s_t: float, g_t: float, s_s: float, g_s: float) -> tuple[float, float, float]:
+    """The Gaussian bridge of the forward process between times s < t (design notes, exact reverse step):
+    x_s | x_0, x_t ~ N(a x_t + b x_0, v I) with a_{t|s} = s_t / s_s, v_{t|s} = g_t^2 - a_{t|s}^2 g_s^2,
+    a = a_{t|s} g_s^2 / g_t^2, b = s_s v_{t|s} / g_t^2, v = v_{t|s} g_s^2 / g_t^2. Returns (a, b, v)."""
+    a_ts = s_t / s_s
+    v_ts = g_t**2 - a_ts**2 * g_s**2
+    return a_ts * g_s**2 / g_t**2, s_s * v_ts / g_t**2, max(v_ts * g_s**2 / g_t**2, 0.0)
+
+
+def reverse_step(mix: Mixture, x: Tensor, s_t: float, g_t: float, s_s: float, g_s: float,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """An exact draw of x_s ~ q(x_s | x_t) for s < t (s_s = 1, g_s = 0: an exact draw of x_0 | x_t).
+
+    q(x_s | x_t) = sum_c R_c(x_t) N(x_s; a x_t + b m_c, v I + b^2 sigma^2 A_k F_c F_c^T A_k^T), with the
+    per-component Tweedie mean m_c = A_k (s mu_c + F_c F_c^T v_c) / s (v_c = A_k^T x_t - s mu_c, F_c = U_c
+    C_c^{-T}, C_c C_c^T = sigma^2 I + U_c^T U_c, sigma = g_t / s_t) and (a, b, v) from `bridge`: pick c by the
+    responsibilities, then x_s = a x_t + b m_c + sqrt(v) xi + b sigma A_k F_c zeta (Woodbury again: no D x D
+    matrix). Random numbers come from `generator` on the CPU (the same draws on every device)."""
+    B, dev = x.shape[0], x.device
+    K, L, d, r = mix.U.shape
+    st, gt = torch.tensor(s_t, dtype=x.dtype, device=dev), torch.tensor(g_t, dtype=x.dtype, device=dev)
+    R = posterior(mix, x, st, gt).R.reshape(B, K * L)
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64).to(dev)
+    cdf = torch.cumsum(R.double(), 1)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_max(K * L - 1)  # R_c > 0 only
+    k, l = idx // L, idx % L
+    sigma2 = (g_t / s_t) ** 2
+    chol, _ = _capacitance(mix, torch.tensor(sigma2, dtype=x.dtype, device=dev), False)
+    F = torch.linalg.solve_triangular(chol, mix.U.transpose(-1, -2), upper=False).transpose(-1, -2)  # (K, L, d, r)
+    rows = torch.arange(B, device=dev)
+    Fc, mu = F[k, l], mix.mu[k, l]  # (B, d, r), (B, d)
+    v_c = _encode(mix, x)[k, rows] - s_t * mu
+    w = torch.einsum("bdr,bd->br", Fc, v_c)  # F_c^T v_c
+    m_lat = mu + torch.einsum("bdr,br->bd", Fc, w) / s_t  # (s mu + F F^T v) / s, in subspace k's coordinates
+    zeta = torch.randn(B, r, generator=generator, dtype=x.dtype).to(dev)
+    a, b, v = bridge(s_t, g_t, s_s, g_s)
+    lat = b * (m_lat + math.sqrt(sigma2) * torch.einsum("bdr,br->bd", Fc, zeta))
+    c = torch.zeros(K, B, d, dtype=x.dtype, device=dev)
+    c[k, rows] = lat
+    out = a * x + _decode(mix, c)
+    if v > 0:
+        out = out + math.sqrt(v) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(dev)
+    return out
 
 
 def log_prob_clean(mix: Mixture, x: Tensor) -> Tensor:

@@ -248,3 +248,17 @@ def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache):
     before = weights.stat().st_mtime_ns
     assert main(args) == 0  # finished runs are resumed, not retrained
     assert weights.stat().st_mtime_ns == before
+
+
+def test_few_step_analysis_cli(digits_run, digits_featurizer, cache, capsys):
+    out = digits_run / "fs"
+    assert main(["analyze", "few-step", str(digits_run), "--kinds", "mog,gaussian", "--sampler", "exact", "--steps",
+                 "1,2", "--samples", "40", "--reference", "300", "--cache", str(cache), "--out", str(out)]) == 0
+    res = json.loads((out / "few_step_exact.json").read_text())
+    got = {(r["kind"], r["sampler"], r["steps"]) for r in res["rows"]}
+    assert got == {(k, s, n) for k in ("mog", "gaussian") for s, n in (("exact", 1), ("exact", 2), ("heun", 3))}
+    assert all(np.isfinite(r["fid"]) and r["images_per_second"] > 0 for r in res["rows"])
+    assert (out / "few_step_exact.png").is_file() and (out / "few_step_exact.csv").is_file()
+    assert main(["analyze", "few-step", str(digits_run), "--kinds", "unet", "--sampler", "exact", "--steps", "1",
+                 "--cache", str(cache), "--out", str(out)]) == 2
+    assert "needs a closed-form mixture" in capsys.readouterr().err

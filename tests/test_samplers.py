@@ -9,7 +9,7 @@ from molrmog.metrics import energy_distance
 from molrmog.samplers import SAMPLERS, generate, sample_ddim, sample_dpmpp_2m
 from molrmog.schedules import Schedule, make_grid
 
-STEPS = {"euler": 200, "heun": 40, "ddim": 100, "dpmpp_2m": 40, "euler_maruyama": 400}
+STEPS = {"euler": 200, "heun": 40, "ddim": 100, "dpmpp_2m": 40, "euler_maruyama": 400, "ddpm": 200, "exact": 3}
 
 
 @pytest.fixture(scope="module")

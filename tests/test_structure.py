@@ -13,6 +13,7 @@ from molrmog.errors import ArtefactError, MolrmogError
 from molrmog.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, UNetScore, load_model
 from molrmog.featurizer import Featurizer
 from molrmog.kinds import LatentExpert, get_kind, model_config
+from molrmog.smd import SMDMLPScore, SMDUNetScore
 from molrmog.vae import ConvVAE, LoRAVAE
 
 ROOT = Path(__file__).resolve().parents[1] / "molrmog"
@@ -73,7 +74,8 @@ def _models():
     lat = (2, 4, 4)
     return [MoGExpert(5, 3, 2, seed=1), GaussianExpert(6, 3), MoEScore(12, 2, 3, 2), MLPScore(7, hidden=16, depth=2),
             UNetScore(lat, width=8), ConvVAE((1, 8, 8), lat, 8, 0.1, seed=2), LoRAVAE((1, 8, 8), lat, 8, 0.1, 0, 3, 2),
-            Featurizer((1, 8, 8), 10, 16, 8),
+            Featurizer((1, 8, 8), 10, 16, 8), SMDMLPScore(6, hidden=16, depth=2, latent=4),
+            SMDUNetScore(lat, width=8, latent_dim=3),
             LatentExpert.wrap("mog", lat, get_kind("mog").build(lat, get_kind("mog").options(), {"name": "vp"}, 3))]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .convergence import run_convergence
 from .estimation import run_estimation
+from .few_step import run_few_step
 from .phase import run_phase
 
 EXPERIMENTS = {
@@ -13,4 +14,7 @@ EXPERIMENTS = {
                     "Hessian eigenvalues", "convergence.csv/.json/.png and hessian.png"),
     "phase-transition": (run_phase, "claim 3: MoLRG subspace recovery vs intrinsic dimension d and "
                          "samples N (DSM vs PCA / K-subspaces)", "phase_transition.csv/.json/.png"),
+    "few-step": (run_few_step, "few-step sampling against the exact reverse step: exact, Gaussian steps with the "
+                 "exact mean, PF-ODE with the exact score, learned vanilla and SMD MLPs, 1-64 steps",
+                 "few_step.csv/.json/.png"),
 }
