@@ -269,9 +269,7 @@ class MoLRMoG:
         self.schedule.check_t(t, allow_zero=allow_zero)
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
             raise MolrmogError(f"t must be a scalar or have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
-        s = self.schedule.s(t).to(x.dtype).to(x.device)
-        g = self.schedule.gamma(t).to(x.dtype).to(x.device)
-        return s, g
+        return self.schedule.s_gamma(t, x)
 
     # --- the verbs --------------------------------------------------------------------
     def log_prob(self, x: Tensor, t: float | Tensor = 0.0, *, check: bool = True) -> Tensor:

@@ -46,9 +46,8 @@ class ScoreModel(Model):
         self.register_to_config(schedule=self.schedule.config())  # a JSON dict, whatever was passed
 
     def st(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
-        """(s_t, gamma_t) in x's dtype, shape () or (B,)."""
-        t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-        return self.schedule.s(t).to(x.dtype), self.schedule.gamma(t).to(x.dtype)
+        """(s_t, gamma_t) in x's dtype and device, shape () or (B,) (`Schedule.s_gamma`)."""
+        return self.schedule.s_gamma(torch.as_tensor(t, dtype=torch.float64), x)
 
     def score(self, x: Tensor, t) -> Tensor:
         raise NotImplementedError
@@ -106,6 +105,11 @@ class _MixtureExpert(ScoreModel):
                           self.mu[None], self.U[None])
 
     def score(self, z: Tensor, t) -> Tensor:
+        if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
+            # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
+            # closed form -- as one compiled graph (`molrmog.mixture.FUSED`)
+            s, g = self.st(z, t)
+            return mx._compiled(_mixture_expert_score)(self.logit_pi, self.mu, self.U, z, s, g)
         return mx.score(self.mixture(), z, *self.st(z, t))
 
     def mixture_for(self, x: Tensor) -> mx.Mixture:
@@ -148,6 +152,14 @@ class _MixtureExpert(ScoreModel):
             self.logit_pi.copy_(torch.log(torch.as_tensor(counts + 1.0) / (counts.sum() + self.n)).to(
                 self.logit_pi.dtype))
         return self
+
+
+def _mixture_expert_score(logit_pi: Tensor, mu: Tensor, U: Tensor, z: Tensor, s: Tensor, g: Tensor) -> Tensor:
+    """`_MixtureExpert.score` at one (s, gamma) as one function of tensors (what the fused path compiles)."""
+    log_w = torch.zeros(1, dtype=U.dtype, device=U.device)
+    log_p, R, m, ok = mx._scalar_full(log_w[:, None] + torch.log_softmax(logit_pi, 0)[None], None, mu[None], U[None],
+                                      z, s, g)
+    return (m - z) / g**2
 
 
 class MoGExpert(_MixtureExpert):
@@ -374,7 +386,7 @@ class UNetScore(ScoreModel):
         c, h, w = self.latent
         x = (u / torch.sqrt(s**2 + g**2)[:, None]).view(B, c, h, w)  # unit-variance input (u standardised)
         x = F.pad(x, (0, self.pad, 0, self.pad))
-        timestep = 1000 * torch.as_tensor(t, dtype=u.dtype, device=u.device).expand(B) / self.schedule.t_max
+        timestep = self.schedule.timestep(torch.as_tensor(t, dtype=torch.float64), u, B)
         out = self.unet(x, timestep).sample[:, :, :h, :w].reshape(B, -1)
         if self.precondition:  # EDM-style: exact eps for N(0, I) data plus a correction scaled by its std
             norm = torch.sqrt(s**2 + g**2)[:, None]

@@ -132,11 +132,11 @@ def train_featurizer(dataset: str, *, cache: str | os.PathLike | None = None, st
     x, y = train.images, train.labels
 
     def loss_fn(m, gen):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
+        idx = torch.randint(0, x.shape[0], (batch,), generator=gen, device=gen.device).cpu()
         xb = x[idx]
         # small random shifts (+-1 pixel on 8x8, +-2 on 28x28): cheap augmentation, no flips
         pad = 1 if xb.shape[-1] < 16 else 2
-        dx, dy = torch.randint(-pad, pad + 1, (2,), generator=gen).tolist()
+        dx, dy = torch.randint(-pad, pad + 1, (2,), generator=gen, device=gen.device).tolist()
         xb = torch.roll(F.pad(xb, (pad,) * 4), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
         return F.cross_entropy(m(xb.to(device)), y[idx].to(device))
 

@@ -22,7 +22,7 @@ def sample_times(schedule: Schedule, n: int, dist: str = "uniform", generator=No
     hi = schedule.t_max if t_max is None else t_max
     if not lo < hi:
         raise MolrmogError(f"t_min ({lo}) must be smaller than T ({hi})")
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device if generator else None)
     if dist == "uniform":
         return lo + (hi - lo) * u
     if dist == "log":
@@ -39,8 +39,10 @@ def dsm_loss(model, x0: Tensor, schedule: Schedule, *, generator=None, t_dist: s
     `model(x, t)` returns the score; `weighting(t)` (optional) returns lambda(t) per sample.
     """
     B, D = x0.shape
+    # drawn with the generator where it lives (the training device: no host-to-device copies per step)
     t = sample_times(schedule, B, t_dist, generator, t_min, t_max).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
+                      device=generator.device if generator else None).to(x0.device)
     s = schedule.s(t).to(x0.dtype)[:, None]
     g = schedule.gamma(t).to(x0.dtype)[:, None]
     xt = s * x0 + g * eps

@@ -19,8 +19,10 @@ The same functions serve the analytic ground truth (buffers) and the learnable e
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -171,7 +173,14 @@ def _capacitance(mix: Mixture, sigma2: Tensor, check: bool) -> tuple[Tensor, Ten
 # eager path is fastest with ~8 MB blocks (cache), the fused (compiled) path with ~32 MB; on a GPU the
 # blocks only bound memory (512 MB). Blocks are independent, so this changes no result.
 BLOCK_ELEMENTS = {("cpu", False): 2**21, ("cpu", True): 2**23, ("cuda", False): 2**27, ("cuda", True): 2**27}
-FUSED = os.environ.get("MOLRMOG_FUSED", "") == "1"  # default of `fused`: compile the scalar-t block
+# default of `fused` (compile the scalar-t evaluation): MOLRMOG_FUSED=1 / 0, else on for CUDA, off for the
+# CPU (where the compile time of a short command costs more than it saves)
+FUSED = {"1": True, "0": False}.get(os.environ.get("MOLRMOG_FUSED", ""))
+
+
+def use_fused(x: Tensor, fused: bool | None = None) -> bool:
+    fused = FUSED if fused is None else fused
+    return x.device.type == "cuda" if fused is None else bool(fused)
 
 
 def _rows(mix: Mixture, x: Tensor, fused: bool) -> int:
@@ -187,16 +196,16 @@ def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float,
     s and gamma are scalars or per-sample (B,) tensors. Internally (K, B, L)-major so that every
     product is one batched GEMM over k; no Python loop over k or l. Large batches are evaluated in row
     blocks sized per device. `check` (default: on the CPU, where it costs no synchronisation) validates
-    gamma > 0 and the capacitance factorisation; `fused` (scalar s and gamma only; default
-    `molrmog.mixture.FUSED`, environment MOLRMOG_FUSED=1) runs the block through torch.compile --
-    the same arithmetic, fused into few kernels.
+    gamma > 0 and the capacitance factorisation; `fused` (scalar s and gamma only; default `use_fused`:
+    MOLRMOG_FUSED=1/0, else on for CUDA) runs the evaluation through torch.compile -- the same arithmetic,
+    fused into few kernels; if compilation fails it says so once and runs eagerly.
     """
     s, gamma = _per_sample(s, x), _per_sample(gamma, x)
     check = x.device.type == "cpu" if check is None else check
     if check and bool((gamma <= 0).any()):
         raise MolrmogError("gamma_t must be > 0 for the noised mixture; use t > 0")
     if s.ndim == 0 and gamma.ndim == 0:
-        fused = FUSED if fused is None else fused
+        fused = use_fused(x, fused)
         if fused and x.shape[0] <= _rows(mix, x, True):  # one compiled graph: factors, terms and the block
             log_p, R, m, ok = _compiled(_scalar_full)(mix.log_weights, mix.A, mix.mu, mix.U, x, s, gamma)
             if check and not bool(ok):
@@ -283,9 +292,25 @@ _COMPILED: dict = {}
 
 
 def _compiled(fn):
-    """fn through torch.compile, compiled once per process on first use (the `fused` path)."""
+    """fn through torch.compile, compiled once per process on first use (the `fused` path); if compiling
+    fails (no compiler, an unsupported backend), a warning is logged once and fn runs eagerly."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=None)
+        # inductor itself calls a deprecated torch helper while it compiles; not ours to fix
+        warnings.filterwarnings("ignore", message=r".*torch\._prims_common\.check.*")
+        compiled = torch.compile(fn, dynamic=None)
+
+        def run(*args):
+            if _COMPILED.get(("failed", fn)):
+                return fn(*args)
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - an optional speed-up must never stop the work
+                logging.getLogger(__name__).warning("torch.compile of %s failed (%s: %s); evaluating eagerly",
+                                                    fn.__name__, type(e).__name__, str(e).splitlines()[0][:200])
+                _COMPILED[("failed", fn)] = True
+                return fn(*args)
+
+        _COMPILED[fn] = run
     return _COMPILED[fn]
 
 
@@ -302,6 +327,7 @@ def _per_sample_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor, check: 
     top = torch.cat([U, mu[..., None]], -1).permute(0, 2, 3, 1)  # (K, d, r + 1, L): unwhitened U
     bottom = torch.cat([(U * mu[..., None]).sum(2), 0.5 * (mu * mu).sum(-1, keepdim=True)], -1)
     P = torch.cat([top, bottom.permute(0, 2, 1)[:, None]], 1).reshape(K, d + 1, (r + 1) * L)
+    P = P.transpose(1, 2).contiguous().transpose(1, 2)  # column-major per k (as `_scalar_terms`)
     z1 = torch.cat([z, (-s)[None, :, None].expand(K, B, 1)], -1)
     Zp = torch.bmm(z1, P).view(K, B, r + 1, L)
     proj, zmu = Zp[:, :, :r], Zp[:, :, r]  # proj = U^T v

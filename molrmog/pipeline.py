@@ -161,11 +161,12 @@ class Run:
         if final is not None and is_saved(final):
             return
         vae = vae.to(self.device)
+        images = images.to(self.device)  # resident on the device for the whole task
         B = self.cfg.vae_batch
 
         def loss_fn(m, gen):
-            idx = torch.randint(0, images.shape[0], (B,), generator=gen)
-            return vae_loss(m, images[idx].to(self.device), gen)
+            idx = torch.randint(0, images.shape[0], (B,), generator=gen, device=gen.device)
+            return vae_loss(m, images[idx], gen)
 
         hist = fit(vae, loss_fn, steps=self.cfg.vae_steps, lr=self.cfg.vae_lr, seed=seed, progress=self.progress,
                    desc=task, checkpoint_dir=self.out / "checkpoints" / task,

@@ -101,6 +101,24 @@ class Schedule:
                 f"with another t_min/t_max"
             )
 
+    def s_gamma(self, t, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_t, gamma_t) in like's dtype and device, shape () or (B,). A scalar t that lives elsewhere (a CPU
+        grid time for a model on a GPU) is evaluated where it is and written with torch.full: no host-to-device
+        copy, so no synchronisation inside a sampler loop."""
+        t = _t(t) if not isinstance(t, Tensor) else t
+        if t.device != like.device and t.ndim == 0:
+            return (torch.full((), float(self.s(t.double())), dtype=like.dtype, device=like.device),
+                    torch.full((), float(self.gamma(t.double())), dtype=like.dtype, device=like.device))
+        t = t.to(device=like.device, dtype=torch.float64)
+        return self.s(t).to(like.dtype), self.gamma(t).to(like.dtype)
+
+    def timestep(self, t, like: Tensor, batch: int) -> Tensor:
+        """1000 t / t_max as (batch,) in like's dtype and device (the U-Nets' time input), without a copy."""
+        t = _t(t) if not isinstance(t, Tensor) else t
+        if t.device != like.device and t.ndim == 0:
+            return torch.full((batch,), 1000 * float(t) / self.t_max, dtype=like.dtype, device=like.device)
+        return (1000 * t.to(device=like.device, dtype=like.dtype) / self.t_max).expand(batch)
+
     def drift_coefficients(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """PF-ODE dx/dt = a(t) x + b(t) score(x, t): returns (a, b) = (s'/s, -s^2 sigma' sigma)."""
         s, sig = self.s(t), self.sigma(t)

@@ -163,7 +163,7 @@ class SMDUNetScore(ScoreModel):
         c, h, w = self.latent
         norm = torch.sqrt(s**2 + g**2)[:, None]
         x = F.pad((u / norm).view(B, c, h, w), (0, self.pad, 0, self.pad))
-        timestep = 1000 * torch.as_tensor(t, dtype=u.dtype, device=u.device).expand(B) / self.schedule.t_max
+        timestep = self.schedule.timestep(torch.as_tensor(t, dtype=torch.float64), u, B)
         eta = torch.randn_like(x)  # a fresh latent draw per example and call
         self._z = self.identifier(torch.cat([x, eta], 1), timestep).sample.permute(0, 2, 3, 1)
         try:

@@ -99,7 +99,7 @@ class ConvVAE(_VAE):
 def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
     """Negative ELBO per image: Bernoulli reconstruction + beta KL(q(z|x) || N(0, I))."""
     mean, logvar = vae.encode(x)
-    eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+    eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=gen.device if gen else None).to(mean.device)
     z = mean + torch.exp(0.5 * logvar) * eps
     rec = F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="sum") / x.shape[0]
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / x.shape[0]
