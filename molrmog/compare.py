@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .evaluation import MEMORISE, evaluate_run
-from .kinds import default_kinds, get_kind, headline_kinds
-from .outputs import pyplot, save_figure, save_grid, write_json, write_text
-from .pipeline import load_run, sample_loaded, train_run
+from .artefacts import read_json
+from .config import BUDGET_POINTS, VAE_FIELDS, RunConfig
+from .errors import MolrmogError
+from .evaluation import MEMORISE, _Context, evaluate_run, image_scores, reference_features, sample_images
+from .featurizer import get_featurizer
+from .kinds import LatentExpert, default_kinds, get_kind, headline_kinds
+from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
+from .pipeline import load_config, load_run, sample_loaded, snapshot_done, train_run
 from .report import finish_run, read_logs, train_seconds
 
 __all__ = ["compare", "comparison_md"]
@@ -53,8 +56,11 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
     if ablation:
         runs["unified"] = out / "unified"
         opts = {k: v for k, v in cfg.expert_options.items() if k in ablation}
-        _train_or_resume(runs["unified"], dataclasses.replace(cfg, experts=tuple(ablation), vae="unified",
-                                                              expert_options=opts), progress, executor)
+        ucfg = dataclasses.replace(cfg, experts=tuple(ablation), vae="unified", expert_options=opts)
+        if cfg.vae_from is not None:  # the same data and VAE options as the reused dedicated VAEs, trained unified
+            src = load_config(runs["dedicated"])
+            ucfg = dataclasses.replace(ucfg, vae_from=None, **{f: getattr(src, f) for f in VAE_FIELDS if f != "vae"})
+        _train_or_resume(runs["unified"], ucfg, progress, executor)
 
     ev = {"dedicated": evaluate_run(runs["dedicated"], samples=samples, reference=reference, cache=cache,
                                     device=cfg.device, seed=cfg.seed, progress=progress)}
@@ -71,6 +77,11 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
               "samples_per_model": ev["dedicated"]["samples_per_model"],
               "reference_images": ev["dedicated"]["reference_images"], "rows": rows,
               "pairs": ev["dedicated"]["pairs"], "runs": {k: str(v) for k, v in runs.items()}}
+    if cfg.budget is not None:
+        floor = {"memorisation baseline": rows["memorisation baseline"]["fid"],
+                 "real test images": rows["real test images"]["fid"]}
+        result["quality_vs_time"] = quality_vs_time(out, runs["dedicated"], kinds, floor, samples=samples,
+                                                    reference=reference, cache=cache, progress=progress)
     write_json(out / "comparison.json", result)
     write_text(out / "comparison.md", comparison_md(result))
     series = [(runs["dedicated"], k, get_kind(k).label) for k in kinds] + \
@@ -139,5 +150,70 @@ def _loss_panel(path: Path, series: list) -> None:
     ax.set_ylabel("DSM loss (mean over clusters)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def quality_vs_time(out: Path, run: Path, kinds, floor: dict, *, samples: int = 1000, reference: int = 10000,
+                    cache=None, progress: bool = True) -> dict:
+    """FID / KID / precision / recall of each kind at every snapshot of a budgeted run (all clusters' experts at
+    the same fraction of the budget; fixed sample count and noise), with the elapsed training seconds summed over
+    the clusters. Written incrementally to quality_vs_time.{json,csv}; points already there are not measured
+    again. quality_vs_time.png: FID against seconds (log x), one curve per kind, `floor` as horizontal lines."""
+    out, run = Path(out), Path(run)
+    path = out / "quality_vs_time.json"
+    done = read_json(path, "quality-vs-time table") if path.is_file() else {"rows": []}
+    rows = [r for r in done.get("rows", []) if isinstance(r, dict)]
+    have = {(r["kind"], r["point"]) for r in rows}
+    ctx = _Context(run, load_config(run).device)
+    cfg = ctx.cfg
+    feat = get_featurizer(cfg.dataset, cache, cfg.device, progress=progress, size=cfg.size, channels=cfg.channels,
+                          data_dir=cfg.data_dir)
+    ref = reference_features(ctx, feat, reference, cfg.seed)
+    per_cluster = -(-samples // ctx.K)
+    budget_used = {}
+    for kind in kinds:
+        weights, _, vaes, final = ctx.load(kind)
+        budget_used[kind] = sum(read_logs(run)[f"{kind}-{k}"]["info"]["elapsed"] for k in range(ctx.K))
+        for i, frac in enumerate(BUDGET_POINTS):
+            if (kind, i) in have:
+                continue
+            missing = [k for k in range(ctx.K) if not snapshot_done(run, kind, i, k)]
+            if missing:
+                raise MolrmogError(f"{run}: snapshot {i} of {kind} is missing for clusters {missing}; resume the run")
+            experts = [LatentExpert.load(run / "snapshots" / kind / str(i) / str(k), "snapshot").eval()
+                       for k in range(ctx.K)]
+            meta = [read_json(run / "snapshots" / kind / str(i) / str(k) / "snapshot.json", "snapshot")
+                    for k in range(ctx.K)]
+            imgs, _, _ = sample_images(weights, vaes, experts, per_cluster, cfg.sampler, cfg.sample_steps, cfg.seed,
+                                       cfg.device, progress)
+            row = {"kind": kind, "point": i, "fraction": frac, "seconds": sum(m["elapsed"] for m in meta),
+                   "step": round(sum(m["step"] for m in meta) / ctx.K, 1), **image_scores(feat.embed(imgs)[0], ref),
+                   "parameters": sum(e.net.num_parameters() for e in experts)}
+            rows.append(row)
+            write_json(path, {"rows": rows, "floor": floor, "budget_per_kind": cfg.budget})  # after every point
+    rows.sort(key=lambda r: (list(kinds).index(r["kind"]) if r["kind"] in kinds else 99, r["point"]))
+    result = {"rows": rows, "floor": floor, "budget_per_kind": cfg.budget, "budget_used": budget_used,
+              "samples": per_cluster * ctx.K}
+    write_json(path, result)
+    write_csv(out / "quality_vs_time.csv", [{k: r[k] for k in ("kind", "seconds", "step", "fid", "kid", "precision",
+                                                               "recall", "parameters")} for r in rows])
+    _time_plot(out / "quality_vs_time.png", rows, floor, kinds)
+    return result
+
+
+def _time_plot(path: Path, rows: list, floor: dict, kinds) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    for kind in kinds:
+        pts = sorted((r["seconds"], r["fid"]) for r in rows if r["kind"] == kind)
+        if pts:
+            ax.loglog(*zip(*pts, strict=True), "-o", ms=3, label=get_kind(kind).label)
+    for (name, value), style in zip(floor.items(), (":", "--"), strict=False):
+        if value is not None:
+            ax.axhline(value, color="gray", ls=style, lw=1, label=name)
+    ax.set_xlabel("training seconds per kind (all clusters' experts, EM start included)")
+    ax.set_ylabel("FID (dataset featurizer)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)

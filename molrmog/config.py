@@ -24,14 +24,27 @@ from .kinds import KindOptions, default_kinds, get_kind, kind_names
 from .options import check, comma_list, from_dict, option, shape3, to_dict
 
 __all__ = ["RunConfig", "CommonOptions", "ExecutorOptions", "check_config", "resolve_config", "config_from_json",
-           "config_to_json", "default_latent", "DATASET_DEFAULTS", "RESUME_SAFE", "VAE_LAYOUTS", "RUN_FORMAT",
-           "parse_device", "SCHEDULE_NAMES", "SAMPLER_NAMES"]
+           "config_to_json", "default_latent", "dataset_defaults", "DATASET_DEFAULTS", "RESUME_SAFE", "VAE_LAYOUTS",
+           "RUN_FORMAT", "parse_device", "SCHEDULE_NAMES", "SAMPLER_NAMES", "VAE_FIELDS", "BUDGET_POINTS"]
 
 RUN_FORMAT = 2
 VAE_LAYOUTS = ("dedicated", "unified", "lora")
 SCHEDULE_NAMES = ("vp", "ve", "cosine")
 SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ddim", "euler_maruyama")
-DATASET_DEFAULTS = {"digits": {"latent": (2, 4, 4)}, "fashion-mnist": {"latent": (4, 7, 7)}}
+# per-dataset defaults of the fields that are None in RunConfig (anything else: FALLBACK_DEFAULTS)
+DATASET_DEFAULTS = {
+    "digits": {"latent": (2, 4, 4), "vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr": 2e-3,
+               "vae_blocks": 0, "vae_lr_schedule": "constant"},
+    # a small KL weight is what sharpens Fashion-MNIST reconstructions (README: the VAE study)
+    "fashion-mnist": {"latent": (4, 7, 7), "vae_width": 16, "vae_steps": 1000, "vae_beta": 0.001, "vae_lr": 4e-3,
+                      "vae_blocks": 0, "vae_lr_schedule": "cosine"},
+}
+FALLBACK_DEFAULTS = {"vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr": 2e-3, "vae_blocks": 0,
+                     "vae_lr_schedule": "constant"}
+# the fields a run takes from --vae-from RUN (its data, clusters and VAEs)
+VAE_FIELDS = ("dataset", "data_dir", "limit", "size", "channels", "skip_bad", "clusters", "vae", "latent", "vae_width",
+              "vae_beta", "vae_steps", "vae_lr", "vae_batch", "vae_blocks", "vae_lr_schedule", "lora_rank")
+BUDGET_POINTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshots along a budget, as fractions of it
 MAX_IMAGES = 10**7
 
 
@@ -89,11 +102,20 @@ class RunConfig:
     latent: tuple[int, int, int] | None = option(None, "latent shape c,h,w (default: digits 2,4,4; "
                                                  "fashion-mnist 4,7,7; folders 4,size/4,size/4)", parse=shape3,
                                                  metavar="C,H,W")
-    vae_width: int = option(32, "VAE base channels", low=1, high=1024)
-    vae_beta: float = option(0.1, "KL weight of the VAEs", low=0, high=1e4)
-    vae_steps: int = option(400, "training steps per VAE", low=1, high=10**7)
-    vae_lr: float = option(2e-3, "VAE learning rate", low=0, low_open=True, high=10.0)
+    vae_width: int | None = option(None, "VAE base channels (default per dataset)", low=1, high=1024)
+    vae_beta: float | None = option(None, "KL weight of the VAEs (default per dataset)", low=0, high=1e4)
+    vae_steps: int | None = option(None, "training steps per VAE (default per dataset)", low=1, high=10**7)
+    vae_lr: float | None = option(None, "VAE learning rate (default per dataset)", low=0, low_open=True, high=10.0)
+    vae_lr_schedule: str | None = option(None, "VAE learning-rate schedule (default per dataset)",
+                                         choices=("constant", "cosine"))
+    vae_blocks: int | None = option(None, "residual blocks after each of the VAE's two lowest-resolution stages "
+                                    "(default per dataset)", low=0, high=16)
     vae_batch: int = option(128, "VAE training batch size", low=1, high=2**16)
+    vae_from: str | None = option(None, "reuse the data, clusters and VAEs of this trained run (its VAE options "
+                                  "apply; they are not trained again)", metavar="RUN")
+    budget: float | None = option(None, "seconds of expert training per kind, all clusters together (the EM start "
+                                  "included; each cluster gets an equal share; --<kind>-steps is ignored); "
+                                  "snapshots are kept at 1/32 ... 1 of it", low=0, low_open=True, high=10**7)
     lora_rank: int = option(4, "rank of the per-cluster LoRA adapters (--vae lora)", low=1, high=1024)
     schedule: str = option("vp", "noise schedule of the latent experts", choices=SCHEDULE_NAMES)
     sampler: str = option("heun", "sampler for report grids and evaluation", choices=SAMPLER_NAMES)
@@ -114,6 +136,13 @@ RESUME_SAFE = ("device", "progress", "debug", "executor", "workers", "ray_addres
 
 def default_latent(dataset: str, size: int) -> tuple[int, int, int]:
     return DATASET_DEFAULTS.get(dataset, {}).get("latent", (4, max(1, size // 4), max(1, size // 4)))
+
+
+def dataset_defaults(cfg: RunConfig, image_shape) -> RunConfig:
+    """A copy with every per-dataset default (fields left None) filled in."""
+    defaults = {**FALLBACK_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {})}
+    defaults["latent"] = default_latent(cfg.dataset, image_shape[-1])
+    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
 def check_config(cfg: RunConfig, image_shape=None) -> None:
@@ -157,8 +186,7 @@ def resolve_config(cfg: RunConfig, image_shape) -> RunConfig:
     check_config(cfg)
     if cfg.experts is None:
         cfg = dataclasses.replace(cfg, experts=default_kinds())
-    if cfg.latent is None:
-        cfg = dataclasses.replace(cfg, latent=default_latent(cfg.dataset, image_shape[-1]))
+    cfg = dataset_defaults(cfg, image_shape)
     # every trained kind's options written out, so the run does not depend on this version's defaults
     cfg = dataclasses.replace(cfg, expert_options={k: cfg.options_of(k) for k in cfg.experts})
     check_config(cfg, image_shape)

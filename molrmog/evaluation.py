@@ -34,7 +34,7 @@ from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, writ
 from .pipeline import encode_images, load_config, load_run, load_run_data, run_labels, sample_loaded
 
 __all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank",
-           "few_step_images"]
+           "few_step_images", "reference_features", "image_scores", "sample_images"]
 
 MEMORISE = "memorise"
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class _Context:
 
 
 @torch.no_grad()
-def _samples(weights, vaes, experts, per_cluster: int, sampler: str, steps: int, seed: int, device: str,
+def sample_images(weights, vaes, experts, per_cluster: int, sampler: str, steps: int, seed: int, device: str,
              progress: bool) -> tuple[Tensor, Tensor, float]:
     """per_cluster images of every cluster; cluster k's noise comes from cluster_seed(seed, k) for every model, so
     two models see the same noise (the PF-ODE samplers are deterministic given it)."""
@@ -128,11 +128,25 @@ def _samples(weights, vaes, experts, per_cluster: int, sampler: str, steps: int,
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), time.perf_counter() - t0
 
 
-def _row(f: Tensor, probs: Tensor, imgs: Tensor, intended: Tensor | None, ref: dict, opts: dict) -> dict:
+def reference_features(ctx: _Context, feat, reference: int, seed: int, pr_points: int = 3000) -> dict:
+    """Features of `reference` training images (a seeded subset) for FID / KID and of the first `pr_points`
+    of them for precision / recall -- the same for every model of a run."""
+    g = torch.Generator().manual_seed(seed)
+    f_all, _ = feat.embed(ctx.train.images)
+    idx = torch.randperm(f_all.shape[0], generator=g)[:reference]
+    return {"f": f_all[idx], "f_pr": f_all[idx[:pr_points]], "generator": g, "f_all": f_all}
+
+
+def image_scores(f: Tensor, ref: dict, k: int = 3, pr_points: int = 3000) -> dict:
+    """FID, KID, precision and recall of sample features f against the reference features."""
     g = torch.Generator().manual_seed(0)
-    pr_idx = torch.randperm(f.shape[0], generator=g)[: opts["pr_points"]]
-    row = {"fid": M.fid(ref["f"], f), "kid": M.kid(ref["f"], f, seed=0)["mean"]}
-    row.update(M.precision_recall(ref["f_pr"], f[pr_idx], k=opts["k"]))
+    pr_idx = torch.randperm(f.shape[0], generator=g)[:pr_points]
+    return {"fid": M.fid(ref["f"], f), "kid": M.kid(ref["f"], f, seed=0)["mean"],
+            **M.precision_recall(ref["f_pr"], f[pr_idx], k=k)}
+
+
+def _row(f: Tensor, probs: Tensor, imgs: Tensor, intended: Tensor | None, ref: dict, opts: dict) -> dict:
+    row = image_scores(f, ref, opts["k"], opts["pr_points"])
     if intended is not None:
         row["class_score"] = M.class_score(probs, intended)
         row["class_accuracy"] = float((probs.argmax(1) == intended).double().mean())
@@ -162,17 +176,20 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
     feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size,
                           channels=cfg.channels, data_dir=cfg.data_dir)
     per_cluster = math.ceil(samples / ctx.K)
-    g = torch.Generator().manual_seed(seed)
-    f_all, _ = feat.embed(ctx.train.images)
-    ref_idx = torch.randperm(f_all.shape[0], generator=g)[:reference]
+    ref = reference_features(ctx, feat, reference, seed, pr_points)
+    g = ref["generator"]
     recon = ctx.reconstructions(ctx.load(kinds[0])[2])
-    ref = {"f": f_all[ref_idx], "f_pr": f_all[ref_idx[:pr_points]], "x_recon": recon.flatten(1),
-           "f_recon": feat.embed(recon)[0]}
+    ref.update({"x_recon": recon.flatten(1), "f_recon": feat.embed(recon)[0]})
     opts = {"pr_points": pr_points, "k": k, "threshold": threshold}
 
     result = {"run": str(run), "dataset": cfg.dataset, "featurizer_test_accuracy": float(feat.test_accuracy),
               "samples_per_model": per_cluster * ctx.K, "reference_images": int(ref["f"].shape[0]),
               "threshold": threshold, "models": {}, "pairs": {}}
+    result["vae_reconstruction_fid"] = M.fid(ref["f"], ref["f_recon"])
+    labels_sorted = torch.cat([torch.full((int((ctx.labels == k).sum()),), k) for k in range(ctx.K)])
+    result["vae_reconstruction_fid_per_cluster"] = {  # (where a cluster has more images than features)
+        str(k): M.fid(ref["f_all"][ctx.labels == k], ref["f_recon"][labels_sorted == k])
+        for k in range(ctx.K) if int((ctx.labels == k).sum()) > ref["f"].shape[1]}
     test_idx = torch.randperm(ctx.test.images.shape[0], generator=g)[: per_cluster * ctx.K]
     f_test, p_test = feat.embed(ctx.test.images[test_idx])
     test_labels = ctx.test.labels[test_idx] if ctx.test.labels is not None and ctx.class_conditional else None
@@ -186,7 +203,7 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
         if name == MEMORISE:
             experts = ctx.memorisation(vaes, experts)
             n_params = 0
-        imgs, ks, secs = _samples(weights, vaes, experts, per_cluster, cfg.sampler, cfg.sample_steps, seed,
+        imgs, ks, secs = sample_images(weights, vaes, experts, per_cluster, cfg.sampler, cfg.sample_steps, seed,
                                   device, progress)
         f, probs = feat.embed(imgs)
         row = _row(f, probs, imgs, ks if ctx.class_conditional else None, ref, opts)
@@ -234,6 +251,12 @@ def evaluation_md(res: dict) -> str:
              "| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, row in res["models"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c[0])) for c in cols) + " |")
+    if "vae_reconstruction_fid" in res:
+        per = res.get("vae_reconstruction_fid_per_cluster", {})
+        lines += ["", f"VAE reconstructions of the training images (decoded latent means): FID "
+                  f"{res['vae_reconstruction_fid']:.2f}" + (" ; per cluster (against that cluster's images): " +
+                                                             ", ".join(f"{k}: {v:.1f}" for k, v in per.items())
+                                                             if per else "") + "."]
     lines += ["", "Pairs sampled from shared noise:", "",
               "| pair | reproducibility (features) | mean sim. (features) | reproducibility (pixels) "
               "| mean sim. (pixels) | PF distance (features) |", "|---|---:|---:|---:|---:|---:|"]
@@ -347,21 +370,16 @@ def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps
     feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size, channels=cfg.channels,
                           data_dir=cfg.data_dir)
     per_cluster = math.ceil(samples / ctx.K)
-    g = torch.Generator().manual_seed(seed)
-    f_all, _ = feat.embed(ctx.train.images)
-    ref_idx = torch.randperm(f_all.shape[0], generator=g)[:reference]
-    ref = {"f": f_all[ref_idx], "f_pr": f_all[ref_idx[:3000]]}
+    ref = reference_features(ctx, feat, reference, seed)
     rows = []
     for kind in kinds:
         weights, _, vaes, experts = ctx.load(kind)
         for smp, n in [(sampler, n) for n in steps] + [(cfg.sampler, cfg.sample_steps)]:
-            imgs, ks, secs = _samples(weights, vaes, experts, per_cluster, smp, n, seed, device, progress)
+            imgs, ks, secs = sample_images(weights, vaes, experts, per_cluster, smp, n, seed, device, progress)
             f, probs = feat.embed(imgs)
             row = {"kind": kind, "sampler": smp, "steps": n, "reference_sampler": (smp, n) == (cfg.sampler,
                                                                                            cfg.sample_steps),
-                   "fid": M.fid(ref["f"], f), "kid": M.kid(ref["f"], f, seed=0)["mean"],
-                   **M.precision_recall(ref["f_pr"], f[:3000]), "seconds": round(secs, 3),
-                   "images_per_second": imgs.shape[0] / secs}
+                   **image_scores(f, ref), "seconds": round(secs, 3), "images_per_second": imgs.shape[0] / secs}
             if ctx.class_conditional:
                 row["class_score"] = M.class_score(probs, ks)
             rows.append(row)

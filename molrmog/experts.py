@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -117,40 +116,23 @@ class _MixtureExpert(ScoreModel):
         return self.mixture().to(dtype=x.dtype, device=x.device)
 
     @torch.no_grad()
-    def init_from_data(self, z: Tensor, seed: int = 0) -> _MixtureExpert:
-        """Data-driven start: k-means++ means, local PCA factors, cluster fractions as weights."""
-        from sklearn.cluster import KMeans
+    def init_from_data(self, z: Tensor, seed: int = 0, max_iter: int = 100) -> _MixtureExpert:
+        """The closed-form start: EM for a mixture of PPCA (`molrmog.em`) -- means, rank-r factors W_l, weights;
+        U_l = W_l. The fit's floors s_l^2, log-likelihood and iterations are kept in `em_info`."""
+        from .em import fit_mppca
 
         z = torch.as_tensor(z)
-        if z.ndim != 2 or z.shape[1] != self.d or z.shape[0] < 1:
-            raise MolrmogError(f"init data must have shape (N >= 1, d = {self.d}), got {tuple(z.shape)}")
-        zn = z.detach().double().cpu().numpy()
-        if self.n > 1 and isinstance(self.mu, nn.Parameter):
-            k = min(self.n, zn.shape[0])
-            km = KMeans(n_clusters=k, init="k-means++", n_init=4, random_state=seed).fit(zn)
-            labels = km.labels_
-            centers = np.concatenate([km.cluster_centers_, zn[np.random.default_rng(seed).integers(
-                0, zn.shape[0], self.n - k)]]) if k < self.n else km.cluster_centers_
-        else:
-            labels = np.zeros(zn.shape[0], dtype=int)
-            centers = zn.mean(0, keepdims=True).repeat(self.n, 0) if isinstance(
-                self.mu, nn.Parameter) else np.zeros((self.n, self.d))
-        U = np.zeros((self.n, self.d, self.r))
-        counts = np.zeros(self.n)
-        for l in range(self.n):
-            pts = zn[labels == l] - centers[l]
-            counts[l] = len(pts)
-            if len(pts) >= 2:
-                _, S, Vt = np.linalg.svd(pts, full_matrices=False)
-                k = min(self.r, len(S))
-                U[l, :, :k] = Vt[:k].T * (S[:k] / math.sqrt(len(pts)))
-            rest = np.linalg.norm(U[l], axis=0) < 1e-3  # fill missing directions with a small scale
-            U[l, :, rest] = 1e-1 * np.random.default_rng(seed + l).standard_normal((rest.sum(), self.d))
-        self.mu.copy_(torch.as_tensor(centers, dtype=self.mu.dtype))
-        self.U.copy_(torch.as_tensor(U, dtype=self.U.dtype))
+        if z.ndim != 2 or z.shape[1] != self.d or z.shape[0] < 2:
+            raise MolrmogError(f"init data must have shape (N >= 2, d = {self.d}), got {tuple(z.shape)}")
+        learn_means = isinstance(self.mu, nn.Parameter)
+        fit = fit_mppca(z, self.n, self.r, zero_mean=not learn_means, seed=seed, max_iter=max_iter)
+        self.mu.copy_(fit.mu.to(self.mu.dtype))
+        if isinstance(self.U, nn.Parameter):
+            self.U.copy_(fit.W.to(self.U.dtype))
         if isinstance(self.logit_pi, nn.Parameter):
-            self.logit_pi.copy_(torch.log(torch.as_tensor(counts + 1.0) / (counts.sum() + self.n)).to(
-                self.logit_pi.dtype))
+            self.logit_pi.copy_(torch.log(fit.pi).to(self.logit_pi.dtype))
+        self.em_info = {"loglik": fit.loglik, "iterations": fit.iterations, "floor_s2": fit.s2.tolist(),
+                        "floor_s2_median": float(fit.s2.median())}
         return self
 
 

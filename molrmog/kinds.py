@@ -66,6 +66,7 @@ class ExpertKind:
     net_config: Callable[[tuple, Any, dict, int], dict] | None = None  # (latent, options, schedule, seed) -> kwargs
     init_from_data: Callable[[Any, Tensor, Any, int], None] | None = None  # (net, u (N, d), options, seed)
     check: Callable[[Any, tuple], None] | None = None  # (options, latent) -> raise MolrmogError when they clash
+    resolve: Callable[[Any, Tensor, int], tuple[Any, dict]] | None = None  # (options, u, seed) -> (options, info)
     seed_salt: int | None = None
     default: bool = True  # trained when --experts is not given
     headline: bool = False  # the project's own model: compare also trains it on a unified VAE
@@ -194,14 +195,33 @@ class LatentExpert(Model):
 # --- the built-in kinds ---------------------------------------------------------------------------
 
 
+def _int_or_auto(text: str) -> int | str:
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise MolrmogError(f"expected an integer or auto, got {text!r}") from None
+
+
+AUTO_MODES, AUTO_RANKS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
+
+
 @dataclass(frozen=True)
 class MoGOptions(KindOptions):
-    modes: int = option(10, "mixture modes n_k per expert", low=1, high=4096)
-    rank: int = option(4, "rank r of each mode's covariance factor", low=1, high=4096)
+    steps: int = option(400, "DSM steps after the closed-form EM start (0: the EM fit alone)", low=0,
+                        high=MAX_STEPS)
+    modes: int | str = option(10, "mixture modes n_k per expert, or auto (held-out likelihood of the EM fit, "
+                              f"among {','.join(map(str, AUTO_MODES))})", low=1, high=4096, parse=_int_or_auto)
+    rank: int | str = option(4, "rank r of each mode's covariance factor, or auto (among "
+                             f"{','.join(map(str, AUTO_RANKS))})", low=1, high=4096, parse=_int_or_auto)
+    param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
 
 
 @dataclass(frozen=True)
 class GaussianOptions(KindOptions):
+    steps: int = option(400, "DSM steps after the closed-form PPCA start (0: the PCA fit alone)", low=0,
+                        high=MAX_STEPS)
     rank: int = option(4, "rank r of the covariance factor", low=1, high=4096)
 
 
@@ -214,7 +234,11 @@ class UNetOptions(KindOptions):
 
 def _check_rank(o, latent) -> None:
     d = math.prod(latent)
-    if o.rank > d:
+    for name in ("modes", "rank"):
+        v = getattr(o, name, None)
+        if isinstance(v, str) and v != "auto":
+            raise MolrmogError(f"--mog-{name} must be an integer or auto, got {v!r}")
+    if isinstance(o.rank, int) and o.rank > d:
         raise MolrmogError(f"rank {o.rank} exceeds the latent dimension {d} ({'x'.join(map(str, latent))}); "
                            f"lower --mog-rank / --gaussian-rank or use a larger --latent")
 
@@ -223,11 +247,24 @@ def _mixture_init(net, u: Tensor, o, seed: int) -> None:
     net.init_from_data(u, seed=seed)
 
 
+def _mog_resolve(o, u: Tensor, seed: int):
+    """modes / rank 'auto': the EM fit with the best held-out log-likelihood under the parameter cap."""
+    if o.modes != "auto" and o.rank != "auto":
+        return o, {}
+    from .em import select_mppca
+
+    N, d = u.shape
+    modes = [o.modes] if o.modes != "auto" else [m for m in AUTO_MODES if m <= max(1, N // 4)] or [1]
+    ranks = [o.rank] if o.rank != "auto" else [r for r in AUTO_RANKS if r <= d] or [1]
+    choice = select_mppca(u, modes, ranks, param_cap=o.param_cap, seed=seed)
+    return dataclasses.replace(o, modes=choice["modes"], rank=choice["rank"]), {"auto": choice}
+
+
 register(ExpertKind(
     "mog", "MoG expert", MoGExpert, MoGOptions, seed_salt=1, headline=True,
     net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "n": o.modes, "r": o.rank,
                                                   "schedule": schedule, "seed": seed},
-    init_from_data=_mixture_init, check=_check_rank,
+    init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve,
     description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
 register(ExpertKind(
     "gaussian", "Gaussian expert", GaussianExpert, GaussianOptions, seed_salt=2,

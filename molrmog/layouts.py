@@ -64,7 +64,7 @@ class VAELayout:
 
 def _new_vae(trainer, seed: int) -> ConvVAE:
     c = trainer.cfg
-    return ConvVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=seed)
+    return ConvVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=seed, blocks=c.vae_blocks)
 
 
 class Dedicated(VAELayout):
@@ -143,7 +143,7 @@ class LoRA(VAELayout):
             return
         backbone = ConvVAE.load(out / "backbone", "VAE backbone")
         vae = LoRAVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed, clusters=trainer.K,
-                      rank=c.lora_rank)
+                      rank=c.lora_rank, blocks=c.vae_blocks)
         vae.load_state_dict(_lora_state_from(backbone, vae), strict=True)
         parts = out / "lora-adapters"
         for k in range(trainer.K):

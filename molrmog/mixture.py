@@ -32,7 +32,7 @@ from torch import Tensor
 from .errors import MolrmogError, NumericalError
 
 __all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities", "bridge",
-           "reverse_step"]
+           "reverse_step", "lowrank_log_density", "denoiser_jacobian"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -410,6 +410,50 @@ def reverse_step(mix: Mixture, x: Tensor, s_t: float, g_t: float, s_s: float, g_
     if v > 0:
         out = out + math.sqrt(v) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(dev)
     return out
+
+
+def denoiser_jacobian(mix: Mixture, x: Tensor, s: float, gamma: float) -> Tensor:
+    """d E[x_0 | x_t] / d x_t at every row of x (B, D), in closed form: (B, D, D).
+
+    Second-order Tweedie: the Jacobian is (s / gamma^2) Cov[x_0 | x_t], and for a mixture that covariance is
+    the responsibility-weighted posterior covariance of each component, sigma^2 A_k F_c F_c^T A_k^T (F_c the
+    whitened factor, sigma = gamma / s), plus the covariance of the per-component means m_c under the
+    responsibilities:  J = (s / gamma^2) [ sum_c R_c (sigma^2 A F_c F_c^T A^T + m_c m_c^T) - m m^T ]."""
+    d = mix.U.shape[2]
+    st = torch.tensor(s, dtype=x.dtype, device=x.device)
+    gt = torch.tensor(gamma, dtype=x.dtype, device=x.device)
+    R = posterior(mix, x, st, gt).R  # (B, K, L)
+    sigma2 = (gamma / s) ** 2
+    chol, _ = _capacitance(mix, torch.tensor(sigma2, dtype=x.dtype, device=x.device), False)
+    F = torch.linalg.solve_triangular(chol, mix.U.transpose(-1, -2), upper=False).transpose(-1, -2)  # (K, L, d, r)
+    A = mix.A if mix.A is not None else torch.eye(d, dtype=x.dtype, device=x.device)[None]
+    v = _encode(mix, x).transpose(0, 1)[:, :, None, :] - s * mix.mu[None]  # (B, K, L, d)
+    lat = mix.mu[None] + torch.einsum("kldr,kler,bkle->bkld", F, F, v) / s  # latent component means
+    m_c = torch.einsum("kDd,bkld->bklD", A, lat)  # (B, K, L, D)
+    AF = torch.einsum("kDd,kldr->klDr", A, F)
+    cov = sigma2 * torch.einsum("bkl,klDr,klEr->bDE", R, AF, AF)
+    cov = cov + torch.einsum("bkl,bklD,bklE->bDE", R, m_c, m_c)
+    m = torch.einsum("bkl,bklD->bD", R, m_c)
+    return (s / gamma**2) * (cov - m[:, :, None] * m[:, None, :])
+
+
+def lowrank_log_density(z: Tensor, mu: Tensor, W: Tensor, s2: Tensor) -> Tensor:
+    """log N(z_i; mu_l, W_l W_l^T + s2_l I) for every point and component: (N, L), from z (N, d), mu (L, d),
+    W (L, d, r) and s2 (L,) > 0 -- a component per mode with its own isotropic floor (a mixture of
+    probabilistic PCA). The same capacitance algebra as the noised mixture (Woodbury, determinant lemma):
+    with M = s2 I_r + W^T W = C C^T and v = z - mu,
+
+        log N = -1/2 [ (||v||^2 - ||C^{-1} W^T v||^2) / s2 + d log(2 pi s2) + log det(I_r + W^T W / s2) ].
+    """
+    d, r = W.shape[1], W.shape[2]
+    M = s2[:, None, None] * torch.eye(r, dtype=W.dtype, device=W.device) + W.transpose(1, 2) @ W  # (L, r, r)
+    C = torch.linalg.cholesky(M)
+    logdet = 2 * torch.log(torch.diagonal(C, dim1=-2, dim2=-1)).sum(-1) - r * torch.log(s2)
+    vv = (z * z).sum(1)[:, None] - 2 * z @ mu.T + (mu * mu).sum(1)[None]  # ||z - mu_l||^2: (N, L)
+    Wv = torch.einsum("ldr,nd->lnr", W, z) - torch.einsum("ldr,ld->lr", W, mu)[:, None]  # W^T v: (L, N, r)
+    a = torch.linalg.solve_triangular(C, Wv.transpose(1, 2), upper=False)  # C^{-1} W^T v: (L, r, N)
+    quad = (vv - (a * a).sum(1).T) / s2[None]
+    return -0.5 * (quad + d * (LOG_2PI + torch.log(s2))[None] + logdet[None])
 
 
 def log_prob_clean(mix: Mixture, x: Tensor) -> Tensor:

@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import save_file
 
 from .artefacts import atomic_write, clean_stale_tmp, is_saved, read_json, read_safetensors, write_json
-from .config import RunConfig, check_config, config_from_json, config_to_json, resolve_config
+from .config import BUDGET_POINTS, VAE_FIELDS, RunConfig, check_config, config_from_json, config_to_json, resolve_config
 from .data import ImageData, load_dataset
 from .errors import ArtefactError, MolrmogError
 from .executors import Executor, Task, run_tasks
-from .kinds import LatentExpert, expert_seed, get_kind
+from .kinds import MAX_STEPS, LatentExpert, expert_seed, get_kind
 from .layouts import get_layout
 from .samplers import generate
 from .schedules import get_schedule, make_grid
@@ -168,15 +168,17 @@ class Run:
             idx = torch.randint(0, images.shape[0], (B,), generator=gen, device=gen.device)
             return vae_loss(m, images[idx], gen)
 
-        hist = fit(vae, loss_fn, steps=self.cfg.vae_steps, lr=self.cfg.vae_lr, seed=seed, progress=self.progress,
+        hist = fit(vae, loss_fn, steps=self.cfg.vae_steps, lr=self.cfg.vae_lr, lr_schedule=self.cfg.vae_lr_schedule,
+                   seed=seed, progress=self.progress,
                    desc=task, checkpoint_dir=self.out / "checkpoints" / task,
                    checkpoint_every=self.cfg.checkpoint_every, params=params)
         if final is not None:
             vae.save(final)
         self._log(task, hist)
 
-    def _log(self, task: str, hist: dict) -> None:
-        write_json(self.out / "logs" / f"{task}.json", {"loss": hist["loss"], "seconds": hist["seconds"]})
+    def _log(self, task: str, hist: dict, info: dict | None = None) -> None:
+        write_json(self.out / "logs" / f"{task}.json", {"loss": hist["loss"], "seconds": hist["seconds"],
+                                                        **({"info": info} if info else {})})
         log.info("%s: %d steps in %.1f s (final loss %.4g)", task, hist["steps"], hist["seconds"],
                  hist["loss"][-1] if hist["loss"] else float("nan"))
 
@@ -192,20 +194,53 @@ class Run:
             return LatentExpert.load(final, "expert", self.device)
         seed = expert_seed(c.seed, kind, k)
         schedule = get_schedule(c.schedule).config()
+        shift = z.mean(0)
+        scale = z.std(0).clamp_min(1e-3) if z.shape[0] > 1 else torch.ones_like(z[0])
+        u = (z.flatten(1) - shift) / scale
+        t0 = time.perf_counter()
+        info = {}
+        if entry.resolve is not None:  # data-driven options ('auto'), chosen per cluster
+            opts, info = entry.resolve(opts, u, seed)
         e = LatentExpert.wrap(kind, c.latent, entry.build(c.latent, opts, schedule, seed))
-        e.shift.copy_(z.mean(0))
-        e.scale.copy_(z.std(0).clamp_min(1e-3) if z.shape[0] > 1 else torch.ones_like(z[0]))
-        u = e.standardise(z)
+        e.shift.copy_(shift)
+        e.scale.copy_(scale)
         if entry.init_from_data is not None:
             entry.init_from_data(e.net, u, opts, seed)
+            info.update({"init": getattr(e.net, "em_info", {})})
+        info["init_seconds"] = time.perf_counter() - t0
         e = e.to(self.device)
         task = f"{kind}-{k}"
-        hist = train_score(e, u.to(self.device), steps=opts.steps, batch_size=opts.batch, lr=opts.lr, seed=seed,
-                           ema_decay=opts.ema_decay, progress=self.progress, desc=task,
-                           checkpoint_dir=self.out / "checkpoints" / task, checkpoint_every=c.checkpoint_every)
+        budget = {}
+        if c.budget is not None:  # an equal share of the kind's budget; snapshots along it (`BUDGET_POINTS`)
+            share = c.budget / self.K
+            budget = {"time_budget": share, "time_offset": info["init_seconds"],
+                      "snapshot_times": tuple(f * share for f in BUDGET_POINTS),
+                      "on_snapshot": lambda i, step, now, model: _save_snapshot(self.out, kind, k, i, step, now, model)}
+            info["budget_share"] = share
+        hist = train_score(e, u.to(self.device), steps=MAX_STEPS if c.budget else opts.steps, batch_size=opts.batch,
+                           lr=opts.lr, seed=seed, ema_decay=opts.ema_decay, progress=self.progress, desc=task,
+                           checkpoint_dir=self.out / "checkpoints" / task, checkpoint_every=c.checkpoint_every,
+                           **budget)
+        if c.budget is not None:
+            info["elapsed"], info["steps"] = hist["elapsed"], hist["steps"]
         e.save(final)
-        self._log(task, hist)
+        self._log(task, {**hist, "seconds": info.get("elapsed", hist["seconds"] + info["init_seconds"])}, info)
         return e
+
+
+def _save_snapshot(out: Path, kind: str, k: int, index: int, step: int, elapsed: float, model) -> None:
+    """One point of a budgeted run's curve: cluster k's expert of `kind` at snapshot `index` (a point taken before
+    an interruption, after the last checkpoint, is kept: a resumed run does not take it again)."""
+    if snapshot_done(out, kind, index, k):
+        return
+    d = out / "snapshots" / kind / str(index) / str(k)
+    model.save(d)
+    write_json(d / "snapshot.json", {"index": index, "step": step, "elapsed": elapsed})
+
+
+def snapshot_done(out: Path, kind: str, index: int, k: int) -> bool:
+    d = Path(out) / "snapshots" / kind / str(index) / str(k)
+    return is_saved(d) and (d / "snapshot.json").is_file()
 
 
 def expert_done(out: Path, kind: str, k: int) -> bool:
@@ -256,6 +291,14 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
     elif cfg is None:
         raise MolrmogError("train_run needs a RunConfig (or resume=True)")
     check_config(cfg)
+    source = None
+    if cfg.vae_from is not None and not resume:  # the data, clusters and VAEs of another run
+        source = Path(cfg.vae_from)
+        if source.resolve() == out.resolve():
+            raise MolrmogError("--vae-from names the run itself; give another run")
+        src = load_config(source)
+        cfg = dataclasses.replace(cfg, **{f: getattr(src, f) for f in VAE_FIELDS})
+        _check_source(source, src)
     data = load_run_data(cfg)
     cfg = resolve_config(cfg, data.shape)
     with run_lock(out):
@@ -265,6 +308,8 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
                 log.info("removed %d unfinished temporary file(s) of an interrupted write", len(removed))
         else:
             _create_config(out, cfg)
+            if source is not None:
+                _adopt_vaes(source, out, cfg)
         run = Run(out, cfg, data, progress)
         ex = executor or Executor(device=cfg.device)
         sub_progress = progress and not ex.parallel  # per-task bars only when tasks run here, one at a time
@@ -279,6 +324,35 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
         log.info("run %s trained (%d VAE and %d expert tasks) in %.1f s", out, len(vaes), len(experts),
                  time.perf_counter() - t0)
     return {"run": str(out), "clusters": K, "vae_tasks": len(vaes), "expert_tasks": len(experts)}
+
+
+def _check_source(source: Path, src: RunConfig) -> None:
+    labels, weights, _ = run_labels(source)
+    if not get_layout(src.vae).is_done(source, weights.numel()):
+        raise MolrmogError(f"--vae-from {source}: its VAEs are not all trained; finish it first (--resume {source})")
+
+
+def _adopt_vaes(source: Path, out: Path, cfg: RunConfig) -> None:
+    """Hard-link (or copy) the source run's clusters, VAEs and VAE logs into a new run: nothing is trained again."""
+    import shutil
+
+    def link(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    K = run_labels(source)[1].numel()
+    for name in ("clusters.safetensors", "clusters.json"):
+        link(source / name, out / name)
+    for d in get_layout(cfg.vae).dirs(K):
+        for f in (source / "vae" / d).iterdir():
+            if f.is_file():
+                link(f, out / "vae" / d / f.name)
+    for f in (source / "logs").glob("vae-*.json"):
+        link(f, out / "logs" / f.name)
+    log.info("VAEs and clusters of %s reused (%d clusters, %s layout)", source, K, cfg.vae)
 
 
 def _clusters(run: Run) -> int:
@@ -300,7 +374,7 @@ def _clusters(run: Run) -> int:
         K = cfg.clusters or 10
         if K > data.images.shape[0]:
             raise MolrmogError(f"--clusters {K} exceeds the {data.images.shape[0]} training images")
-        vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed)
+        vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed, blocks=cfg.vae_blocks)
         run.fit_vae("features", vae, data.images, seed=cfg.seed)
         feats = run.encode(vae.to(run.device), data.images).numpy()
         labels = torch.as_tensor(KMeans(K, n_init=4, random_state=cfg.seed).fit(feats).labels_, dtype=torch.int64)

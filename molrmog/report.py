@@ -58,10 +58,22 @@ def finish_run(out: str | Path) -> dict:
         mine = {n: lg for n, lg in logs.items() if n.startswith(f"{kind}-")}
         train_s = sum(lg["seconds"] for lg in mine.values())
         steps = sum(len(lg["loss"]) for lg in mine.values())
+        per_cluster = []
+        for k, e in enumerate(experts):
+            info = logs.get(f"{kind}-{k}", {}).get("info", {})
+            row = {"cluster": k, "parameters": e.net.num_parameters(),
+                   **{key: e.net.config[key] for key in ("n", "r") if key in e.net.config}}
+            if "init" in info:
+                row["em_floor_s2_median"] = info["init"].get("floor_s2_median")
+                row["em_loglik"] = info["init"].get("loglik")
+            if "auto" in info:
+                row["auto_heldout_loglik"] = info["auto"]["heldout_loglik"]
+            per_cluster.append(row)
         report["experts"][kind] = {
             "label": get_kind(kind).label,
             "parameters_per_expert": experts[0].net.num_parameters(),
             "parameters_total": sum(e.net.num_parameters() for e in experts),
+            "per_cluster": per_cluster,
             "train_seconds": round(train_s, 2),
             "train_steps_per_second": round(steps / train_s, 2) if train_s else None,
             "sample_images_per_second": round(imgs.shape[0] / sample_s, 2),
@@ -92,6 +104,13 @@ def _report_md(report: dict, cfg) -> str:
         lines.append(f"| {kind} | {r['parameters_per_expert']:,} | {r['parameters_total']:,} | "
                      f"{r['train_seconds']} | {r['train_steps_per_second']} | "
                      f"{r['sample_images_per_second']} |")
+    for kind, r in report["experts"].items():
+        rows = r.get("per_cluster", [])
+        if rows and "n" in rows[0]:
+            lines += ["", f"{kind} experts per cluster (modes n, rank r, parameters, EM floor s^2):", "",
+                      "| cluster | n | r | parameters | EM floor s^2 (median) |", "|---:|---:|---:|---:|---:|"]
+            lines += [f"| {c['cluster']} | {c.get('n', '-')} | {c.get('r', '-')} | {c['parameters']:,} | "
+                      f"{c.get('em_floor_s2_median', float('nan')):.3g} |" for c in rows]
     lines += ["", "Samples: " + ", ".join(f"`samples_{k}.png`" for k in report["experts"]) +
               " (one row per cluster); real images: `samples_data.png`; losses: `loss_curves.png`.", ""]
     return "\n".join(lines)

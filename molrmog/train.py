@@ -51,8 +51,8 @@ def check_train_args(data: Tensor, steps: int, batch_size: int, lr: float, optim
         raise MolrmogError("training data is empty (N = 0); give at least one sample")
     if not torch.isfinite(data).all():
         raise MolrmogError("training data contains NaN or Inf; clean it first")
-    if int(steps) < 1 or int(batch_size) < 1:
-        raise MolrmogError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    if int(steps) < 0 or int(batch_size) < 1:
+        raise MolrmogError(f"steps must be >= 0 and batch_size >= 1, got {steps} and {batch_size}")
     if not (lr > 0 and math.isfinite(lr)):
         raise MolrmogError(f"learning rate must be a positive number, got {lr}")
     if optimizer not in ("adam", "adamw", "sgd"):
@@ -63,7 +63,8 @@ def check_train_args(data: Tensor, steps: int, batch_size: int, lr: float, optim
         raise MolrmogError(f"ema_decay must lie in [0, 1), got {ema_decay}")
 
 
-def save_checkpoint(path: Path, model, opt, ema, gen: torch.Generator, step: int, losses: list[float]) -> None:
+def save_checkpoint(path: Path, model, opt, ema, gen: torch.Generator, step: int, losses: list[float],
+                    extra: dict | None = None) -> None:
     """One file, written atomically: model/EMA/optimizer tensors, RNG states, and the scalars as metadata."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if ema is not None:
@@ -78,11 +79,12 @@ def save_checkpoint(path: Path, model, opt, ema, gen: torch.Generator, step: int
                 scalars[f"{i}.{name}"] = float(v)
     tensors["rng"] = gen.get_state()
     tensors["rng_global"] = torch.get_rng_state()
-    meta = {"step": step, "losses": losses, "opt_scalars": scalars, "param_groups": osd["param_groups"]}
+    meta = {"step": step, "losses": losses, "opt_scalars": scalars, "param_groups": osd["param_groups"],
+            "extra": extra or {}}
     atomic_write(path, lambda p: save_file(tensors, p, metadata={"state": json.dumps(meta)}))
 
 
-def load_checkpoint(path: Path, model, opt, ema, gen: torch.Generator) -> tuple[int, list[float]]:
+def load_checkpoint(path: Path, model, opt, ema, gen: torch.Generator) -> tuple[int, list[float], dict]:
     try:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["state"])
@@ -105,7 +107,7 @@ def load_checkpoint(path: Path, model, opt, ema, gen: torch.Generator) -> tuple[
     except Exception as e:  # noqa: BLE001 - any damage is reported with the file name
         raise ArtefactError(f"checkpoint {path} is corrupt or does not match this model ({type(e).__name__}: {e}); "
                             f"delete it to start this stage again") from e
-    return int(meta["step"]), list(meta["losses"])
+    return int(meta["step"]), list(meta["losses"]), dict(meta.get("extra", {}))
 
 
 def _divergence(losses: list[float], new: list[float], first_step: int) -> str | None:
@@ -135,14 +137,24 @@ def _params_finite(model) -> bool:
 def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
         ema_decay: float | None = None, seed: int = 0, lr_schedule: str = "constant", progress: bool = True,
         desc: str = "train", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
-        params=None, global_seed: int | None = None) -> dict:
+        params=None, global_seed: int | None = None, time_budget: float | None = None,
+        snapshot_times: tuple[float, ...] = (), on_snapshot=None, time_offset: float = 0.0) -> dict:
     """The one training loop: `loss_fn(model, generator) -> loss`, Adam/AdamW/SGD, optional EMA and
     cosine LR. With `checkpoint_dir`, a checkpoint is written atomically every `checkpoint_every`
     steps and at the end, and an existing one is resumed: the run continues bit-for-bit as if it had
     never stopped. Divergence (module docstring) raises `TrainingDiverged` and keeps the last good
     checkpoint. `params` (default: every parameter that requires grad) are the ones optimised.
     The global CPU RNG (dropout, an SMD model's latent draws) is forked: the caller's state is left as
-    it was; `global_seed` seeds the fork at a fresh start (a resume restores its saved state)."""
+    it was; `global_seed` seeds the fork at a fresh start (a resume restores its saved state).
+
+    `time_budget` (seconds; `steps` is then a cap) stops training when the elapsed time -- `time_offset`
+    (work done before, e.g. a closed-form start) plus the loop's wall clock, carried across resumes in the
+    checkpoint -- reaches it; the cosine schedule then follows the elapsed fraction. Whenever the elapsed
+    time passes one of `snapshot_times` (ascending), `on_snapshot(index, step, elapsed, model)` receives the
+    weights in use (the EMA ones with EMA) after a divergence check; snapshots left at the end are given the
+    final weights. A resumed run does not repeat the snapshots it already took."""
+    if snapshot_times and list(snapshot_times) != sorted(snapshot_times):
+        raise MolrmogError("snapshot_times must be ascending")
     if lr_schedule not in ("constant", "cosine"):
         raise MolrmogError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
     with torch.random.fork_rng(devices=[]):
@@ -150,11 +162,13 @@ def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weigh
             torch.manual_seed(global_seed)
         return _fit(model, loss_fn, steps=int(steps), lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                     ema_decay=ema_decay or None, seed=seed, lr_schedule=lr_schedule, progress=progress, desc=desc,
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=int(checkpoint_every or 0), params=params)
+                    checkpoint_dir=checkpoint_dir, checkpoint_every=int(checkpoint_every or 0), params=params,
+                    time_budget=time_budget, snapshot_times=tuple(snapshot_times), on_snapshot=on_snapshot,
+                    time_offset=time_offset)
 
 
 def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed, lr_schedule, progress, desc,
-         checkpoint_dir, checkpoint_every, params):
+         checkpoint_dir, checkpoint_every, params, time_budget, snapshot_times, on_snapshot, time_offset):
     device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device=device).manual_seed(seed)  # random numbers where training runs
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
@@ -166,14 +180,22 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
     ema_pairs = None if ema is None else list(zip(*[(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters(),
                                                                                strict=True)], strict=True))
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
-    start, losses = 0, []
+    start, losses, extra = 0, [], {}
     if ckpt is not None and ckpt.is_file():
-        start, losses = load_checkpoint(ckpt, model, opt, ema, gen)
+        start, losses, extra = load_checkpoint(ckpt, model, opt, ema, gen)
+    elapsed0, snaps = float(extra.get("elapsed", time_offset)), int(extra.get("snapshots", 0))
     every = checkpoint_every if ckpt is not None and checkpoint_every else CHECK_EVERY
     last_good = start
     window: list[Tensor] = []
     t0 = time.perf_counter()
-    bar = tqdm(range(start, steps), desc=desc, disable=not progress, leave=False, initial=start, total=steps)
+    cuda = device.type == "cuda"
+
+    def elapsed() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)  # (a timed run waits for its kernels)
+        return elapsed0 + time.perf_counter() - t0
+
+    bar = tqdm(total=None if time_budget else steps, initial=start, desc=desc, disable=not progress, leave=False)
 
     def diverged(why: str) -> TrainingDiverged:
         if ckpt is None:
@@ -195,10 +217,23 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
         losses.extend(new)
         window.clear()
 
-    for step in bar:
-        if lr_schedule == "cosine":  # closed form, so a resumed run needs no scheduler state
+    def snapshot(step: int, now: float) -> None:
+        nonlocal snaps
+        check(step)
+        on_snapshot(snaps, step, now, ema if ema is not None else model)
+        snaps += 1
+
+    step = start
+    while step < steps:
+        now = elapsed() if time_budget is not None or snapshot_times else 0.0
+        while snaps < len(snapshot_times) and now >= snapshot_times[snaps]:
+            snapshot(step, now)
+        if time_budget is not None and now >= time_budget:
+            break
+        if lr_schedule == "cosine":  # closed form (of the step, or of the elapsed fraction): no scheduler state
+            frac = min(now / time_budget, 1.0) if time_budget else step / steps
             for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * frac))
         try:
             loss = loss_fn(model, gen)
         except NumericalError as e:  # the model's own parameters broke the closed form: divergence
@@ -210,29 +245,35 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
             with torch.no_grad():
                 torch._foreach_lerp_(list(ema_pairs[0]), list(ema_pairs[1]), 1 - ema_decay)
         window.append(loss.detach())
-        if progress and step % 20 == 0:
+        step += 1
+        bar.update()
+        if progress and step % 20 == 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % every == 0:
-            check(step + 1)
+        if step % every == 0:
+            check(step)
             if ckpt is not None:
-                save_checkpoint(ckpt, model, opt, ema, gen, step + 1, losses)
-                last_good = step + 1  # noqa: F841 (read by diverged())
-    check(steps)
-    if ckpt is not None and last_good != steps:
-        save_checkpoint(ckpt, model, opt, ema, gen, steps, losses)
+                save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps})
+                last_good = step  # noqa: F841 (read by diverged())
+    bar.close()
+    check(step)
+    while snaps < len(snapshot_times):  # points the loop did not reach (the budget's end, a step cap)
+        snapshot(step, elapsed())
+    if ckpt is not None and last_good != step:
+        save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps})
     if ema is not None:
         model.load_state_dict(ema.state_dict())
     seconds = time.perf_counter() - t0
-    log.debug("%s: %d steps in %.1f s", desc, steps - start, seconds)
-    return {"loss": losses, "seconds": seconds, "steps": steps}
+    log.debug("%s: %d steps in %.1f s", desc, step - start, seconds)
+    return {"loss": losses, "seconds": seconds, "steps": step, "elapsed": elapsed0 + seconds}
 
 
 def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256, lr: float = 1e-2,
                 optimizer: str = "adam", weight_decay: float = 0.0, ema_decay: float | None = None,
                 seed: int = 0, t_dist: str = "uniform", t_min: float | None = None,
                 t_max: float | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
-                checkpoint_every: int = 0, desc: str = "train", lr_schedule: str = "constant") -> dict:
-    """Denoising score matching on `data` (N, D) with `fit`; returns the loss history and timing."""
+                checkpoint_every: int = 0, desc: str = "train", lr_schedule: str = "constant", **budget) -> dict:
+    """Denoising score matching on `data` (N, D) with `fit`; returns the loss history and timing. `budget`:
+    fit's time_budget, snapshot_times, on_snapshot, time_offset."""
     check_train_args(data, steps, batch_size, lr, optimizer, t_dist, ema_decay)
     data = data.to(next(model.parameters()).dtype)
     N = data.shape[0]
@@ -244,4 +285,4 @@ def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256
 
     return fit(model, loss_fn, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                ema_decay=ema_decay, seed=seed, lr_schedule=lr_schedule, progress=progress, desc=desc,
-               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, global_seed=seed)
+               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, global_seed=seed, **budget)

@@ -41,10 +41,23 @@ def check_latent_shape(image_shape, latent) -> int:
     return n_down
 
 
-class _VAE(Model):
-    """Encoder: conv, n_down x (stride-2 conv), conv -> (mean, logvar); decoder mirrors it."""
+class _Res(nn.Module):
+    """A residual block at one resolution: x + conv(silu(conv(silu(x)))) (3x3, same channels)."""
 
-    def _build(self, image_shape, latent, width: int, beta: float, seed: int) -> None:
+    def __init__(self, ch: int):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.c2(F.silu(self.c1(F.silu(x))))
+
+
+class _VAE(Model):
+    """Encoder: conv, n_down x (stride-2 conv [+ residual blocks]), conv -> (mean, logvar); the decoder mirrors it.
+    `blocks` residual blocks follow each of the two lowest-resolution stages (where they are cheap), in the
+    encoder and the decoder."""
+
+    def _build(self, image_shape, latent, width: int, beta: float, seed: int, blocks: int = 0) -> None:
         self.image_shape, self.latent = tuple(int(v) for v in image_shape), tuple(int(v) for v in latent)
         if not (beta >= 0 and math.isfinite(beta)):
             raise MolrmogError(f"the VAE's KL weight beta must be a finite number >= 0, got {beta}")
@@ -53,17 +66,23 @@ class _VAE(Model):
         self.beta = float(beta)
         n_down = check_latent_shape(self.image_shape, self.latent)
         C, c = self.image_shape[0], self.latent[0]
+        if not 0 <= int(blocks) <= 16:
+            raise MolrmogError(f"the VAE's residual blocks per stage must lie in [0, 16], got {blocks}")
         with torch.random.fork_rng():  # seeded weights without touching the caller's global RNG
             torch.manual_seed(seed)
             enc = [nn.Conv2d(C, width, 3, padding=1), nn.SiLU()]
             ch = width
-            for _ in range(n_down):
+            for i in range(n_down):
                 enc += [nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), nn.SiLU()]
                 ch *= 2
+                if i >= n_down - 2:
+                    enc += [_Res(ch) for _ in range(blocks)]
             enc += [nn.Conv2d(ch, 2 * c, 3, padding=1)]
             self.encoder = nn.Sequential(*enc)
             dec = [nn.Conv2d(c, ch, 3, padding=1), nn.SiLU()]
-            for _ in range(n_down):
+            for i in range(n_down):
+                if i < 2:
+                    dec += [_Res(ch) for _ in range(blocks)]
                 dec += [nn.ConvTranspose2d(ch, ch // 2, 4, stride=2, padding=1), nn.SiLU()]
                 ch //= 2
             dec += [nn.Conv2d(ch, C, 3, padding=1)]
@@ -91,9 +110,10 @@ class ConvVAE(_VAE):
     """A small convolutional VAE (one per cluster, or one for all clusters)."""
 
     @register_to_config
-    def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0):
+    def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0,
+                 blocks: int = 0):
         super().__init__()
-        self._build(image_shape, latent, width, beta, seed)
+        self._build(image_shape, latent, width, beta, seed, blocks)
 
 
 def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
@@ -113,11 +133,11 @@ class LoRAVAE(_VAE):
 
     @register_to_config
     def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0,
-                 clusters: int = 10, rank: int = 4):
+                 clusters: int = 10, rank: int = 4, blocks: int = 0):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        self._build(image_shape, latent, width, beta, seed)
+        self._build(image_shape, latent, width, beta, seed, blocks)
         if not 1 <= int(clusters) <= 10_000 or not 1 <= int(rank) <= 1024:
             raise MolrmogError(f"LoRA VAE needs 1 <= clusters <= 10000 and 1 <= rank <= 1024, got {clusters}, {rank}")
         self.clusters, self.rank = int(clusters), int(rank)

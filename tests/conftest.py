@@ -55,10 +55,11 @@ def ragged():
     return ragged_molrmog(0)
 
 
-def tiny(experts=("mog", "gaussian", "unet"), **steps) -> list[str]:
-    """Flags of a tiny training run (seconds on 2 CPU cores) with these expert kinds."""
-    args = ["--vae-steps", "16", "--vae-batch", "32", "--sample-steps", "3", "--checkpoint-every", "4",
-            "--no-progress", "--experts", ",".join(experts)]
+def tiny(experts=("mog", "gaussian", "unet"), vae: bool = True, **steps) -> list[str]:
+    """Flags of a tiny training run (seconds on 2 CPU cores) with these expert kinds (vae=False: without the VAE
+    flags, for --vae-from)."""
+    args = (["--vae-steps", "16", "--vae-batch", "32"] if vae else []) + [
+        "--sample-steps", "3", "--checkpoint-every", "4", "--no-progress", "--experts", ",".join(experts)]
     for kind in experts:
         args += [f"--{kind}-steps", str(steps.get(kind, 3 if kind == "unet" else 12)), f"--{kind}-batch", "32"]
     return args

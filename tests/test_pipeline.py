@@ -186,7 +186,8 @@ def test_a_kind_registered_in_a_test_goes_through_train_sample_and_compare(toy_k
 
 def test_seeds_come_from_kind_names_not_positions(toy_kind):
     seeds = {k: kinds.expert_seed(0, k, 3) for k in kinds.kind_names()}
-    assert seeds == {"mog": 1003, "gaussian": 2003, "unet": 3003, "toy": seeds["toy"]}
+    # the built-in kinds keep the salts their runs were made with, whatever else is registered
+    assert {k: seeds[k] for k in ("mog", "gaussian", "unet")} == {"mog": 1003, "gaussian": 2003, "unet": 3003}
     assert len(set(seeds.values())) == len(seeds)
     with pytest.raises(ValueError, match="seed salt"):
         kinds.register(dataclasses.replace(toy_kind, name="toy2", seed_salt=1))

@@ -1,0 +1,106 @@
+"""Fair comparisons (issue 12): equal wall-clock budgets with snapshots along them, quality-vs-time curves that
+resume without repeating points, VAEs reused across runs, closed-form (EM) starts with modes and rank chosen
+from the data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from molrmog import compare as cmp
+from molrmog.cli import main
+from molrmog.config import BUDGET_POINTS
+from tests.conftest import tiny
+
+
+def _logs(run, kind):
+    return {p.stem: json.loads(p.read_text()) for p in (run / "logs").glob(f"{kind}-*.json")}
+
+
+def test_a_budget_is_kept_within_5_percent_and_the_curve_has_its_points(tmp_path, featurizer_cache):
+    out = tmp_path / "cmp"
+    budget = 6.0
+    assert main(["compare", "--out", str(out), *tiny(("mog", "gaussian")), "--budget", str(budget), "--no-unified",
+                 "--samples", "40", "--reference", "300", "--cache", str(featurizer_cache)]) == 0
+    res = json.loads((out / "quality_vs_time.json").read_text())
+    for kind in ("mog", "gaussian"):
+        logs = list(_logs(out / "dedicated", kind).values())
+        used = sum(lg["info"]["elapsed"] for lg in logs)
+        # each cluster gets an equal share; the closed-form (EM) start is paid out of it, and a share smaller
+        # than that start (possible at this tiny budget) ends right after it, with no gradient steps
+        kept = sum(max(lg["info"]["budget_share"], lg["info"]["init_seconds"]) for lg in logs)
+        assert kept >= budget - 1e-6 and abs(used - kept) <= 0.05 * kept, (kind, used, kept)
+        assert res["budget_used"][kind] == pytest.approx(used)
+        pts = [r for r in res["rows"] if r["kind"] == kind]
+        assert [r["point"] for r in pts] == list(range(len(BUDGET_POINTS))) and len(pts) >= 5
+        secs = [r["seconds"] for r in pts]
+        assert secs == sorted(secs) and secs[-1] == pytest.approx(used, rel=0.02)  # log-spaced up to the budget
+        assert all(r["fid"] > 0 and 0 <= r["recall"] <= 1 for r in pts)
+    for f in ("quality_vs_time.csv", "quality_vs_time.png", "comparison.md"):
+        assert (out / f).is_file()
+    header = (out / "quality_vs_time.csv").read_text().splitlines()[0]
+    assert header == "kind,seconds,step,fid,kid,precision,recall,parameters"
+
+    def no_sampling(*a, **k):
+        raise AssertionError("a point that is already in quality_vs_time.json was measured again")
+
+    cmp.sample_images, saved = no_sampling, cmp.sample_images
+    try:
+        again = cmp.quality_vs_time(out, out / "dedicated", ("mog", "gaussian"), res["floor"], samples=40,
+                                    reference=300, cache=featurizer_cache, progress=False)
+    finally:
+        cmp.sample_images = saved
+    assert again["rows"] == res["rows"]
+
+
+def test_a_budgeted_run_killed_midway_resumes_its_clock_and_keeps_its_snapshots(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "molrmog.cli", "train", "--out", str(run), *tiny(("mog",)), "--budget", "8"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run.glob("snapshots/mog/*/4/snapshot.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "report.md").exists()
+    before = {p: p.stat().st_mtime_ns for p in run.glob("snapshots/mog/*/*/snapshot.json")}
+    assert before
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in run.glob("snapshots/mog/*/*/snapshot.json")}
+    assert all(after[p] == t for p, t in before.items())  # no point was taken twice
+    assert len(after) == 10 * len(BUDGET_POINTS)
+    used = sum(lg["info"]["elapsed"] for lg in _logs(run, "mog").values())
+    assert used == pytest.approx(8.0, rel=0.1)  # the killed cluster's clock went on, it did not start again
+
+
+def test_vaes_are_reused_not_retrained(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--out", str(a), *tiny(("gaussian",)), "--vae-width", "16"]) == 0
+    assert main(["train", "--out", str(b), "--vae-from", str(a), *tiny(("mog",), vae=False)]) == 0
+    cfg = json.loads((b / "config.json").read_text())
+    assert cfg["vae_width"] == 16 and cfg["vae_from"] == str(a)
+    for k in range(10):
+        fa, fb = a / "vae" / str(k) / "diffusion_pytorch_model.safetensors", b / "vae" / str(k) / \
+            "diffusion_pytorch_model.safetensors"
+        assert os.path.samefile(fa, fb) or fa.read_bytes() == fb.read_bytes()
+    assert not list(b.glob("checkpoints/vae-*"))  # nothing trained again
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "c"), "--vae-from", str(a), "--vae-width", "8"]) == 2
+    assert "drop --vae-width" in capsys.readouterr().err
+
+
+def test_auto_modes_and_rank_and_em_only_experts(tmp_path):
+    run = tmp_path / "auto"
+    assert main(["train", "--out", str(run), *tiny(("mog",)), "--mog-modes", "auto", "--mog-rank", "auto",
+                 "--mog-param-cap", "600", "--mog-steps", "0"]) == 0
+    rep = json.loads((run / "report.json").read_text())
+    rows = rep["experts"]["mog"]["per_cluster"]
+    assert len(rows) == 10 and all(r["parameters"] <= 600 and r["n"] >= 1 and r["r"] >= 1 for r in rows)
+    info = json.loads((run / "logs" / "mog-0.json").read_text())["info"]
+    assert info["auto"]["heldout_loglik"] == max(c["heldout_loglik"] for c in info["auto"]["candidates"])
+    assert json.loads((run / "logs" / "mog-0.json").read_text())["loss"] == []  # steps 0: the EM fit alone
+    assert "EM floor" in (run / "report.md").read_text()
