@@ -350,8 +350,11 @@ def _cmd_experiment(a) -> int:
 
     c = _common(a)
     fn = EXPERIMENTS[a.experiment_name][0]
+    extra = {"run": a.run} if getattr(a, "run", None) else {}
+    if extra and not (Path(a.run) / "config.json").is_file():
+        raise MolrmogError(f"--run {a.run}: not a run directory (no config.json); train one with molrmog train")
     res = fn(a.out, preset="quick" if a.quick else "default", seed=c.seed, progress=c.progress,
-             executor=_executor(a, c.device))
+             executor=_executor(a, c.device), **extra)
     res = {k: v for k, v in res.items() if k != "config"}
     text = json.dumps(res, indent=2)
     print(text if len(text) < 3000 else text[:3000] + "\n...")
@@ -504,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.6)")
     p.add_argument("--directions", type=int, default=3)
     p.add_argument("--lambdas", default="-0.2,-0.1,0,0.1,0.2", help="comma list of step sizes in units of the "
-                   "noise norm gamma_t sqrt(d) at the edit time (default -0.2,-0.1,0,0.1,0.2)")
+                   "noise norm gamma_t sqrt(d) at the edit time (default -0.2,-0.1,0,0.1,0.2; a list that starts "
+                   "with a minus needs the = form: --lambdas=-0.3,0.3)")
     p.add_argument("--mask", default=None, help="x0,y0,x1,y1: a rectangle of pixels the edit should stay in")
     p.add_argument("--null-tol", type=float, default=0.3, help="with --mask: a latent direction counts as leaving "
                    "the outside unchanged when its outside gain is at most this fraction of the largest (default 0.3)")
@@ -555,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description=f"{helptext}. Writes {files}.")
         e.add_argument("--quick", action="store_true", help="small preset (under a minute on 2 CPU cores)")
         e.add_argument("--out", default=f"runs/{name}", help=f"output directory (default runs/{name})")
+        if name == "generalisation":
+            e.add_argument("--run", default=None, help="a trained run: also sweep N on its cluster 0 (latent MoG "
+                           "and U-Net experts, metrics in the featurizer's space)")
         e.set_defaults(func=_cmd_experiment, experiment_name=name)
     return parser
 

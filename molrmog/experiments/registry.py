@@ -5,6 +5,7 @@ from __future__ import annotations
 from .convergence import run_convergence
 from .estimation import run_estimation
 from .few_step import run_few_step
+from .generalisation import run_generalisation
 from .phase import run_phase
 
 EXPERIMENTS = {
@@ -17,4 +18,8 @@ EXPERIMENTS = {
     "few-step": (run_few_step, "few-step sampling against the exact reverse step: exact, Gaussian steps with the "
                  "exact mean, PF-ODE with the exact score, learned vanilla and SMD MLPs, 1-64 steps",
                  "few_step.csv/.json/.png"),
+    "generalisation": (run_generalisation, "from memorisation to generalisation as the training set grows: "
+                       "memorised fraction, GL, reproducibility of disjoint halves, PF distance and score error vs N "
+                       "on a synthetic MoLRG (mog, mlp) and, with --run, on a trained run's cluster (mog, unet)",
+                       "generalisation.csv/.json/.png"),
 }
