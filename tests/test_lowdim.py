@@ -138,8 +138,8 @@ def test_generalisation_sweep_goes_from_copies_to_new_samples(tmp_path):
     res = gen.run_generalisation(tmp_path, "quick", progress=False, Ns=[2, 128], steps=150, mlp_steps=150,
                                  eval_n=200)
     rows = {(r["kind"], r["N"]): r for r in res["rows"]}
-    assert rows[("mog", 2)]["memorisation"] > 0.8 > 0.5 > rows[("mog", 128)]["memorisation"]
-    assert rows[("mog", 128)]["score_error"] < rows[("mog", 2)]["score_error"]
-    assert rows[("mog", 128)]["rp"] > rows[("mog", 2)]["rp"]
+    assert rows[("mixture", 2)]["memorisation"] > 0.8 > 0.5 > rows[("mixture", 128)]["memorisation"]
+    assert rows[("mixture", 128)]["score_error"] < rows[("mixture", 2)]["score_error"]
+    assert rows[("mixture", 128)]["rp"] > rows[("mixture", 2)]["rp"]
     for f in ("generalisation.csv", "generalisation.json", "generalisation.png"):
         assert (tmp_path / f).is_file()

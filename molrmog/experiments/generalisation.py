@@ -15,11 +15,12 @@ half (two disjoint training sets S_1, S_2 of N samples each) one model is traine
                    noise (synthetic: the exact score; images: the model trained on the whole cluster);
     score_error    (synthetic) E_t E_x gamma^2 ||s_theta - grad log p_t||^2 against the exact score.
 
-Synthetic data: a MoLRG (K subspaces of dimension d in R^D: intrinsic dimension d), models `mog` (a MoG
+Synthetic data: a MoLRG (K subspaces of dimension d in R^D: intrinsic dimension d), models `mixture` (a MoG
 expert in R^D with `modes` modes of rank d: EM start + DSM) and `mlp` (the EDM-preconditioned MLP, the neural
-counterpart). Images: one cluster of a trained run (its VAE latents), kinds `mog` and `unet` (the run's own
-kind options, smaller step counts), metrics in the featurizer's space and in pixels. The transition is the
-smallest N at which the memorisation fraction falls below 1/2; the theory's prediction is N ~ d per subspace.
+counterpart). Images: one cluster of a trained run (its VAE latents), the headline and baseline latent kinds
+(MoG and U-Net; the run's own kind options, smaller step counts), metrics in the featurizer's space. The
+transition is the smallest N at which the memorisation fraction falls below 1/2; the theory's prediction is
+N ~ d per subspace.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ from .common import out_dir, pyplot, save_figure, write_csv, write_json
 PRESETS = {
     "quick": dict(D=24, K=2, d=3, Ns=[2, 4, 8, 16, 32, 64, 128, 256], modes=16, steps=300, mlp_steps=400,
                   eval_n=400, threshold=0.95, image_dataset="digits", image_Ns=[8, 32, 64], image_steps=120,
-                  image_unet_steps=80, image_samples=64),
+                  image_baseline_steps=80, image_samples=64),
     "default": dict(D=48, K=2, d=4, Ns=[2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], modes=32, steps=800,
                     mlp_steps=1500, eval_n=1000, threshold=0.95, image_dataset="fashion-mnist",
-                    image_Ns=[16, 64, 256, 1024, 2900], image_steps=400, image_unet_steps=300, image_samples=200),
+                    image_Ns=[16, 64, 256, 1024, 2900], image_steps=400, image_baseline_steps=300, image_samples=200),
 }
 
 
@@ -57,8 +58,18 @@ def _halves(cfg: dict, N: int, seed: int):
     return x[:N], x[N:]
 
 
+SYNTHETIC_MODELS = ("mixture", "mlp")  # a MoG score in R^D (EM start + DSM) and its neural counterpart
+
+
+def _image_kinds() -> tuple[str, ...]:
+    """The run's headline latent kind (MoG) and its baseline (U-Net), from the registry."""
+    from ..kinds import baseline_kinds, headline_kinds
+
+    return headline_kinds()[:1] + baseline_kinds()[:1]
+
+
 def _model(kind: str, cfg: dict, D: int, data_std: float, seed: int):
-    if kind == "mog":
+    if kind == "mixture":
         return MoGExpert(D, n=cfg["modes"], r=cfg["d"], seed=seed)
     return MLPScore(D, hidden=256, depth=3, data_std=data_std, seed=seed, precondition=True)
 
@@ -68,7 +79,7 @@ def synthetic_task(kind: str, N: int, half: int, cfg: dict, seed: int) -> dict:
     x = _halves(cfg, N, seed)[half]
     std = float(x.std()) if N > 1 else 1.0
     model = _model(kind, cfg, cfg["D"], std, seed + half)
-    if kind == "mog":
+    if kind == "mixture":
         model.init_from_data(x, seed=seed)
         steps, lr = cfg["steps"], 1e-2
     else:
@@ -117,7 +128,7 @@ def run_generalisation(out, preset: str = "quick", seed: int = 0, progress: bool
     cfg = {**PRESETS[preset], **overrides}
     out = out_dir(out)
     truth = _truth(cfg, seed)
-    kinds = ("mog", "mlp")
+    kinds = SYNTHETIC_MODELS
     tasks = [Task(f"{kind}/N={N}/half={h}", synthetic_task, (kind, N, h, cfg, seed))
              for kind in kinds for N in cfg["Ns"] for h in (0, 1)]
     trained = run_tasks(tasks, executor, progress=progress, desc="generalisation")
@@ -154,7 +165,7 @@ def run_generalisation(out, preset: str = "quick", seed: int = 0, progress: bool
     result["c"] = {k: (v / cfg["d"] if v else None) for k, v in result["transition"].items()}
     if run is not None:
         result["images"] = image_sweep(run, cfg, seed, progress, executor)
-        result["transition_images"] = {k: transition(result["images"]["rows"], k) for k in ("mog", "unet")}
+        result["transition_images"] = {k: transition(result["images"]["rows"], k) for k in _image_kinds()}
     write_csv(out / "generalisation.csv", rows + (result.get("images", {}).get("rows", [])))
     write_json(out / "generalisation.json", result)
     _plot(out / "generalisation.png", result)
@@ -226,7 +237,7 @@ def image_task(run: str, cluster: int, kind: str, N: int, half: int, cfg: dict, 
     e.scale.copy_(scale)
     if entry.init_from_data is not None and u.shape[0] >= 2:
         entry.init_from_data(e.net, u, opts, model_seed)
-    steps = cfg["image_unet_steps"] if kind == "unet" else cfg["image_steps"]
+    steps = cfg["image_baseline_steps"] if get_kind(kind).baseline else cfg["image_steps"]
     train_score(e, u, steps=steps, batch_size=min(opts.batch, max(8, 4 * u.shape[0])), lr=opts.lr, seed=model_seed,
                 ema_decay=opts.ema_decay, progress=False)
     return {"config": dict(e.config), "state": {k: v.clone() for k, v in e.state_dict().items()}}
@@ -238,7 +249,7 @@ def image_sweep(run: str, cfg: dict, seed: int, progress: bool, executor, cluste
 
     r, vae, imgs, z = _cluster_latents(run, cluster)
     Ns = [n for n in cfg["image_Ns"] if 2 * n <= z.shape[0]]
-    kinds = ("mog", "unet")
+    kinds = _image_kinds()
     tasks = [Task(f"{k}/N={n}/half={h}", image_task, (run, cluster, k, n, h, cfg, seed)) for k in kinds for n in Ns
              for h in (0, 1)] + [Task(f"{k}/teacher", image_task, (run, cluster, k, -1, 0, cfg, seed)) for k in kinds]
     trained = run_tasks(tasks, executor, progress=progress, desc="generalisation (images)")
