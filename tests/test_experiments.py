@@ -41,7 +41,9 @@ def test_gradient_descent_converges_linearly_with_positive_definite_hessian(tmp_
 
 
 def test_phase_transition_near_n_equals_d(tmp_path):
-    assert main(["experiment", "phase-transition", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    from molrmog.experiments.phase import run_phase
+
+    run_phase(tmp_path, "quick", progress=False, Ns=[1, 2, 8])  # the --quick preset, three sample sizes of five
     rows = _rows(tmp_path / "phase_transition.csv")
     for K in {r["K"] for r in rows}:
         for d in {r["d"] for r in rows}:
