@@ -73,7 +73,8 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
         rows[_unified_label(k)] = _summary(ev["unified"]["models"][k], train_seconds(runs["unified"], k))
     rows["memorisation baseline"] = _summary(ev["dedicated"]["models"][MEMORISE], 0.0)
     rows["real test images"] = _summary(ev["dedicated"]["models"]["test split"], None)
-    result = {"dataset": cfg.dataset, "featurizer_test_accuracy": ev["dedicated"]["featurizer_test_accuracy"],
+    result = {"dataset": load_config(runs["dedicated"]).dataset,  # with --vae-from: the reused run's data
+              "featurizer_test_accuracy": ev["dedicated"]["featurizer_test_accuracy"],
               "samples_per_model": ev["dedicated"]["samples_per_model"],
               "reference_images": ev["dedicated"]["reference_images"], "rows": rows,
               "pairs": ev["dedicated"]["pairs"], "runs": {k: str(v) for k, v in runs.items()}}

@@ -132,6 +132,8 @@ def test_memorisation_metric_tells_copies_from_new_points():
     rows = [{"kind": "a", "N": n, "memorisation": m} for n, m in ((2, 1.0), (8, 0.7), (32, 0.2), (128, 0.1))]
     assert gen.transition(rows, "a") == 32
     assert gen.transition([{"kind": "a", "N": 2, "memorisation": 0.9}], "a") is None
+    assert gen.transition([{"kind": "a", "N": 2, "memorisation": 0.1}, {"kind": "a", "N": 8, "memorisation": 0}],
+                          "a") is None  # nothing memorised: the transition lies below the sweep
 
 
 def test_generalisation_sweep_goes_from_copies_to_new_samples(tmp_path):

@@ -113,8 +113,11 @@ def _sample(model, n: int, D: int, schedule, seed: int, steps: int = 40) -> torc
 
 
 def transition(rows: list, kind: str) -> float | None:
-    """The smallest N whose memorisation fraction is below 1/2 (with every larger N below it too)."""
+    """The smallest N whose memorisation fraction is below 1/2 (with every larger N below it too); None when no
+    N of the sweep memorises (the transition lies below it) or the largest still does (above it)."""
     pts = sorted((r["N"], r["memorisation"]) for r in rows if r["kind"] == kind)
+    if not pts or pts[0][1] < 0.5:
+        return None
     for i, (n, _) in enumerate(pts):
         if all(m < 0.5 for _, m in pts[i:]):
             return n
