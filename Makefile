@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	@# digits: dedicated VAEs + MoG / Gaussian / U-Net experts, the unified-VAE ablation, the offline featurizer,
 	@# FID / KID / class score / similarity metrics and the comparison table; a stopped demo resumes, never restarts
-	$(BIN)/molrmog compare --dataset digits --out runs/demo
+	$(BIN)/molrmog compare --dataset digits --out runs/demo --workers 2
 	$(BIN)/molrmog synth --out runs/demo/synth --no-progress
 	@echo "table: runs/demo/comparison.md; samples: runs/demo/comparison_samples.png; synthetic check: runs/demo/synth/"
 
