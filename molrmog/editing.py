@@ -31,7 +31,8 @@ from . import mixture as mx
 from .errors import MolrmogError
 from .schedules import Schedule
 
-__all__ = ["edit_time", "ode", "denoiser_jacobian_fn", "top_directions", "apply_edit", "edit_metrics", "edit_run"]
+__all__ = ["edit_time", "ode", "denoiser_jacobian_fn", "latent_jacobian", "top_directions", "apply_edit",
+           "edit_metrics", "edit_run"]
 
 
 def edit_time(schedule: Schedule, fraction: float) -> float:
@@ -73,6 +74,17 @@ def denoiser_jacobian_fn(expert, t: float):
         def closed(u):  # (B, d, d)
             return mx.denoiser_jacobian(expert.net.mixture_for(u), u, s, g)
     return x0, closed
+
+
+def latent_jacobian(expert, u: Tensor, t: float) -> Tensor:
+    """d x0_hat / d u at each row of u (B, d): (B, d, d), in closed form for mixture experts, else by autograd
+    (`evaluation.denoiser_jacobian`)."""
+    _, closed = denoiser_jacobian_fn(expert, t)
+    if closed is not None:
+        return closed(u)
+    from .evaluation import denoiser_jacobian
+
+    return denoiser_jacobian(expert, u, t)
 
 
 def _pixel_map(expert, vae, t: float):

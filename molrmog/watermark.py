@@ -8,7 +8,7 @@ probability-flow ODE and tests the pattern's correlation against a threshold.
 
 In latent space: u_T ~ prior -> ODE to t_w -> u_t + eps * gamma_w * sqrt(d) * P_null(key) -> ODE to t_min ->
 decode. The Jacobian of a MoG / Gaussian expert is available in closed form (`mixture.denoiser_jacobian`); for
-other kinds it is formed with d Jacobian-vector products (the latent has a few hundred dimensions at most).
+other kinds by autograd (`editing.latent_jacobian`; the latent has a few hundred dimensions at most).
 Null space: the complement of the right singular vectors whose singular value exceeds `rank_tol` x the largest.
 Because a mixture's Tweedie step at the end would project the pattern away with the null space, watermarked
 images end at t_min without it (the clean reference images are generated the same way). Detection: encode
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .editing import edit_time, ode
+from .editing import edit_time, latent_jacobian, ode
 from .errors import MolrmogError
 
 __all__ = ["key_pattern", "null_projector", "embed", "detection_scores", "latent_scores", "ATTACKS", "attack", "roc"]
@@ -48,22 +48,9 @@ def key_pattern(key: int | str, d: int) -> Tensor:
     return v / v.norm()
 
 
-def _jacobian(expert, u: Tensor, t: float) -> Tensor:
-    """d x0_hat / d u at every row of u (B, d): closed form for mixture experts, else d JVPs per point."""
-    from . import mixture as mx
-
-    tt = torch.tensor(t, dtype=torch.float64)
-    if hasattr(expert.net, "mixture_for"):
-        s, g = float(expert.schedule.s(tt)), float(expert.schedule.gamma(tt))
-        return mx.denoiser_jacobian(expert.net.mixture_for(u), u, s, g)
-    from torch.func import jacfwd, vmap
-
-    return vmap(jacfwd(lambda x: expert.denoise(x[None], tt)[0]))(u)
-
-
 def null_projector(expert, u: Tensor, t: float, rank_tol: float = 0.01) -> tuple[Tensor, Tensor]:
     """Projectors (B, d, d) onto the null space of J_t at each row of u, and the numerical ranks (B,)."""
-    J = _jacobian(expert, u, t).detach().double()
+    J = latent_jacobian(expert, u, t).detach().double()
     _, S, Vh = torch.linalg.svd(J)
     keep = S > rank_tol * S[:, :1]
     V = Vh.transpose(1, 2) * keep[:, None, :]

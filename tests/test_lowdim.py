@@ -8,7 +8,7 @@ import torch
 
 from molrmog import watermark as wm
 from molrmog.cli import main
-from molrmog.editing import _pixel_map, edit_time, pixel_jacobian, top_directions
+from molrmog.editing import _pixel_map, edit_time, latent_jacobian, pixel_jacobian, top_directions
 from molrmog.experiments import generalisation as gen
 from molrmog.pipeline import load_run
 from tests.conftest import tiny
@@ -82,7 +82,7 @@ def test_null_projector_is_an_orthogonal_projector_onto_the_jacobians_null_space
     P, rank = wm.null_projector(expert, u, t)
     torch.testing.assert_close(P @ P, P, atol=1e-8, rtol=0)
     torch.testing.assert_close(P, P.transpose(1, 2))
-    J = wm._jacobian(expert, u, t).double()
+    J = latent_jacobian(expert, u, t).double()
     assert ((J @ P).norm(dim=(1, 2)) <= 0.02 * J.norm(dim=(1, 2)) * J.shape[1] ** 0.5).all()
     assert (rank >= 1).all() and (rank < u.shape[1]).all()
 
