@@ -75,12 +75,12 @@ def measure(kind: str, a, z: torch.Tensor, latent) -> dict:
         torch.cuda.reset_peak_memory_stats()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     opt = torch.optim.Adam(e.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(dev).manual_seed(0)  # on the training device, as `fit` draws: no host work per step
     train = {}
     for batch in a.batches:
         def steps(batch=batch):
             for _ in range(a.steps):
-                idx = torch.randint(0, u.shape[0], (batch,), generator=g).to(dev)
+                idx = torch.randint(0, u.shape[0], (batch,), generator=g, device=dev)
                 loss = dsm_loss(e, u[idx], e.schedule, generator=g)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

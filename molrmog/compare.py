@@ -182,7 +182,7 @@ def quality_vs_time(out: Path, run: Path, kinds, floor: dict, *, samples: int = 
             missing = [k for k in range(ctx.K) if not snapshot_done(run, kind, i, k)]
             if missing:
                 raise MolrmogError(f"{run}: snapshot {i} of {kind} is missing for clusters {missing}; resume the run")
-            experts = [LatentExpert.load(run / "snapshots" / kind / str(i) / str(k), "snapshot").eval()
+            experts = [LatentExpert.load(run / "snapshots" / kind / str(i) / str(k), "snapshot").to(cfg.device).eval()
                        for k in range(ctx.K)]
             meta = [read_json(run / "snapshots" / kind / str(i) / str(k) / "snapshot.json", "snapshot")
                     for k in range(ctx.K)]

@@ -32,7 +32,7 @@ from torch import Tensor
 from .errors import MolrmogError, NumericalError
 
 __all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities", "bridge",
-           "reverse_step", "lowrank_log_density", "denoiser_jacobian"]
+           "random_draw", "cholesky_inverse", "reverse_step", "lowrank_log_density", "denoiser_jacobian"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -314,6 +314,18 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
+def cholesky_inverse(chol: Tensor, triangular: bool | None = None) -> Tensor:
+    """M^{-1} from M's lower Cholesky factor C (M = C C^T), batched. On the CPU torch.cholesky_inverse is
+    the fastest; on CUDA its batched form held a MoG training step on the host for ~20 ms (profiled on an
+    H200), so there (`triangular`, default: off the CPU) M^{-1} = C^{-T} C^{-1} from one batched triangular
+    solve and one batched product."""
+    if not (chol.device.type != "cpu" if triangular is None else triangular):
+        return torch.cholesky_inverse(chol)
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    C_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return C_inv.transpose(-1, -2) @ C_inv
+
+
 def _per_sample_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor, check: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The evaluation with per-sample (s, gamma) -- training, where every row has its own t: a per-sample
     capacitance (B, K, L, r, r), the same formulas as `_scalar_block` otherwise."""
@@ -331,7 +343,7 @@ def _per_sample_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor, check: 
     z1 = torch.cat([z, (-s)[None, :, None].expand(K, B, 1)], -1)
     Zp = torch.bmm(z1, P).view(K, B, r + 1, L)
     proj, zmu = Zp[:, :, :r], Zp[:, :, r]  # proj = U^T v
-    a = torch.einsum("bklrq,kbql->kbrl", torch.cholesky_inverse(chol), proj)  # a = M^{-1} U^T v
+    a = torch.einsum("bklrq,kbql->kbrl", cholesky_inverse(chol), proj)  # a = M^{-1} U^T v
     vMv = (proj * a).sum(2)
     logits = (mix.log_weights[:, None] - 0.5 * (mix.D * (LOG_2PI + torch.log(g2k)) + logdet.transpose(0, 1))
               + (sk * zmu + 0.5 * vMv) / g2k)  # (K, B, L)
@@ -367,6 +379,16 @@ def score(mix: Mixture, x: Tensor, s, gamma, **kw) -> Tensor:
     return (m - x) / (g**2 if g.ndim == 0 else (g**2)[:, None])
 
 
+def random_draw(fn, shape, generator: torch.Generator | None, dtype, device) -> Tensor:
+    """torch.randn / torch.rand (`fn`) of `shape` on `device`, drawn where `generator` lives: a CPU generator
+    (or none) draws on the CPU and copies, so a seed gives the same numbers on every device; a generator on
+    the target device draws there (no host work per draw: the fast path on a GPU)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if generator is not None and generator.device.type == dev.type and dev.type != "cpu":
+        return fn(shape, generator=generator, dtype=dtype, device=dev)
+    return fn(shape, generator=generator, dtype=dtype).to(dev)
+
+
 def bridge(s_t: float, g_t: float, s_s: float, g_s: float) -> tuple[float, float, float]:
     """The Gaussian bridge of the forward process between times s < t (design notes, exact reverse step):
     x_s | x_0, x_t ~ N(a x_t + b x_0, v I) with a_{t|s} = s_t / s_s, v_{t|s} = g_t^2 - a_{t|s}^2 g_s^2,
@@ -384,12 +406,12 @@ def reverse_step(mix: Mixture, x: Tensor, s_t: float, g_t: float, s_s: float, g_
     per-component Tweedie mean m_c = A_k (s mu_c + F_c F_c^T v_c) / s (v_c = A_k^T x_t - s mu_c, F_c = U_c
     C_c^{-T}, C_c C_c^T = sigma^2 I + U_c^T U_c, sigma = g_t / s_t) and (a, b, v) from `bridge`: pick c by the
     responsibilities, then x_s = a x_t + b m_c + sqrt(v) xi + b sigma A_k F_c zeta (Woodbury again: no D x D
-    matrix). Random numbers come from `generator` on the CPU (the same draws on every device)."""
+    matrix). Random numbers come from `generator` (`random_draw`: a CPU one gives the same draws on every device)."""
     B, dev = x.shape[0], x.device
     K, L, d, r = mix.U.shape
     st, gt = torch.tensor(s_t, dtype=x.dtype, device=dev), torch.tensor(g_t, dtype=x.dtype, device=dev)
     R = posterior(mix, x, st, gt).R.reshape(B, K * L)
-    u = torch.rand(B, 1, generator=generator, dtype=torch.float64).to(dev)
+    u = random_draw(torch.rand, (B, 1), generator, torch.float64, dev)
     cdf = torch.cumsum(R.double(), 1)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_max(K * L - 1)  # R_c > 0 only
     k, l = idx // L, idx % L
@@ -401,14 +423,14 @@ def reverse_step(mix: Mixture, x: Tensor, s_t: float, g_t: float, s_s: float, g_
     v_c = _encode(mix, x)[k, rows] - s_t * mu
     w = torch.einsum("bdr,bd->br", Fc, v_c)  # F_c^T v_c
     m_lat = mu + torch.einsum("bdr,br->bd", Fc, w) / s_t  # (s mu + F F^T v) / s, in subspace k's coordinates
-    zeta = torch.randn(B, r, generator=generator, dtype=x.dtype).to(dev)
+    zeta = random_draw(torch.randn, (B, r), generator, x.dtype, dev)
     a, b, v = bridge(s_t, g_t, s_s, g_s)
     lat = b * (m_lat + math.sqrt(sigma2) * torch.einsum("bdr,br->bd", Fc, zeta))
     c = torch.zeros(K, B, d, dtype=x.dtype, device=dev)
     c[k, rows] = lat
     out = a * x + _decode(mix, c)
     if v > 0:
-        out = out + math.sqrt(v) * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(dev)
+        out = out + math.sqrt(v) * random_draw(torch.randn, x.shape, generator, x.dtype, dev)
     return out
 
 

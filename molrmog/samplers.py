@@ -41,8 +41,8 @@ def prior(schedule: Schedule, t: float | Tensor, shape, generator=None, dtype=to
           device=None) -> Tensor:
     """x_T ~ N(0, gamma_T^2 I), the Gaussian the forward process ends near."""
     g = schedule.gamma(torch.as_tensor(t, dtype=torch.float64)).item()
-    # drawn on the CPU (where the generator lives), so a seed gives the same noise on every device
-    return g * torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    # drawn where the generator lives: a CPU generator gives the same noise on every device
+    return g * mx.random_draw(torch.randn, shape, generator, dtype, device)
 
 
 def tweedie(score: ScoreFn, x: Tensor, t: Tensor, schedule: Schedule) -> Tensor:
@@ -98,7 +98,7 @@ class _Grid:
 
 
 def _noise(x: Tensor, generator) -> Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    return mx.random_draw(torch.randn, x.shape, generator, x.dtype, x.device)
 
 
 def sample_euler(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
@@ -245,7 +245,7 @@ def generate(score: ScoreFn, n: int, D: int, schedule: Schedule, ts: Tensor, sam
     if generator is None:  # the caller's global RNG drives everything, as it would without molrmog
         x = fn(score, x, ts, schedule, progress=progress, generator=None)
         return tweedie(score, x, ts[-1], schedule) if final_denoise else x
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]):
         torch.manual_seed(seed)
         x = fn(score, x, ts, schedule, progress=progress, generator=generator)

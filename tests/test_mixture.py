@@ -236,3 +236,23 @@ def test_fused_path_agrees_with_the_eager_reference_on_ragged_mixtures():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_fused_and_eager_agree_on_cuda():
     _fused_agrees("cuda")
+
+
+def test_both_cholesky_inverses_equal_the_inverse():
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(6, 3, 5, 4, generator=g, dtype=torch.float64)
+    M = 0.3 * torch.eye(4, dtype=torch.float64) + U.transpose(-1, -2) @ U
+    C = torch.linalg.cholesky(M)
+    for triangular in (False, True):
+        torch.testing.assert_close(mx.cholesky_inverse(C, triangular), torch.linalg.inv(M), rtol=1e-10, atol=1e-10)
+
+
+def test_random_draws_follow_the_generator_and_land_on_the_device():
+    a = mx.random_draw(torch.randn, (3, 4), torch.Generator().manual_seed(5), torch.float32, "cpu")
+    torch.testing.assert_close(a, torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+    assert mx.random_draw(torch.rand, (2,), None, torch.float64, None).dtype == torch.float64
+    if torch.cuda.is_available():  # a CPU generator gives the same numbers on the GPU; a GPU one draws there
+        b = mx.random_draw(torch.randn, (3, 4), torch.Generator().manual_seed(5), torch.float32, "cuda")
+        torch.testing.assert_close(b.cpu(), a)
+        c = mx.random_draw(torch.randn, (3, 4), torch.Generator("cuda").manual_seed(5), torch.float32, "cuda")
+        assert c.device.type == "cuda"
