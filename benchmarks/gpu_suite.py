@@ -119,7 +119,7 @@ def profile(device: str, quick: bool) -> str:
 
     from molrmog import mixture as mx
     from molrmog.distributions import MoLRMoG
-    from molrmog.kinds import LatentExpert, get_kind
+    from molrmog.kinds import LatentExpert, get_kind, headline_kinds
     from molrmog.losses import dsm_loss
     from molrmog.schedules import get_schedule
 
@@ -129,9 +129,10 @@ def profile(device: str, quick: bool) -> str:
     x = torch.randn(4096 if quick else 65536, 784, device=device)
     s, g = torch.tensor(0.8, device=device), torch.tensor(0.6, device=device)
     latent = (4, 7, 7)
-    entry = get_kind("mog")
+    kind = headline_kinds()[0]  # the MoG expert
+    entry = get_kind(kind)
     net = entry.build(latent, entry.options(), get_schedule("vp").config(), 0)
-    e = LatentExpert.wrap("mog", latent, net).to(device)
+    e = LatentExpert.wrap(kind, latent, net).to(device)
     u = torch.randn(1024 if quick else 8192, 196, device=device)
     opt = torch.optim.Adam(e.parameters(), lr=1e-4, foreach=True)
     gen = torch.Generator(device).manual_seed(0)

@@ -13,9 +13,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import os
 import sys
 import traceback
 from pathlib import Path
+
+import torch
 
 from .config import RESUME_SAFE, CommonOptions, ExecutorOptions, RunConfig
 from .errors import MolrmogError, TrainingDiverged
@@ -23,6 +27,7 @@ from .executors import TasksFailed
 from .kinds import get_kind, kind_names
 from .options import add_options, flag_of, given, option
 from .samplers import SAMPLERS
+from .threads import ENV, choose_threads
 
 __all__ = ["main", "build_parser"]
 
@@ -46,7 +51,14 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def _common(a) -> CommonOptions:
-    return dataclasses.replace(CommonOptions(), **given(a, CommonOptions))
+    from .options import check
+
+    c = dataclasses.replace(CommonOptions(), **given(a, CommonOptions))
+    check(c)
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MolrmogError(f"--device {c.device}: no CUDA device is visible to torch (torch.cuda.is_available() is "
+                           f"False); use --device cpu")
+    return c
 
 
 def _executor(a, device: str):
@@ -114,17 +126,18 @@ def _cmd_train(a) -> int:
         saved = load_config(a.resume)
         changes = _resume_changes(a, saved)
         if changes:
-            safe = ", ".join("--" + s.replace("_", "-") for s in RESUME_SAFE)
+            safe = ", ".join("--no-progress" if s == "progress" else "--" + s.replace("_", "-") for s in RESUME_SAFE)
             raise MolrmogError(f"--resume keeps the run's settings; these flags would change them: "
                                f"{'; '.join(changes)}. Only {safe} may be given with --resume")
         device = given(a, CommonOptions).get("device", saved.device)
-        train_run(a.resume, resume=True, progress=c.progress, executor=_executor(a, device), device=device)
+        done = train_run(a.resume, resume=True, progress=c.progress, executor=_executor(a, device), device=device,
+                         after=finish_run)
         out = a.resume
     else:
         cfg = _run_config(a)
         out = a.out or "runs/train"
-        train_run(out, cfg, progress=c.progress, executor=_executor(a, cfg.device))
-    report = finish_run(out)
+        done = train_run(out, cfg, progress=c.progress, executor=_executor(a, cfg.device), after=finish_run)
+    report = done["after"]  # the report is written while the run is locked
     print(json.dumps(report, indent=2))
     print(f"wrote {out}/report.md and sample grids")
     return 0
@@ -147,6 +160,9 @@ def _cmd_sample(a) -> int:
         raise MolrmogError(f"--out {a.out} must be a .png file or an existing folder")
     imgs, _ = sample_run(a.run, a.kind, a.n, a.cls, a.sampler, a.steps, c.seed, c.device, progress=c.progress,
                          executor=_executor(a, c.device))
+    if not bool(torch.isfinite(imgs).all()):
+        raise MolrmogError(f"the {a.kind} experts of {a.run} produced non-finite images (their weights or the VAE's "
+                           f"are damaged, or the sampler diverged: try --sampler heun); nothing was written")
     save_grid(out, imgs, min(8, a.n))
     if a.npy:
         atomic_write(out.with_suffix(".npy"), lambda p: np.save(open(p, "wb"), imgs.numpy()))
@@ -155,12 +171,13 @@ def _cmd_sample(a) -> int:
 
 
 def _cmd_synth(a) -> int:
-    from .experiments.synth import SynthOptions, run_synth
+    from .experiments.synth import SynthOptions, check_size, run_synth
     from .options import check
 
     c = _common(a)
     o = dataclasses.replace(SynthOptions(), **given(a, SynthOptions))
     check(o)
+    check_size(o)
     res = run_synth(o.out, D=o.D, K=o.K, d=o.d, n=o.n, r=o.r, separation=o.separation, schedule=o.schedule,
                     sampler=o.sampler, steps=o.steps, grid=o.grid, samples=o.samples, seed=c.seed, device=c.device,
                     progress=c.progress)
@@ -225,6 +242,9 @@ def _cmd_jacobian(a) -> int:
     from .evaluation import jacobian_spectra
 
     c = _common(a)
+    if not 0 < a.tol < 1 or not 1 <= a.points <= 1000:
+        raise MolrmogError(f"--tol must lie in (0, 1) (a fraction of the largest singular value) and --points in "
+                           f"[1, 1000]; got {a.tol} and {a.points}")
     res = jacobian_spectra(a.run, kinds=_kinds(a.kinds), ts=a.t, cluster=a.cluster, points=a.points, tol=a.tol,
                            memorisation=not a.no_memorisation, seed=c.seed, device=c.device, out=a.out)
     ranks = {m: {t: v["rank_median"] for t, v in per_t.items()} for m, per_t in res["models"].items()}
@@ -267,9 +287,16 @@ def _cmd_edit(a) -> int:
     from .editing import edit_run
 
     c = _common(a)
-    lambdas = tuple(_float_list(a.lambdas))
-    if not lambdas or not 1 <= a.directions <= 32:
-        raise MolrmogError("--lambdas needs at least one value and --directions must lie in [1, 32]")
+    try:
+        lambdas = tuple(_float_list(a.lambdas))
+    except argparse.ArgumentTypeError as e:
+        raise MolrmogError(f"--lambdas: {e}") from None
+    if not lambdas or not all(math.isfinite(v) and abs(v) <= 100 for v in lambdas) or not 1 <= a.directions <= 32:
+        raise MolrmogError(f"--lambdas needs finite values in [-100, 100] (got {a.lambdas!r}) and --directions must "
+                           f"lie in [1, 32]")
+    if not 0 < a.t <= 1 or not 0 <= a.held_out <= 1000 or not 0 < a.null_tol <= 1:
+        raise MolrmogError(f"--t must lie in (0, 1], --held-out in [0, 1000] and --null-tol in (0, 1]; got {a.t}, "
+                           f"{a.held_out}, {a.null_tol}")
     res = edit_run(a.run, kind=a.kind, cluster=a.cluster, image=a.image, seed=c.seed, fraction=a.t,
                    directions=a.directions, lambdas=lambdas, mask=_mask(a.mask), null_tol=a.null_tol,
                    held_out=a.held_out, out=a.out, device=c.device)
@@ -281,7 +308,6 @@ def _cmd_edit(a) -> int:
 
 def _cmd_watermark(a) -> int:
     import numpy as np
-    import torch
 
     from . import watermark as wm
     from .artefacts import atomic_write, read_json, write_json
@@ -293,6 +319,8 @@ def _cmd_watermark(a) -> int:
     kind = a.kind or _first_mixture_kind(Path(a.run))
     if not 0 < a.t <= 1 or not 0 < a.strength <= 10:
         raise MolrmogError("--t must lie in (0, 1] and --strength in (0, 10]")
+    if not 2 <= a.n <= 100_000:
+        raise MolrmogError(f"--n must lie in [2, 100000] (images to embed / evaluate), got {a.n}")
     if a.action == "evaluate":
         res = wm.evaluate_watermark(a.run, kind=kind, n=a.n, key=a.key, strength=a.strength, fraction=a.t,
                                     seed=c.seed, cache=a.cache, out=a.out, device=c.device, progress=c.progress)
@@ -319,13 +347,9 @@ def _cmd_watermark(a) -> int:
         return 0
     if a.action == "detect" and not a.images:
         raise MolrmogError("watermark detect needs --images FILE.npy")
-    keyfile = read_json(Path(a.keyfile) if a.keyfile else out / "key.json", "watermark key")
-    try:
-        images = torch.from_numpy(np.load(a.images)).float()
-    except (OSError, ValueError) as e:
-        raise MolrmogError(f"--images {a.images}: cannot read it as a .npy array of images ({e})") from None
-    if images.ndim != 4:
-        raise MolrmogError(f"--images must hold (N, C, H, W) images in [0, 1], got shape {tuple(images.shape)}")
+    path = Path(a.keyfile) if a.keyfile else out / "key.json"
+    keyfile = wm.check_key(read_json(path, "watermark key"), path, kind, len(experts))
+    images = wm.read_images(a.images, tuple(vaes[0].config.image_shape))
     scores = wm.detection_scores(experts[keyfile["cluster"]], vaes[keyfile["cluster"]], images, keyfile["key"],
                                  fraction=keyfile["t"])
     for i, v in enumerate(scores.tolist()):
@@ -577,6 +601,13 @@ def _setup_logging(debug: bool) -> None:
     root.propagate = False
 
 
+def _set_threads() -> None:
+    """The process's intra-op threads: MOLRMOG_THREADS, else OMP_NUM_THREADS (torch reads it itself), else the
+    cores other processes leave free (`molrmog.threads`); training tasks choose again when they start."""
+    if os.environ.get(ENV) or not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(choose_threads())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -591,12 +622,17 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
+        _set_threads()
         with logging_redirect_tqdm(loggers=[logging.getLogger("molrmog")]):
             return int(args.func(args) or 0)
     except MolrmogError as e:  # bad input: one line, no traceback
         if debug:
             traceback.print_exc()
         print(f"molrmog: error: {e}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError) as e:  # an output path that is a file where a folder goes
+        print(f"molrmog: error: {e.filename} exists and is not a folder; give --out a new or existing folder",
+              file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"molrmog: training diverged: {e}", file=sys.stderr)

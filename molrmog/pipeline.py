@@ -39,6 +39,7 @@ from .kinds import MAX_STEPS, LatentExpert, expert_seed, get_kind
 from .layouts import get_layout
 from .samplers import generate
 from .schedules import get_schedule, make_grid
+from .threads import Threads, using_threads
 from .train import fit, train_score
 from .vae import vae_loss
 
@@ -118,6 +119,11 @@ def run_labels(out: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
                             f"clusters.safetensors ({K} clusters) do not agree; the files were damaged")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= K):
         raise ArtefactError(f"{out / 'clusters.safetensors'}: labels outside 0..{K - 1}")
+    if (not weights.is_floating_point() or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())
+            or not float(weights.sum()) > 0):
+        raise ArtefactError(f"{out / 'clusters.safetensors'}: cluster weights must be finite, non-negative and not "
+                            f"all zero, got {weights.tolist()[:10]}; the file was damaged: restore it or delete it "
+                            f"(and the run's vae/ and experts/) to cluster again")
     return labels, weights, names
 
 
@@ -171,7 +177,8 @@ class Run:
         hist = fit(vae, loss_fn, steps=self.cfg.vae_steps, lr=self.cfg.vae_lr, lr_schedule=self.cfg.vae_lr_schedule,
                    seed=seed, progress=self.progress,
                    desc=task, checkpoint_dir=self.out / "checkpoints" / task,
-                   checkpoint_every=self.cfg.checkpoint_every, params=params)
+                   checkpoint_every=self.cfg.checkpoint_every, params=params,
+                   threads=Threads(torch.get_num_threads()))
         if final is not None:
             vae.save(final)
         self._log(task, hist)
@@ -187,26 +194,19 @@ class Run:
         return encode_images(vae, images, self.device)
 
     def train_expert(self, kind: str, k: int, z: torch.Tensor) -> LatentExpert:
-        c, entry = self.cfg, get_kind(kind)
+        c = self.cfg
         opts = c.options_of(kind)
         final = self.out / "experts" / kind / str(k)
         if expert_done(self.out, kind, k):
             return LatentExpert.load(final, "expert", self.device)
         seed = expert_seed(c.seed, kind, k)
-        schedule = get_schedule(c.schedule).config()
         shift = z.mean(0)
         scale = z.std(0).clamp_min(1e-3) if z.shape[0] > 1 else torch.ones_like(z[0])
         u = (z.flatten(1) - shift) / scale
         t0 = time.perf_counter()
-        info = {}
-        if entry.resolve is not None:  # data-driven options ('auto'), chosen per cluster
-            opts, info = entry.resolve(opts, u, seed)
-        e = LatentExpert.wrap(kind, c.latent, entry.build(c.latent, opts, schedule, seed))
-        e.shift.copy_(shift)
-        e.scale.copy_(scale)
-        if entry.init_from_data is not None:
-            entry.init_from_data(e.net, u, opts, seed)
-            info.update({"init": getattr(e.net, "em_info", {})})
+        threads = Threads(torch.get_num_threads())  # this task's share of the cores other processes leave free
+        with using_threads(threads.start()):
+            e, opts, info = self._start_expert(kind, opts, u, seed, shift, scale)
         info["init_seconds"] = time.perf_counter() - t0
         e = e.to(self.device)
         task = f"{kind}-{k}"
@@ -220,12 +220,27 @@ class Run:
         hist = train_score(e, u.to(self.device), steps=MAX_STEPS if c.budget else opts.steps, batch_size=opts.batch,
                            lr=opts.lr, seed=seed, ema_decay=opts.ema_decay, progress=self.progress, desc=task,
                            checkpoint_dir=self.out / "checkpoints" / task, checkpoint_every=c.checkpoint_every,
-                           **budget)
+                           threads=threads, **budget)
         if c.budget is not None:
             info["elapsed"], info["steps"] = hist["elapsed"], hist["steps"]
         e.save(final)
         self._log(task, {**hist, "seconds": info.get("elapsed", hist["seconds"] + info["init_seconds"])}, info)
         return e
+
+    def _start_expert(self, kind: str, opts, u: torch.Tensor, seed: int, shift, scale):
+        """The expert before DSM: options resolved from the data ('auto'), built, standardisation stored, and
+        its closed-form start (EM) where the kind has one. Returns (expert, options, info)."""
+        c, entry, info = self.cfg, get_kind(kind), {}
+        schedule = get_schedule(c.schedule).config()
+        if entry.resolve is not None:  # data-driven options ('auto'), chosen per cluster
+            opts, info = entry.resolve(opts, u, seed)
+        e = LatentExpert.wrap(kind, c.latent, entry.build(c.latent, opts, schedule, seed))
+        e.shift.copy_(shift)
+        e.scale.copy_(scale)
+        if entry.init_from_data is not None:
+            entry.init_from_data(e.net, u, opts, seed)
+            info.update({"init": getattr(e.net, "em_info", {})})
+        return e, opts, info
 
 
 def _save_snapshot(out: Path, kind: str, k: int, index: int, step: int, elapsed: float, model) -> None:
@@ -275,14 +290,15 @@ def expert_task(out: str, kind: str, k: int, progress: bool = False) -> None:
 
 
 def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = False, progress: bool = True,
-              executor: Executor | None = None, device: str | None = None) -> dict:
+              executor: Executor | None = None, device: str | None = None, after=None) -> dict:
     """Train (or resume) a run: clusters, VAEs, experts. The caller's `cfg` is not changed.
 
     Everything is validated before the first file is written; the run directory is locked while this
     process trains it. VAEs and experts are independent tasks (see `molrmog.executors`): sequential by
     default, or on a process pool / Ray with `executor`. Finished tasks are skipped, so `resume`
     continues a stopped run, whichever executor trained its first part. `device` (with `resume`) runs
-    the rest of the run on another device than the one it started on."""
+    the rest of the run on another device than the one it started on.
+    `after(out)` (optional) runs inside the lock once training is done; its result is returned as 'after'."""
     out = Path(out)
     if resume:
         cfg = load_config(out)
@@ -323,7 +339,10 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
         run_tasks(experts, ex, progress=progress, desc="experts")
         log.info("run %s trained (%d VAE and %d expert tasks) in %.1f s", out, len(vaes), len(experts),
                  time.perf_counter() - t0)
-    return {"run": str(out), "clusters": K, "vae_tasks": len(vaes), "expert_tasks": len(experts)}
+        done = {"run": str(out), "clusters": K, "vae_tasks": len(vaes), "expert_tasks": len(experts)}
+        if after is not None:  # e.g. the report, written while the run is still locked
+            done["after"] = after(out)
+    return done
 
 
 def _check_source(source: Path, src: RunConfig) -> None:

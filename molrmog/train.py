@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from .artefacts import atomic_write
 from .errors import ArtefactError, MolrmogError, NumericalError, TrainingDiverged
 from .losses import T_DISTRIBUTIONS, dsm_loss
+from .threads import Threads
 
 __all__ = ["TrainingDiverged", "fit", "train_score", "check_train_args", "save_checkpoint", "load_checkpoint",
            "CHECKPOINT", "EXPLOSION_FACTOR", "CHECK_EVERY"]
@@ -89,6 +91,9 @@ def load_checkpoint(path: Path, model, opt, ema, gen: torch.Generator) -> tuple[
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # only finite states are ever written: this one was edited or damaged
+            raise ValueError(f"tensor(s) {bad[:3]} hold NaN or Inf")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         if ema is not None:
             ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -104,6 +109,8 @@ def load_checkpoint(path: Path, model, opt, ema, gen: torch.Generator) -> tuple[
         gen.set_state(tensors["rng"])
         if "rng_global" in tensors:
             torch.set_rng_state(tensors["rng_global"])
+    except ArtefactError:
+        raise
     except Exception as e:  # noqa: BLE001 - any damage is reported with the file name
         raise ArtefactError(f"checkpoint {path} is corrupt or does not match this model ({type(e).__name__}: {e}); "
                             f"delete it to start this stage again") from e
@@ -138,7 +145,8 @@ def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weigh
         ema_decay: float | None = None, seed: int = 0, lr_schedule: str = "constant", progress: bool = True,
         desc: str = "train", checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
         params=None, global_seed: int | None = None, time_budget: float | None = None,
-        snapshot_times: tuple[float, ...] = (), on_snapshot=None, time_offset: float = 0.0) -> dict:
+        snapshot_times: tuple[float, ...] = (), on_snapshot=None, time_offset: float = 0.0,
+        threads: int | Threads | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
     """The one training loop: `loss_fn(model, generator) -> loss`, Adam/AdamW/SGD, optional EMA and
     cosine LR. With `checkpoint_dir`, a checkpoint is written atomically every `checkpoint_every`
     steps and at the end, and an existing one is resumed: the run continues bit-for-bit as if it had
@@ -152,23 +160,34 @@ def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weigh
     checkpoint -- reaches it; the cosine schedule then follows the elapsed fraction. Whenever the elapsed
     time passes one of `snapshot_times` (ascending), `on_snapshot(index, step, elapsed, model)` receives the
     weights in use (the EMA ones with EMA) after a divergence check; snapshots left at the end are given the
-    final weights. A resumed run does not repeat the snapshots it already took."""
+    final weights. A resumed run does not repeat the snapshots it already took.
+
+    `threads` (default: torch's current setting, untouched): an intra-op thread count, or a `molrmog.threads.
+    Threads` that chooses one at the start and again at every checkpoint from the load other processes put on
+    the machine. The count in force is recorded in each checkpoint and a resumed run continues with it (the
+    count changes float rounding, so this keeps resume bit for bit); the caller's setting is restored on
+    return. `clock` (seconds, monotonic) is what the budget and the timings read: injectable (tests)."""
     if snapshot_times and list(snapshot_times) != sorted(snapshot_times):
         raise MolrmogError("snapshot_times must be ascending")
     if lr_schedule not in ("constant", "cosine"):
         raise MolrmogError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
-    with torch.random.fork_rng(devices=[]):
-        if global_seed is not None:
-            torch.manual_seed(global_seed)
-        return _fit(model, loss_fn, steps=int(steps), lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                    ema_decay=ema_decay or None, seed=seed, lr_schedule=lr_schedule, progress=progress, desc=desc,
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=int(checkpoint_every or 0), params=params,
-                    time_budget=time_budget, snapshot_times=tuple(snapshot_times), on_snapshot=on_snapshot,
-                    time_offset=time_offset)
+    caller_threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if global_seed is not None:
+                torch.manual_seed(global_seed)
+            return _fit(model, loss_fn, steps=int(steps), lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                        ema_decay=ema_decay or None, seed=seed, lr_schedule=lr_schedule, progress=progress, desc=desc,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=int(checkpoint_every or 0), params=params,
+                        time_budget=time_budget, snapshot_times=tuple(snapshot_times), on_snapshot=on_snapshot,
+                        time_offset=time_offset, threads=threads, clock=clock)
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed, lr_schedule, progress, desc,
-         checkpoint_dir, checkpoint_every, params, time_budget, snapshot_times, on_snapshot, time_offset):
+         checkpoint_dir, checkpoint_every, params, time_budget, snapshot_times, on_snapshot, time_offset, threads,
+         clock):
     device = next(iter(model.parameters()), torch.empty(0)).device
     gen = torch.Generator(device=device).manual_seed(seed)  # random numbers where training runs
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
@@ -184,16 +203,24 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
     if ckpt is not None and ckpt.is_file():
         start, losses, extra = load_checkpoint(ckpt, model, opt, ema, gen)
     elapsed0, snaps = float(extra.get("elapsed", time_offset)), int(extra.get("snapshots", 0))
+    governor = threads if isinstance(threads, Threads) else None
+    if "threads" in extra:  # a resume continues with the count the checkpoint recorded
+        n_threads = int(extra["threads"])
+    elif governor is not None:
+        n_threads = governor.start()
+    else:
+        n_threads = int(threads or torch.get_num_threads())
+    torch.set_num_threads(n_threads)
     every = checkpoint_every if ckpt is not None and checkpoint_every else CHECK_EVERY
     last_good = start
     window: list[Tensor] = []
-    t0 = time.perf_counter()
+    t0 = clock()
     cuda = device.type == "cuda"
 
     def elapsed() -> float:
         if cuda:
             torch.cuda.synchronize(device)  # (a timed run waits for its kernels)
-        return elapsed0 + time.perf_counter() - t0
+        return elapsed0 + clock() - t0
 
     bar = tqdm(total=None if time_budget else steps, initial=start, desc=desc, disable=not progress, leave=False)
 
@@ -251,18 +278,23 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % every == 0:
             check(step)
+            if governor is not None:  # the count for the next window, recorded with the checkpoint
+                n_threads = governor.next()
+                torch.set_num_threads(n_threads)
             if ckpt is not None:
-                save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps})
+                save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps,
+                                                                         "threads": n_threads})
                 last_good = step  # noqa: F841 (read by diverged())
     bar.close()
     check(step)
     while snaps < len(snapshot_times):  # points the loop did not reach (the budget's end, a step cap)
         snapshot(step, elapsed())
     if ckpt is not None and last_good != step:
-        save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps})
+        save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps,
+                                                                         "threads": n_threads})
     if ema is not None:
         model.load_state_dict(ema.state_dict())
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     log.debug("%s: %d steps in %.1f s", desc, step - start, seconds)
     return {"loss": losses, "seconds": seconds, "steps": step, "elapsed": elapsed0 + seconds}
 
@@ -273,7 +305,7 @@ def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256
                 t_max: float | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
                 checkpoint_every: int = 0, desc: str = "train", lr_schedule: str = "constant", **budget) -> dict:
     """Denoising score matching on `data` (N, D) with `fit`; returns the loss history and timing. `budget`:
-    fit's time_budget, snapshot_times, on_snapshot, time_offset."""
+    fit's time_budget, snapshot_times, on_snapshot, time_offset, threads, clock."""
     check_train_args(data, steps, batch_size, lr, optimizer, t_dist, ema_decay)
     data = data.to(next(model.parameters()).dtype)
     N = data.shape[0]

@@ -10,10 +10,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from molrmog import compare as cmp
 from molrmog.cli import main
 from molrmog.config import BUDGET_POINTS
+from molrmog.train import fit
 from tests.conftest import tiny
 
 
@@ -21,7 +23,9 @@ def _logs(run, kind):
     return {p.stem: json.loads(p.read_text()) for p in (run / "logs").glob(f"{kind}-*.json")}
 
 
-def test_a_budget_is_kept_within_5_percent_and_the_curve_has_its_points(tmp_path, featurizer_cache):
+def test_a_budget_is_used_up_and_the_curve_has_its_points(tmp_path, featurizer_cache):
+    """How close to the budget a run stops is a timing: benchmarks/bench_budget.py measures it. Here: every
+    cluster uses at least its share, and the curve has its points."""
     out = tmp_path / "cmp"
     budget = 6.0
     assert main(["compare", "--out", str(out), *tiny(("mog", "gaussian")), "--budget", str(budget), "--no-unified",
@@ -33,7 +37,7 @@ def test_a_budget_is_kept_within_5_percent_and_the_curve_has_its_points(tmp_path
         # each cluster gets an equal share; the closed-form (EM) start is paid out of it, and a share smaller
         # than that start (possible at this tiny budget) ends right after it, with no gradient steps
         kept = sum(max(lg["info"]["budget_share"], lg["info"]["init_seconds"]) for lg in logs)
-        assert kept >= budget - 1e-6 and abs(used - kept) <= 0.05 * kept, (kind, used, kept)
+        assert kept >= budget - 1e-6 and used >= kept - 1e-6, (kind, used, kept)
         assert res["budget_used"][kind] == pytest.approx(used)
         pts = [r for r in res["rows"] if r["kind"] == kind]
         assert [r["point"] for r in pts] == list(range(len(BUDGET_POINTS))) and len(pts) >= 5
@@ -104,3 +108,49 @@ def test_auto_modes_and_rank_and_em_only_experts(tmp_path):
     assert info["auto"]["heldout_loglik"] == max(c["heldout_loglik"] for c in info["auto"]["candidates"])
     assert json.loads((run / "logs" / "mog-0.json").read_text())["loss"] == []  # steps 0: the EM fit alone
     assert "EM floor" in (run / "report.md").read_text()
+
+
+class _StepClock:
+    """A clock that advances `per_step` seconds whenever the loss is computed: a training step's duration."""
+
+    def __init__(self, start: float, per_step: float):
+        self.now, self.per_step = start, per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def loss(self, model, gen):
+        self.now += self.per_step
+        return model(torch.ones(1, 2)).square().sum()
+
+
+def test_a_budget_stops_at_the_first_step_past_it_and_a_resume_continues_its_clock(tmp_path):
+    """With an injected clock (1/8 s a step) the budget logic is exact: 2 s = 16 steps; snapshots at the first
+    step past each point; an interrupted run resumes its elapsed time from the checkpoint."""
+    snaps = []
+
+    def on_snapshot(i, step, elapsed, model):
+        snaps.append((i, step, round(elapsed, 6)))
+
+    kw = dict(steps=10**6, lr=1e-3, progress=False, time_budget=2.0, snapshot_times=(0.25, 0.5, 1.0, 2.0),
+              on_snapshot=on_snapshot)
+    clock = _StepClock(64.0, 0.125)
+    hist = fit(torch.nn.Linear(2, 1), clock.loss, clock=clock, **kw)
+    assert hist["steps"] == 16 and hist["elapsed"] == 2.0
+    assert snaps == [(0, 2, 0.25), (1, 4, 0.5), (2, 8, 1.0), (3, 16, 2.0)]
+
+    snaps.clear()
+    clock = _StepClock(0.0, 0.125)
+
+    def dies_at_step_13(model, gen):
+        if clock.now >= 1.5:
+            raise KeyboardInterrupt
+        return clock.loss(model, gen)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(torch.nn.Linear(2, 1), dies_at_step_13, clock=clock, checkpoint_dir=tmp_path, checkpoint_every=5, **kw)
+    assert snaps == [(0, 2, 0.25), (1, 4, 0.5), (2, 8, 1.0)]
+    clock = _StepClock(1000.0, 0.125)  # a new process: its clock starts anywhere; the checkpoint says 1.25 s
+    hist = fit(torch.nn.Linear(2, 1), clock.loss, clock=clock, checkpoint_dir=tmp_path, checkpoint_every=5, **kw)
+    assert hist["steps"] == 16 and hist["elapsed"] == 2.0
+    assert snaps[3:] == [(3, 16, 2.0)]  # resumed at step 10: no snapshot taken twice

@@ -43,7 +43,9 @@ def _weights(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    assert main(["train", "--dataset", "digits", "--out", str(out), *tiny()]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # a fixed thread count: weights comparable bit for bit whatever the load
+        mp.setenv("MOLRMOG_THREADS", "2")
+        assert main(["train", "--dataset", "digits", "--out", str(out), *tiny()]) == 0
     return out
 
 
@@ -77,7 +79,16 @@ def test_sample_command_writes_png_and_npy(digits_run, tmp_path, capsys):
     assert "--class must lie in 0..9" in err and "Traceback" not in err
 
 
-def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, digits_run):
+def test_a_unet_expert_can_be_edited(digits_run, tmp_path):
+    """Forward-mode autodiff through the U-Net (attention on the math kernel): its pixel Jacobian exists."""
+    out = tmp_path / "edit"
+    assert main(["edit", str(digits_run), "--kind", "unet", "--directions", "1", "--lambdas", "0,0.1",
+                 "--held-out", "0", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "edit.json").read_text())["singular_values"]
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, digits_run, monkeypatch):
+    monkeypatch.setenv("MOLRMOG_THREADS", "2")  # the thread count of digits_run (the killed process inherits it)
     args = ["train", "--dataset", "digits", *tiny(("mog", "gaussian"))]
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "molrmog.cli", *args, "--out", str(run)],
