@@ -191,8 +191,23 @@ def build_from_config(cfg: Any, base: type, source: str | os.PathLike, what: str
                             f"{e}); restore it or train again") from e
 
 
+def check_tensors(state: dict[str, torch.Tensor], source: str | os.PathLike, what: str) -> None:
+    """Tensors of an artefact: real, floating ones in float32 / float64 (the format's dtypes), every value finite."""
+    odd = [f"{k} ({v.dtype})" for k, v in state.items()
+           if v.is_complex() or (v.is_floating_point() and v.dtype not in (torch.float32, torch.float64))]
+    if odd:
+        raise ArtefactError(f"{source}: tensor(s) {', '.join(odd[:3])} are not float32 / float64, the dtypes molrmog "
+                            f"{what} are saved in; the file was converted or damaged: restore it or train again")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ArtefactError(f"{source}: tensor(s) {bad[:3]} hold NaN or Inf; the {what} are damaged: restore the "
+                            f"file or train again")
+
+
 def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Load weights strictly, in the dtype they were saved in; mismatches are one ArtefactError."""
+    """Load weights strictly, in the dtype they were saved in; mismatches, a dtype the format does not hold
+    (float32 and float64 only) and NaN / Inf values are one ArtefactError naming the file."""
+    check_tensors(state, source, "weights")
     floats = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(floats) == 1:
         torch.nn.Module.to(model, floats.pop())  # (ModelMixin.to warns about fp32 modules we do not have)

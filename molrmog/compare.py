@@ -24,7 +24,7 @@ from .evaluation import MEMORISE, _Context, evaluate_run, image_scores, referenc
 from .featurizer import get_featurizer
 from .kinds import LatentExpert, default_kinds, get_kind, headline_kinds
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
-from .pipeline import load_config, load_run, sample_loaded, snapshot_done, train_run
+from .pipeline import load_config, load_run, run_lock, sample_loaded, snapshot_done, train_run
 from .report import finish_run, read_logs, train_seconds
 
 __all__ = ["compare", "comparison_md"]
@@ -32,10 +32,9 @@ __all__ = ["compare", "comparison_md"]
 
 def _train_or_resume(path: Path, cfg: RunConfig, progress: bool, executor) -> None:
     if (path / "config.json").is_file():
-        train_run(path, resume=True, progress=progress, executor=executor)
+        train_run(path, resume=True, progress=progress, executor=executor, after=finish_run)
     else:
-        train_run(path, cfg, progress=progress, executor=executor)
-    finish_run(path)
+        train_run(path, cfg, progress=progress, executor=executor, after=finish_run)
 
 
 def _unified_label(kind: str) -> str:
@@ -49,7 +48,11 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
     out = Path(out)
     kinds = tuple(cfg.experts or default_kinds())
     cfg = dataclasses.replace(cfg, experts=kinds, vae="dedicated")
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):  # one compare at a time in `out`, evaluation included (each run also locks itself)
+        return _compare(out, cfg, kinds, unified, samples, reference, cache, progress, executor)
+
+
+def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cache, progress, executor) -> dict:
     runs = {"dedicated": out / "dedicated"}
     _train_or_resume(runs["dedicated"], cfg, progress, executor)
     ablation = [k for k in kinds if k in headline_kinds()] if unified else []

@@ -207,7 +207,11 @@ def config_from_json(raw: Any, source: str) -> RunConfig:
     if version != RUN_FORMAT:
         raise MolrmogError(f"{where}: run format {version!r} is not the format this molrmog reads ({RUN_FORMAT}); "
                            f"it was written by another version: train the run again")
-    opts_raw = raw.pop("expert_options", {})
+    missing = sorted({f.name for f in dataclasses.fields(RunConfig)} - set(raw))
+    if missing:
+        raise MolrmogError(f"{where} lacks the key(s) {missing}; a run's config.json holds every setting (it was "
+                           f"edited or damaged): restore it or train the run again")
+    opts_raw = raw.pop("expert_options")
     cfg = from_dict(RunConfig, raw, where)
     if not isinstance(opts_raw, dict):
         raise MolrmogError(f"{where}: expert_options must be a JSON object")

@@ -113,8 +113,11 @@ def pixel_jacobian(expert, vae, u: Tensor, t: float) -> Tensor:
             return torch.sigmoid(vae.decode(z[None])).flatten()
         Jdec = torch.stack([jvp(dec, (z0,), (e.to(z0.dtype),))[1] for e in eye], 1)  # (P, d)
         return (Jdec * expert.scale.flatten()[None].to(Jdec.dtype)) @ Jden.to(Jdec.dtype)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     f = _pixel_map(expert, vae, t)
-    return torch.stack([jvp(f, (u,), (e,))[1] for e in eye], 1).detach()
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no forward-mode derivative
+        return torch.stack([jvp(f, (u,), (e,))[1] for e in eye], 1).detach()
 
 
 def top_directions(expert, vae, u: Tensor, t: float, k: int = 3, mask: Tensor | None = None,
@@ -217,9 +220,9 @@ def edit_run(run: str | Path, *, kind: str | None = None, cluster: int = 0, imag
     m = None
     if mask is not None:
         x0_, y0_, x1_, y1_ = mask
-        if not (0 <= x0_ < x1_ <= W and 0 <= y0_ < y1_ <= H):
-            raise MolrmogError(f"--mask x0,y0,x1,y1 must lie inside the {W}x{H} image with x0 < x1 and y0 < y1, "
-                               f"got {mask}")
+        if not (0 <= x0_ < x1_ <= W and 0 <= y0_ < y1_ <= H) or (x1_ - x0_) * (y1_ - y0_) == W * H:
+            raise MolrmogError(f"--mask x0,y0,x1,y1 must lie inside the {W}x{H} image with x0 < x1 and y0 < y1 "
+                               f"and leave pixels outside it, got {mask}")
         m2 = torch.zeros(C, H, W, dtype=torch.bool)
         m2[:, y0_:y1_, x0_:x1_] = True
         m = m2.flatten()

@@ -210,11 +210,14 @@ def sample_exact(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, p
     samples the model's law exactly (one step from the prior is exact up to the prior's own error)."""
     model = _mixture_model(score)
     g = _Grid(ts, schedule, "exact", progress)
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # the factorisations need float32; the result keeps x's dtype
+        x = x.float()
     with torch.no_grad():
         mix = model.mixture_for(x)
         for i in g.steps():
             x = mx.reverse_step(mix, x, g.s[i], g.gamma[i], g.s[i + 1], g.gamma[i + 1], generator)
-    return x
+    return x.to(dtype)
 
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,6 +86,51 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
             outs.append(torch.sigmoid(vae.decode(expert.unstandardise(u0))))
     info = {"t_w": t_w, "mean_rank": float(rank.double().mean()), "pattern_norm": strength * gamma_w * math.sqrt(d)}
     return (outs[1], outs[0], info, u0s[1], u0s[0]) if latents else (outs[1], outs[0], info)
+
+
+def check_key(key: object, source, kind: str, clusters: int) -> dict:
+    """A key.json written by `embed`, checked: a JSON object with the key (text), the expert kind it was embedded
+    with, the cluster, the time fraction t in (0, 1] and a finite threshold."""
+    def bad(why: str) -> MolrmogError:
+        return MolrmogError(f"{source}: {why}; use the key.json that watermark embed wrote")
+
+    if not isinstance(key, dict):
+        raise bad(f"expected a JSON object, got {type(key).__name__}")
+    missing = [k for k in ("key", "kind", "cluster", "t", "threshold") if k not in key]
+    if missing:
+        raise bad(f"missing {missing}")
+    c, t, thr = key["cluster"], key["t"], key["threshold"]
+    if not isinstance(key["key"], str) or not isinstance(key["kind"], str):
+        raise bad("key and kind must be text")
+    if key["kind"] != kind:
+        raise bad(f"it was embedded with the {key['kind']!r} expert, not {kind!r} (pass --kind {key['kind']})")
+    if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < clusters:
+        raise bad(f"cluster must be an integer in 0..{clusters - 1}, got {c!r}")
+    for name, v in (("t", t), ("threshold", thr)):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise bad(f"{name} must be a finite number, got {v!r}")
+    if not 0 < t <= 1:
+        raise bad(f"t must lie in (0, 1], got {t}")
+    return key
+
+
+def read_images(path, shape: tuple[int, int, int]) -> Tensor:
+    """Images (N, C, H, W) from an .npy file: real floats in [0, 1], finite, of the run's image shape."""
+    if not path or not Path(path).is_file():
+        raise MolrmogError(f"--images {path}: no such file (an .npy array of images)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MolrmogError(f"--images {path}: cannot read it as a .npy array ({e})") from None
+    if not np.issubdtype(arr.dtype, np.floating):
+        hint = "; uint8 images: divide by 255 first" if arr.dtype == np.uint8 else ""
+        raise MolrmogError(f"--images {path}: expected floating-point images in [0, 1], got dtype {arr.dtype}{hint}")
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape) or arr.shape[0] < 1:
+        raise MolrmogError(f"--images {path}: expected (N, {', '.join(map(str, shape))}) images, got shape "
+                           f"{tuple(arr.shape)}")
+    if not np.isfinite(arr).all() or arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
+        raise MolrmogError(f"--images {path}: values must be finite and lie in [0, 1]")
+    return torch.from_numpy(arr.astype(np.float32)).clamp(0, 1)
 
 
 def detection_scores(expert, vae, images: Tensor, key, *, fraction: float = 0.3, steps: int = 40,

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..distributions import MoLRMoG
+from ..errors import MolrmogError
 from ..metrics import energy_distance, mode_weight_error, sliced_w2
 from ..options import int_list, option
 from ..outputs import pyplot, save_figure, write_json
@@ -37,6 +38,23 @@ class SynthOptions:
     out: str = option("runs/synth", "output directory")
 
 
+MAX_BYTES = 4 * 2**30  # what a synth command may hold in its largest arrays (float64)
+
+
+def check_size(o: SynthOptions) -> None:
+    """Refuse sizes whose arrays together (subspaces, means and factors, the samples) would pass MAX_BYTES:
+    each option may be within its range while their product is not."""
+    def top(v):
+        return max(v) if isinstance(v, tuple) else (v or 0)
+
+    d, n = top(o.d), top(o.n)
+    r = top(o.r) or d
+    need = 8 * (o.K * o.D * d + o.K * n * d * (r + 1) + 4 * o.samples * o.D + o.samples * o.K * n * (r + 1))
+    if need > MAX_BYTES:
+        raise MolrmogError(f"D = {o.D}, K = {o.K}, d = {d}, n = {n}, r = {r} with {o.samples} samples would need about "
+                           f"{need / 2**30:.0f} GiB (limit {MAX_BYTES / 2**30:.0f} GiB); lower D, K, d or n")
+
+
 def run_synth(out: str | Path, *, D: int = 64, K: int = 3, d=4, n=3, r=None, separation: float = 5.0,
               schedule: str = "vp", sampler: str = "heun", steps: int = 30, grid: str = "karras",
               samples: int = 2000, seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
@@ -51,12 +69,8 @@ def run_synth(out: str | Path, *, D: int = 64, K: int = 3, d=4, n=3, r=None, sep
 
     sched = dist.schedule
     ts = make_grid(sched, steps, grid)
-
-    def score(x, t):
-        return dist.score(x, t)
-
     t0 = time.perf_counter()
-    x_gen = generate(score, samples, D, sched, ts, sampler, generator=g, device=device,
+    x_gen = generate(dist.score, samples, D, sched, ts, sampler, generator=g, device=device,
                      progress=progress).cpu()
     elapsed = time.perf_counter() - t0
 
