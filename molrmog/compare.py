@@ -20,7 +20,15 @@ import torch
 from .artefacts import read_json
 from .config import BUDGET_POINTS, VAE_FIELDS, RunConfig
 from .errors import MolrmogError
-from .evaluation import MEMORISE, _Context, evaluate_run, image_scores, reference_features, sample_images
+from .evaluation import (
+    MEMORISE,
+    _Context,
+    evaluate_run,
+    few_step_images,
+    image_scores,
+    reference_features,
+    sample_images,
+)
 from .featurizer import get_featurizer
 from .kinds import LatentExpert, default_kinds, get_kind, headline_kinds
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
@@ -72,6 +80,9 @@ def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cach
                                      device=cfg.device, seed=cfg.seed, memorisation=False, progress=progress)
     rows = {get_kind(k).label: _summary(ev["dedicated"]["models"][k], train_seconds(runs["dedicated"], k))
             for k in kinds}
+    exact = _exact_rows(runs["dedicated"], kinds, rows, samples, reference, cache, cfg, progress)
+    rows = {name: row for k in kinds for name, row in [(get_kind(k).label, rows[get_kind(k).label]),
+                                                       *exact.get(k, {}).items()]}
     for k in ablation:
         rows[_unified_label(k)] = _summary(ev["unified"]["models"][k], train_seconds(runs["unified"], k))
     rows["memorisation baseline"] = _summary(ev["dedicated"]["models"][MEMORISE], 0.0)
@@ -93,6 +104,27 @@ def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cach
     _sample_panel(out / "comparison_samples.png", series, cfg)
     _loss_panel(out / "comparison_losses.png", series)
     return result
+
+
+def _exact_rows(run: Path, kinds, rows: dict, samples: int, reference: int, cache, cfg: RunConfig,
+                progress: bool) -> dict:
+    """The kinds whose learned law is a mixture (MoG, Gaussian) sampled in one exact step (`samplers.sample_exact`):
+    the cheapest sampler, beside the run's own; same noise seeds, same reference. Writes RUN/few_step/.
+    Returns {kind: {row name: row}}."""
+    exact = [k for k in kinds if hasattr(get_kind(k).net_class, "mixture_for")]
+    if not exact:
+        return {}
+    res = few_step_images(run, kinds=exact, sampler="exact", steps=(1,), samples=samples, reference=reference,
+                          cache=cache, seed=cfg.seed, device=cfg.device, progress=progress)
+    out: dict = {}
+    for r in res["rows"]:
+        if r["sampler"] == "exact":
+            base = rows[get_kind(r["kind"]).label]
+            out.setdefault(r["kind"], {})[f"{get_kind(r['kind']).label}, exact sampler (1 step)"] = {
+                **base, **{k: r.get(k) for k in ("fid", "kid", "class_score", "precision", "recall")},
+                "sample_images_per_second": r["images_per_second"],
+                **{k: None for k in ("generalisation_features", "generalisation_pixels", "nn_similarity_pixels")}}
+    return out
 
 
 def _summary(row: dict, train_s: float | None) -> dict:

@@ -238,8 +238,12 @@ def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache):
             "--cache", str(cache), *TINY]
     assert main(args) == 0
     res = json.loads((out / "comparison.json").read_text())
-    assert list(res["rows"]) == ["MoG expert", "Gaussian expert", "U-Net expert", "MoG expert, unified VAE",
+    assert list(res["rows"]) == ["MoG expert", "MoG expert, exact sampler (1 step)", "Gaussian expert",
+                                 "Gaussian expert, exact sampler (1 step)", "U-Net expert", "MoG expert, unified VAE",
                                  "memorisation baseline", "real test images"]
+    one = res["rows"]["MoG expert, exact sampler (1 step)"]  # the learned mixture drawn in one exact step
+    assert np.isfinite(one["fid"]) and one["sample_images_per_second"] > 0
+    assert one["parameters"] == res["rows"]["MoG expert"]["parameters"]
     assert res["rows"]["MoG expert"]["parameters"] > res["rows"]["Gaussian expert"]["parameters"]
     assert res["rows"]["U-Net expert"]["parameters"] > 10 * res["rows"]["MoG expert"]["parameters"]
     for f in ("comparison.md", "comparison_samples.png", "comparison_losses.png"):
