@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_mixture import median_seconds  # (this folder is on the path of a script run from it)
 
 HERE = Path(__file__).resolve().parent
 
@@ -37,18 +38,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median(fn, device: str, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def device_info(device: str) -> dict:
     import torch
 
@@ -58,7 +47,7 @@ def device_info(device: str) -> dict:
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for tf32 in (False, True) if device.startswith("cuda") else (False,):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        sec = _median(lambda: a @ b, device, 10)
+        sec = median_seconds(lambda: a @ b, device, 10)
         info["gemm_tf32_tflops" if tf32 else "gemm_fp32_tflops"] = 2 * n**3 / sec / 1e12
     torch.backends.cuda.matmul.allow_tf32 = False
     return info
@@ -102,7 +91,7 @@ def sampling(device: str, quick: bool) -> list[dict]:
                 gen = torch.Generator(device).manual_seed(1)
                 return generate(e, batch, d, e.schedule, ts, sampler, generator=gen, dtype=torch.float32, device=device)
 
-            sec = _median(draw, device, 3)
+            sec = median_seconds(draw, device, 3)
             rows.append({"kind": kind, "sampler": sampler, "steps": steps, "batch": batch,
                          "latents_per_s": batch / sec})
             print(f"sampling {kind:9s} {sampler:5s} {steps:2d} steps batch {batch:6d}: {batch / sec:14,.0f} latents/s",
