@@ -83,31 +83,41 @@ def _open_idx(directory: Path, stem: str):
         f"official IDX files into $MOLRMOG_DATA/fashion-mnist or the folder given with --data-dir")
 
 
+MAX_IDX_BYTES = 2**31  # a header promising more data than this is refused before anything is inflated
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed); checks the magic number and the size."""
+    """Read an IDX file (optionally gzip-compressed); checks the magic number, then reads exactly the size its
+    header gives (at most MAX_IDX_BYTES: a damaged gz cannot inflate without bound) and checks nothing follows."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4:
+                raise MolrmogError(f"{path}: too short for an IDX header ({len(head)} bytes); the file is truncated")
+            zero, dtype_code, ndim = head[0] * 256 + head[1], head[2], head[3]
+            if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+                raise MolrmogError(f"{path}: bad IDX magic number {head.hex()} (expected 00000801 or 00000803)")
+            shape = f.read(4 * ndim)
+            if len(shape) < 4 * ndim:
+                raise MolrmogError(f"{path}: the IDX header is cut short; the file is truncated")
+            dims = struct.unpack(">" + "I" * ndim, shape)
+            if dims[0] == 0:
+                raise MolrmogError(f"{path}: the IDX file holds no items (its header says 0); use the complete file")
+            size = int(np.prod(dims, dtype=np.int64))
+            if size > MAX_IDX_BYTES:
+                raise MolrmogError(f"{path}: its header promises {dims} = {size} bytes, more than the "
+                                   f"{MAX_IDX_BYTES} this reader accepts; the file is corrupt")
+            body = f.read(size)
+            extra = len(f.read(1))
     except (OSError, EOFError, zlib.error) as e:
         raise MolrmogError(f"{path}: cannot read IDX file ({e}); the file is corrupt or truncated: download or "
                            f"reinstall it") from e
-    if len(raw) < 4:
-        raise MolrmogError(f"{path}: too short for an IDX header ({len(raw)} bytes); the file is truncated")
-    zero, dtype_code, ndim = raw[0] * 256 + raw[1], raw[2], raw[3]
-    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        raise MolrmogError(f"{path}: bad IDX magic number {raw[:4].hex()} (expected 00000801 or 00000803)")
-    if len(raw) < 4 + 4 * ndim:
-        raise MolrmogError(f"{path}: the IDX header is cut short ({len(raw)} bytes); the file is truncated")
-    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
-    if dims[0] == 0:
-        raise MolrmogError(f"{path}: the IDX file holds no items (its header says 0); use the complete file")
-    expected = 4 + 4 * ndim + int(np.prod(dims))
-    if len(raw) != expected:
-        raise MolrmogError(f"{path}: size {len(raw)} bytes does not match its header {dims} "
-                         f"({expected} bytes); the file is truncated or corrupt")
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    if len(body) != size or extra:
+        raise MolrmogError(f"{path}: the data {'is shorter than' if len(body) != size else 'runs past'} its header "
+                           f"{dims} ({size} bytes); the file is truncated or corrupt")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None,

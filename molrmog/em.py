@@ -139,6 +139,11 @@ def select_mppca(z: Tensor, modes, ranks, *, zero_mean: bool = False, param_cap:
                                                   mppca_parameters(d, n, r, not zero_mean) <= param_cap)
 
     modes, ranks = sorted(set(modes)), sorted(set(ranks))
+    smallest = mppca_parameters(d, modes[0], min(ranks[0], d), not zero_mean)
+    if param_cap is not None and smallest > param_cap:
+        raise MolrmogError(f"param_cap {param_cap} is below the smallest candidate expert ({modes[0]} modes of rank "
+                           f"{min(ranks[0], d)}: {smallest} parameters in d = {d}); raise param_cap or give modes "
+                           f"and rank as numbers")
     n_mid = modes[len(modes) // 2]
     cand_r = [r for r in ranks if ok(n_mid, r)] or [min(ranks)]
     r_best = max(cand_r, key=lambda r: score(n_mid, r))

@@ -175,14 +175,14 @@ class LatentExpert(Model):
         return u * self.scale + self.shift
 
     def forward(self, u: Tensor, t) -> Tensor:
-        """Score in standardised latent coordinates u."""
-        return self.net(u, t)
+        """Score in standardised latent coordinates u (evaluated in the expert's dtype, returned in u's)."""
+        return self.net(u.to(self.shift.dtype), t).to(u.dtype)
 
     def score(self, u: Tensor, t) -> Tensor:
-        return self.net(u, t)
+        return self.forward(u, t)
 
     def denoise(self, u: Tensor, t) -> Tensor:
-        return self.net.denoise(u, t)
+        return self.net.denoise(u.to(self.shift.dtype), t).to(u.dtype)
 
     def mixture_for(self, u: Tensor):
         """The net's closed-form law in standardised coordinates (MoG / Gaussian kinds; the exact sampler)."""

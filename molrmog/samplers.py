@@ -241,15 +241,18 @@ def generate(score: ScoreFn, n: int, D: int, schedule: Schedule, ts: Tensor, sam
     from the global RNG, which is forked here and seeded from `generator`: the same generator gives the
     same samples, and the caller's global RNG is left alone."""
     fn = get_sampler(sampler)
+    out_dtype = dtype
+    if dtype in (torch.float16, torch.bfloat16):  # the steps run in float32 (half precision overflows 1/gamma^2)
+        dtype = torch.float32
     x = prior(schedule, ts[0], (n, D), generator=generator, dtype=dtype, device=device)
     if sampler in ENDS_AT_ZERO:
         ts = torch.cat([ts[:-1], ts.new_zeros(1)]) if ts[-1] > 0 else ts
         final_denoise = False
     if generator is None:  # the caller's global RNG drives everything, as it would without molrmog
         x = fn(score, x, ts, schedule, progress=progress, generator=None)
-        return tweedie(score, x, ts[-1], schedule) if final_denoise else x
+        return (tweedie(score, x, ts[-1], schedule) if final_denoise else x).to(out_dtype)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]):
         torch.manual_seed(seed)
         x = fn(score, x, ts, schedule, progress=progress, generator=generator)
-        return tweedie(score, x, ts[-1], schedule) if final_denoise else x
+        return (tweedie(score, x, ts[-1], schedule) if final_denoise else x).to(out_dtype)

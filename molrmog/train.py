@@ -299,6 +299,16 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
     return {"loss": losses, "seconds": seconds, "steps": step, "elapsed": elapsed0 + seconds}
 
 
+def _width(model) -> int | None:
+    """The dimension a score model takes (its D or d, a latent expert's standardisation size), if it says."""
+    for name in ("D", "d"):
+        v = getattr(model, name, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    shift = getattr(model, "shift", None)
+    return int(shift.numel()) if isinstance(shift, Tensor) else None
+
+
 def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256, lr: float = 1e-2,
                 optimizer: str = "adam", weight_decay: float = 0.0, ema_decay: float | None = None,
                 seed: int = 0, t_dist: str = "uniform", t_min: float | None = None,
@@ -307,6 +317,10 @@ def train_score(model, data: Tensor, *, steps: int = 1000, batch_size: int = 256
     """Denoising score matching on `data` (N, D) with `fit`; returns the loss history and timing. `budget`:
     fit's time_budget, snapshot_times, on_snapshot, time_offset, threads, clock."""
     check_train_args(data, steps, batch_size, lr, optimizer, t_dist, ema_decay)
+    width = _width(model)
+    if width is not None and data.shape[1] != width:
+        raise MolrmogError(f"training data has {data.shape[1]} columns but the model scores {width}-dim points; "
+                           f"give data of shape (N, {width})")
     data = data.to(next(model.parameters()).dtype)
     N = data.shape[0]
 

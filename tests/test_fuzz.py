@@ -204,3 +204,38 @@ def test_the_exact_sampler_keeps_half_precision():
     x = generate(p.score, 16, 8, p.schedule, make_grid(p.schedule, 2, "karras"), "exact",
                  generator=torch.Generator().manual_seed(0), dtype=torch.float16)
     assert x.dtype == torch.float16 and torch.isfinite(x).all()
+
+
+# --- the library: bad input is a MolrmogError naming the parameter, never a deep RuntimeError ------------------
+
+def test_library_refusals_and_half_precision(tmp_path):
+    import gzip
+    import struct
+
+    from molrmog.data import read_idx
+    from molrmog.em import select_mppca
+    from molrmog.errors import MolrmogError
+    from molrmog.experts import MoGExpert
+    from molrmog.kinds import LatentExpert
+    from molrmog.samplers import generate
+    from molrmog.schedules import make_grid
+    from molrmog.train import train_score
+
+    net = MoGExpert(6, n=2, r=2, seed=0)
+    with pytest.raises(MolrmogError, match=r"6-dim points; give data of shape \(N, 6\)"):
+        train_score(net, torch.randn(20, 7), steps=1, progress=False)
+    e = LatentExpert.wrap("mog", (1, 2, 3), net)
+    u = torch.randn(5, 6, dtype=torch.float16)
+    assert e.score(u, torch.tensor(0.5)).dtype == torch.float16 and torch.isfinite(e.score(u, torch.tensor(0.5))).all()
+    x = generate(e, 8, 6, e.schedule, make_grid(e.schedule, 5, "karras"), "heun",
+                 generator=torch.Generator().manual_seed(0), dtype=torch.float16)
+    assert x.dtype == torch.float16 and torch.isfinite(x).all()
+    with pytest.raises(MolrmogError, match="param_cap 1 is below the smallest candidate"):
+        select_mppca(torch.randn(50, 4), [1, 2], [1, 2], param_cap=1)
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"  # a small header, then a stream that inflates far past it
+    with gzip.open(bomb, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", 1, 28, 28))
+        f.write(bytes(20 * 2**20))
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(MolrmogError, match="runs past its header"):
+        read_idx(bomb)
