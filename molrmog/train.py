@@ -282,16 +282,16 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
                 n_threads = governor.next()
                 torch.set_num_threads(n_threads)
             if ckpt is not None:
-                save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps,
-                                                                         "threads": n_threads})
+                save_checkpoint(ckpt, model, opt, ema, gen, step, losses,
+                                {"elapsed": elapsed(), "snapshots": snaps, "threads": n_threads})
                 last_good = step  # noqa: F841 (read by diverged())
     bar.close()
     check(step)
     while snaps < len(snapshot_times):  # points the loop did not reach (the budget's end, a step cap)
         snapshot(step, elapsed())
     if ckpt is not None and last_good != step:
-        save_checkpoint(ckpt, model, opt, ema, gen, step, losses, {"elapsed": elapsed(), "snapshots": snaps,
-                                                                         "threads": n_threads})
+        save_checkpoint(ckpt, model, opt, ema, gen, step, losses,
+                        {"elapsed": elapsed(), "snapshots": snaps, "threads": n_threads})
     if ema is not None:
         model.load_state_dict(ema.state_dict())
     seconds = clock() - t0
