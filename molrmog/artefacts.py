@@ -68,11 +68,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def clean_stale_tmp(directory: str | os.PathLike) -> list[Path]:
-    """Remove `.<name>.*.tmp` files left by writers that were killed mid-write (under `directory`)."""
+    """Remove what writers killed mid-write leave under `directory`: `.<name>.*.tmp` files (atomic
+    writes) and `.save-*` folders (`Model.save`). Call it only while no other process writes there
+    (the run lock)."""
+    import shutil
+
     removed = []
     for p in Path(directory).rglob(".*.tmp"):
         if p.is_file():
             p.unlink(missing_ok=True)
+            removed.append(p)
+    for p in list(Path(directory).rglob(".save-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 

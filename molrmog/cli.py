@@ -112,6 +112,13 @@ def _resume_changes(a, saved: RunConfig) -> list[str]:
     return changes
 
 
+def _refuse_changes(a, saved: RunConfig, what: str, fix: str) -> None:
+    changes = _resume_changes(a, saved)
+    if changes:
+        safe = ", ".join("--no-progress" if s == "progress" else "--" + s.replace("_", "-") for s in RESUME_SAFE)
+        raise MolrmogError(f"{what}; these flags would change them: {'; '.join(changes)}. Only {safe} {fix}")
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 
@@ -124,11 +131,7 @@ def _cmd_train(a) -> int:
         if a.out is not None:
             raise MolrmogError("--resume RUN continues RUN in place; drop --out")
         saved = load_config(a.resume)
-        changes = _resume_changes(a, saved)
-        if changes:
-            safe = ", ".join("--no-progress" if s == "progress" else "--" + s.replace("_", "-") for s in RESUME_SAFE)
-            raise MolrmogError(f"--resume keeps the run's settings; these flags would change them: "
-                               f"{'; '.join(changes)}. Only {safe} may be given with --resume")
+        _refuse_changes(a, saved, "--resume keeps the run's settings", "may be given with --resume")
         device = given(a, CommonOptions).get("device", saved.device)
         done = train_run(a.resume, resume=True, progress=c.progress, executor=_executor(a, device), device=device,
                          after=finish_run)
@@ -359,9 +362,13 @@ def _cmd_watermark(a) -> int:
 
 def _cmd_compare(a) -> int:
     from .compare import compare
+    from .pipeline import load_config
 
     c, o = _common(a), _eval_options(a)
     cfg = _run_config(a)
+    if (Path(a.out) / "dedicated" / "config.json").is_file():  # a comparison to continue: strict, as train --resume
+        _refuse_changes(a, load_config(Path(a.out) / "dedicated"), f"{a.out} holds a comparison, continued with its "
+                        f"runs' settings", "may be given to continue it (or choose another --out)")
     compare(a.out, cfg, unified=not a.no_unified, samples=o.samples, reference=o.reference, cache=o.cache,
             progress=c.progress, executor=_executor(a, cfg.device))
     print((Path(a.out) / "comparison.md").read_text())

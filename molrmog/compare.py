@@ -29,20 +29,29 @@ from .evaluation import (
     reference_features,
     sample_images,
 )
-from .featurizer import get_featurizer
+from .featurizer import check_featurizer, get_featurizer
 from .kinds import LatentExpert, default_kinds, get_kind, headline_kinds
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
-from .pipeline import load_config, load_run, run_lock, sample_loaded, snapshot_done, train_run
+from .pipeline import (
+    load_config,
+    load_run,
+    load_run_data,
+    prepare_run,
+    run_lock,
+    sample_loaded,
+    snapshot_done,
+    train_run,
+)
 from .report import finish_run, read_logs, train_seconds
 
 __all__ = ["compare", "comparison_md"]
 
 
-def _train_or_resume(path: Path, cfg: RunConfig, progress: bool, executor) -> None:
+def _train_or_resume(path: Path, cfg: RunConfig, progress: bool, executor, prepared=None) -> None:
     if (path / "config.json").is_file():
-        train_run(path, resume=True, progress=progress, executor=executor, after=finish_run)
+        train_run(path, resume=True, progress=progress, executor=executor, after=finish_run, prepared=prepared)
     else:
-        train_run(path, cfg, progress=progress, executor=executor, after=finish_run)
+        train_run(path, cfg, progress=progress, executor=executor, after=finish_run, prepared=prepared)
 
 
 def _unified_label(kind: str) -> str:
@@ -56,13 +65,34 @@ def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: i
     out = Path(out)
     kinds = tuple(cfg.experts or default_kinds())
     cfg = dataclasses.replace(cfg, experts=kinds, vae="dedicated")
-    with run_lock(out):  # one compare at a time in `out`, evaluation included (each run also locks itself)
-        return _compare(out, cfg, kinds, unified, samples, reference, cache, progress, executor)
+    dedicated = out / "dedicated"
+    # every check before `out` is made: the run's config, data and --vae-from run, and the featurizer FID needs
+    prepared = prepare_run(dedicated, cfg, resume=(dedicated / "config.json").is_file())
+    load_run_data(prepared.cfg, "test")  # the evaluation's reference images: a damaged test split is refused now
+    check_featurizer(prepared.cfg.dataset, cache, labelled=prepared.data.labels is not None)
+    made = not out.exists()
+    try:
+        with run_lock(out):  # one compare at a time in `out`, evaluation included (each run also locks itself)
+            return _compare(out, cfg, kinds, unified, samples, reference, cache, progress, executor, prepared)
+    except MolrmogError:
+        if made:
+            _remove_if_empty(out)  # a refused compare leaves no empty --out behind
+        raise
 
 
-def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cache, progress, executor) -> dict:
+def _remove_if_empty(out: Path) -> None:
+    """Remove `out` when it holds nothing but lock files and empty folders."""
+    files = [p for p in out.rglob("*") if not p.is_dir() and p.name != ".lock"]
+    if not files:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cache, progress, executor,
+             prepared) -> dict:
     runs = {"dedicated": out / "dedicated"}
-    _train_or_resume(runs["dedicated"], cfg, progress, executor)
+    _train_or_resume(runs["dedicated"], cfg, progress, executor, prepared)
     ablation = [k for k in kinds if k in headline_kinds()] if unified else []
     if ablation:
         runs["unified"] = out / "unified"

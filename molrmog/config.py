@@ -145,28 +145,31 @@ def dataset_defaults(cfg: RunConfig, image_shape) -> RunConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 
 
-def check_config(cfg: RunConfig, image_shape=None) -> None:
+def check_config(cfg: RunConfig, image_shape=None, source: str | None = None) -> None:
     """Validate a whole run configuration: every field (types, ranges, choices), every kind's options,
-    and -- with the data's image shape -- the latent shape and what depends on it."""
+    and -- with the data's image shape -- the latent shape and what depends on it. Problems name the
+    flags, or with `source` (a config.json read back) the file and its keys."""
     if not isinstance(cfg, RunConfig):
         raise MolrmogError(f"a run configuration must be a RunConfig, got {type(cfg).__name__}")
-    check(cfg)
+    key = None if source is None else f"{source}: "
+    check(cfg, key=key)
+    experts_name = "--experts" if source is None else f"{source}: experts"
     experts = cfg.experts if cfg.experts is not None else default_kinds()
     if len(set(experts)) != len(experts):
-        raise MolrmogError(f"--experts lists a kind twice: {','.join(experts)}")
+        raise MolrmogError(f"{experts_name} lists a kind twice: {','.join(experts)}")
     if not isinstance(cfg.expert_options, dict):
         raise MolrmogError("expert_options must map expert kinds to their options")
     extra = sorted(set(cfg.expert_options) - set(experts))
     if extra:
-        raise MolrmogError(f"options were given for expert kind(s) {extra} that --experts does not train "
-                           f"({','.join(experts)}); drop them or add the kind to --experts")
+        raise MolrmogError(f"options were given for expert kind(s) {extra} that {experts_name} does not train "
+                           f"({','.join(experts)}); drop them or add the kind to {experts_name}")
     latent = cfg.latent
     for kind in experts:
         entry = get_kind(kind)
         opts = cfg.options_of(kind)
         if type(opts) is not entry.options:
             raise MolrmogError(f"the options of expert kind {kind!r} must be {entry.options.__name__}")
-        check(opts, prefix=f"{kind}-")
+        check(opts, prefix=f"{kind}-", key=None if source is None else f"{source}: expert_options.{kind}.")
         if entry.check is not None and latent is not None:
             entry.check(opts, latent)
     if image_shape is not None and latent is not None:
@@ -221,5 +224,5 @@ def config_from_json(raw: Any, source: str) -> RunConfig:
     for kind, o in opts_raw.items():
         opts[kind] = from_dict(get_kind(kind).options, o, f"{where}: expert_options.{kind}")
     cfg = dataclasses.replace(cfg, expert_options=opts)
-    check_config(cfg)
+    check_config(cfg, source=where)
     return cfg

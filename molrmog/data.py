@@ -131,6 +131,10 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     labels = read_idx(_open_idx(directory, lab_stem))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise MolrmogError(f"{directory}: images {images.shape} and labels {labels.shape} do not match")
+    if images.shape[1:] != (28, 28):
+        raise MolrmogError(f"{directory}: Fashion-MNIST images are 28 x 28, these are {images.shape[1]} x "
+                           f"{images.shape[2]}; the files are not Fashion-MNIST (use --dataset folder:PATH for "
+                           f"other images)")
     if labels.max() >= 10:
         raise MolrmogError(f"{directory}: labels outside 0..9 (max {labels.max()})")
     if limit is not None:
@@ -153,10 +157,10 @@ def load_image_folder(path: str | os.PathLike, size: int = 28, channels: int = 1
         raise MolrmogError(f"channels must be 1 or 3, got {channels}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if subdirs:
-        groups = [(d.name, sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+        groups = [(d.name, sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
                   for d in subdirs]
     else:
-        groups = [(None, sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))]
+        groups = [(None, sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))]
     xs, ys, bad = [], [], []
     for label, (name, files) in enumerate(groups):
         before = len(xs)

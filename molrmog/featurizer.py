@@ -26,7 +26,8 @@ from .data import ImageData, load_dataset
 from .errors import MolrmogError
 from .train import fit
 
-__all__ = ["Featurizer", "train_featurizer", "get_featurizer", "featurizer_dir", "FEATURIZER_DEFAULTS"]
+__all__ = ["Featurizer", "train_featurizer", "get_featurizer", "featurizer_dir", "check_featurizer",
+           "FEATURIZER_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,14 @@ def train_featurizer(dataset: str, *, cache: str | os.PathLike | None = None, st
     write_json(out / "featurizer.json", info)
     log.info("featurizer for %s: test accuracy %.4f after %d steps in %.1f s", dataset, acc, steps, info["seconds"])
     return model.eval()
+
+
+def check_featurizer(dataset: str, cache: str | os.PathLike | None = None, labelled: bool = True) -> None:
+    """Refuse, before any work, an evaluation whose featurizer can neither be loaded nor trained."""
+    out = featurizer_dir(dataset, cache)
+    if not labelled and not is_saved(out):
+        raise MolrmogError(f"{dataset} has no labels, so no featurizer (a classifier) can be trained for its FID, "
+                           f"and none is saved in {out}: arrange the images in class sub-folders")
 
 
 def get_featurizer(dataset: str, cache: str | os.PathLike | None = None, device: str = "cpu",

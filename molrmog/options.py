@@ -202,15 +202,17 @@ def _type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def check(obj, prefix: str = "", what: str | None = None) -> None:
-    """Validate every `option` field of a dataclass instance; raise one MolrmogError on the first problem."""
+def check(obj, prefix: str = "", what: str | None = None, key: str | None = None) -> None:
+    """Validate every `option` field of a dataclass instance; raise one MolrmogError on the first problem.
+    Problems name the command-line flag, or with `key` (e.g. "RUN/config.json: expert_options.mog.") the
+    file and the key the value was read from."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         meta = _meta(f)
         if meta is None:
             continue
         v = getattr(obj, f.name)
-        name = flag_of(f, prefix) + (f" ({what})" if what else "")
+        name = (f"{key}{f.name}" if key is not None else flag_of(f, prefix)) + (f" ({what})" if what else "")
         if not _type_ok(v, hints[f.name]):
             raise MolrmogError(f"{name} must be of type {_type_name(hints[f.name])}, got {v!r}")
         items = v if isinstance(v, tuple) else (v,)

@@ -45,7 +45,7 @@ from .vae import vae_loss
 
 __all__ = ["RunConfig", "train_run", "load_run", "sample_run", "open_run", "vae_task", "expert_task",
            "load_config", "run_lock", "encode_images", "sample_loaded", "cluster_seed", "expert_done",
-           "load_run_data", "run_labels"]
+           "load_run_data", "run_labels", "check_clusters", "prepare_run", "Prepared"]
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,13 @@ def _create_config(out: Path, cfg: RunConfig) -> None:
         os.chmod(tmp, 0o644)
         os.link(tmp, path)  # fails if the file exists: atomic and exclusive
     except FileExistsError:
-        raise MolrmogError(f"{out} already holds a run; use --resume {out} to continue it or choose another --out") \
-            from None
+        raise _already_a_run(out) from None
     finally:
         os.unlink(tmp)
+
+
+def _already_a_run(out: Path) -> MolrmogError:
+    return MolrmogError(f"{out} already holds a run; use --resume {out} to continue it or choose another --out")
 
 
 @contextlib.contextmanager
@@ -289,16 +292,20 @@ def expert_task(out: str, kind: str, k: int, progress: bool = False) -> None:
     run.train_expert(kind, k, run.encode(vae, run.cluster_images(k)))
 
 
-def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = False, progress: bool = True,
-              executor: Executor | None = None, device: str | None = None, after=None) -> dict:
-    """Train (or resume) a run: clusters, VAEs, experts. The caller's `cfg` is not changed.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A run checked and ready to train (nothing written yet): its resolved config, its training data and
+    the run whose VAEs it reuses (--vae-from)."""
+    cfg: RunConfig
+    data: ImageData
+    source: Path | None
+    resume: bool
 
-    Everything is validated before the first file is written; the run directory is locked while this
-    process trains it. VAEs and experts are independent tasks (see `molrmog.executors`): sequential by
-    default, or on a process pool / Ray with `executor`. Finished tasks are skipped, so `resume`
-    continues a stopped run, whichever executor trained its first part. `device` (with `resume`) runs
-    the rest of the run on another device than the one it started on.
-    `after(out)` (optional) runs inside the lock once training is done; its result is returned as 'after'."""
+
+def prepare_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = False,
+                device: str | None = None) -> Prepared:
+    """Every check `train_run` makes before it writes a file: the config, the data, the clusters the data can
+    make and the --vae-from run (its files loaded, checked). Writes nothing."""
     out = Path(out)
     if resume:
         cfg = load_config(out)
@@ -306,6 +313,8 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
             cfg = dataclasses.replace(cfg, device=device)
     elif cfg is None:
         raise MolrmogError("train_run needs a RunConfig (or resume=True)")
+    elif (out / "config.json").exists():  # refused before the lock is taken: its file keeps the holder's pid
+        raise _already_a_run(out)
     check_config(cfg)
     source = None
     if cfg.vae_from is not None and not resume:  # the data, clusters and VAEs of another run
@@ -317,16 +326,36 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
         _check_source(source, src)
     data = load_run_data(cfg)
     cfg = resolve_config(cfg, data.shape)
+    if not (out / "clusters.safetensors").is_file():
+        check_clusters(cfg, data)
+    return Prepared(cfg, data, source, resume)
+
+
+def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = False, progress: bool = True,
+              executor: Executor | None = None, device: str | None = None, after=None,
+              prepared: Prepared | None = None) -> dict:
+    """Train (or resume) a run: clusters, VAEs, experts. The caller's `cfg` is not changed.
+
+    Everything is validated before the first file is written (`prepare_run`; pass its result as `prepared`
+    when it was already called); the run directory is locked while this process trains it. VAEs and
+    experts are independent tasks (see `molrmog.executors`): sequential by default, or on a process pool /
+    Ray with `executor`. Finished tasks are skipped, so `resume` continues a stopped run, whichever
+    executor trained its first part. `device` (with `resume`) runs the rest of the run on another device
+    than the one it started on.
+    `after(out)` (optional) runs inside the lock once training is done; its result is returned as 'after'."""
+    out = Path(out)
+    p = prepared or prepare_run(out, cfg, resume, device)
+    cfg = p.cfg
     with run_lock(out):
-        if resume:
+        if p.resume:
             removed = clean_stale_tmp(out)
             if removed:
                 log.info("removed %d unfinished temporary file(s) of an interrupted write", len(removed))
         else:
             _create_config(out, cfg)
-            if source is not None:
-                _adopt_vaes(source, out, cfg)
-        run = Run(out, cfg, data, progress)
+            if p.source is not None:
+                _adopt_vaes(p.source, out, cfg)
+        run = Run(out, cfg, p.data, progress)
         ex = executor or Executor(device=cfg.device)
         sub_progress = progress and not ex.parallel  # per-task bars only when tasks run here, one at a time
         t0 = time.perf_counter()
@@ -345,10 +374,42 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
     return done
 
 
+MIN_CLUSTER_IMAGES = 2  # a data-driven expert start needs a mean and a covariance
+
+
+def check_clusters(cfg: RunConfig, data: ImageData) -> None:
+    """Refuse, before anything is written, data that cannot give every cluster its images: a class with
+    fewer than MIN_CLUSTER_IMAGES training images, or fewer images than k-means needs."""
+    N = data.images.shape[0]
+    if cfg.clusters is None and data.labels is not None:
+        names = list(data.classes) or [str(k) for k in range(int(data.labels.max()) + 1)]
+        counts = torch.bincount(data.labels, minlength=len(names)).tolist()
+        few = [f"{names[k]!r} ({c})" for k, c in enumerate(counts) if c < MIN_CLUSTER_IMAGES]
+        limit = cfg.limit is not None
+        if few:
+            raise MolrmogError(f"{data.name}: class(es) {', '.join(few[:5])} have fewer than {MIN_CLUSTER_IMAGES} "
+                               f"training images (after the test hold-out{' and --limit' if limit else ''}); each "
+                               f"class is a cluster and needs at least {MIN_CLUSTER_IMAGES}: add images"
+                               + (" or raise --limit" if limit else ""))
+    else:
+        K = cfg.clusters or 10
+        if N < MIN_CLUSTER_IMAGES * K:
+            raise MolrmogError(f"{data.name}: {N} training images cannot make {K} clusters of at least "
+                               f"{MIN_CLUSTER_IMAGES} images; use --clusters {max(1, N // MIN_CLUSTER_IMAGES)} or "
+                               f"fewer, or add images")
+
+
 def _check_source(source: Path, src: RunConfig) -> None:
+    """Every VAE of the --vae-from run is trained and loads (checked), so a damaged source is refused before
+    the new run exists, naming the source's file."""
     labels, weights, _ = run_labels(source)
-    if not get_layout(src.vae).is_done(source, weights.numel()):
+    layout = get_layout(src.vae)
+    if not layout.is_done(source, weights.numel()):
         raise MolrmogError(f"--vae-from {source}: its VAEs are not all trained; finish it first (--resume {source})")
+    try:
+        layout.load(source, weights.numel(), "cpu")
+    except MolrmogError as e:
+        raise MolrmogError(f"--vae-from {source}: {e}") from None
 
 
 def _adopt_vaes(source: Path, out: Path, cfg: RunConfig) -> None:
@@ -399,9 +460,10 @@ def _clusters(run: Run) -> int:
         labels = torch.as_tensor(KMeans(K, n_init=4, random_state=cfg.seed).fit(feats).labels_, dtype=torch.int64)
         names = [f"cluster {k}" for k in range(K)]
     counts = torch.bincount(labels, minlength=K)
-    if (counts == 0).any():
-        raise MolrmogError(f"cluster(s) {(counts == 0).nonzero().flatten().tolist()} have no training images; "
-                           f"use fewer --clusters or more data")
+    if (counts < MIN_CLUSTER_IMAGES).any():  # k-means only: labelled clusters were checked before the run began
+        raise MolrmogError(f"k-means left cluster(s) {(counts < MIN_CLUSTER_IMAGES).nonzero().flatten().tolist()} "
+                           f"with fewer than {MIN_CLUSTER_IMAGES} training images; remove {run.out} and train "
+                           f"again with fewer --clusters or more data")
     weights = counts.double() / counts.sum()
     write_json(run.out / "clusters.json", names)
     atomic_write(path, lambda p: save_file({"labels": labels, "weights": weights}, p))

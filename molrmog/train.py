@@ -200,7 +200,7 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
                                                                                strict=True)], strict=True))
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     start, losses, extra = 0, [], {}
-    if ckpt is not None and ckpt.is_file():
+    if ckpt is not None and ckpt.exists():  # a folder or other damage there is refused, naming the path
         start, losses, extra = load_checkpoint(ckpt, model, opt, ema, gen)
     elapsed0, snaps = float(extra.get("elapsed", time_offset)), int(extra.get("snapshots", 0))
     governor = threads if isinstance(threads, Threads) else None

@@ -239,3 +239,166 @@ def test_library_refusals_and_half_precision(tmp_path):
     assert bomb.stat().st_size < 2**20
     with pytest.raises(MolrmogError, match="runs past its header"):
         read_idx(bomb)
+
+
+# --- damaged training inputs: IDX files, image folders, checkpoints ---------------------------------------------
+# A refused `train` must leave no --out behind; an accepted one must train a finite run.
+
+def _idx(arr: np.ndarray) -> bytes:
+    import struct
+
+    return bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.astype(np.uint8).tobytes()
+
+
+FASHION = {"train-images-idx3-ubyte.gz": "images", "train-labels-idx1-ubyte": "labels",
+           "t10k-images-idx3-ubyte": "images", "t10k-labels-idx1-ubyte.gz": "labels"}
+
+
+def _fashion_files(root: Path) -> None:
+    """Tiny Fashion-MNIST in the real format: 40 training and 20 test images, gz and raw files mixed."""
+    import gzip
+
+    rng = np.random.default_rng(0)
+    for name, what in FASHION.items():
+        n = 40 if name.startswith("train") else 20
+        arr = rng.integers(0, 256, (n, 28, 28)) if what == "images" else np.arange(n) % 10
+        raw = _idx(arr)
+        (root / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+
+
+def _idx_damages(path: Path):
+    import gzip
+
+    raw = path.read_bytes()
+    body = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    pack = (lambda b: gzip.compress(b)) if path.suffix == ".gz" else (lambda b: b)
+    yield "truncated", raw[: len(raw) // 2]
+    yield "header only", pack(body[:8])
+    yield "bad magic", pack(b"\x08\x08" + body[2:])
+    yield "ndim 2", pack(body[:3] + b"\x02" + body[4:])
+    yield "count off by one", pack(body[:4] + (int.from_bytes(body[4:8], "big") + 1).to_bytes(4, "big") + body[8:])
+    yield "trailing bytes", pack(body + b"\x00" * 7)
+    yield "empty file", b""
+    if body[3] == 1:
+        yield "label 200", pack(body[:8] + bytes([200]) + body[9:])
+    else:
+        n = int.from_bytes(body[4:8], "big")
+        yield "images 14x14", pack(_idx(np.frombuffer(body[16:], np.uint8).reshape(n, 28, 28)[:, ::2, ::2]))
+    if path.suffix == ".gz":
+        yield "not gzip", body
+
+
+def _fashion_cases():
+    for name in FASHION:
+        for kind in ("a directory", "missing", "truncated", "header only", "bad magic", "ndim 2", "count off by one",
+                     "trailing bytes", "empty file", "label 200", "images 14x14", "not gzip"):
+            if ("label" in kind and "labels" not in name) or ("images 14" in kind and "images" not in name) \
+                    or (kind == "not gzip" and not name.endswith(".gz")):
+                continue
+            yield name, kind
+
+
+def _train_outcome(capsys, out: Path, args: list[str], command: str = "train") -> str:
+    extra = ["--samples", "4", "--reference", "4", "--no-unified", "--cache", str(out.parent / "cache")] \
+        if command == "compare" else []
+    result = _outcome(capsys, main([command, *args, "--out", str(out), *tiny(("gaussian",), gaussian=1),
+                                    "--vae-steps", "2", *extra]), [])
+    if result == "refused":
+        assert not out.exists(), f"a refused train left {sorted(p.name for p in out.iterdir())} in {out}"
+    else:
+        assert (out / "report.json").is_file()
+    return result
+
+
+@pytest.mark.parametrize("name,kind", list(_fashion_cases()), ids=lambda v: str(v))
+def test_a_damaged_idx_file_is_refused_before_anything_is_written(tmp_path, capsys, name, kind):
+    root = tmp_path / "fashion"
+    root.mkdir()
+    _fashion_files(root)
+    path = root / name
+    if kind == "a directory":
+        path.unlink()
+        path.mkdir()
+    elif kind == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(dict(_idx_damages(path))[kind])
+    command = "train" if name.startswith("train") else "compare"  # train reads no test split; compare does
+    result = _train_outcome(capsys, tmp_path / "run", ["--dataset", "fashion-mnist", "--data-dir", str(root)],
+                            command)
+    assert result == "refused", "a damaged Fashion-MNIST file was read as if it were whole"
+
+
+def _folder(root: Path, classes: dict[str, int]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for name, n in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+FOLDER_DAMAGES = {
+    "truncated png": lambda d: (d / "a" / "0.png").write_bytes((d / "a" / "0.png").read_bytes()[:30]),
+    "text as png": lambda d: (d / "a" / "1.png").write_text("not an image"),
+    "empty png": lambda d: (d / "a" / "2.png").write_bytes(b""),
+    "folder named png": lambda d: (d / "a" / "3.png").unlink() or (d / "a" / "3.png").mkdir(),
+    "empty class": lambda d: (d / "c").mkdir(),
+    "one image class": lambda d: _folder(d / "tmp", {"c": 1}) and (d / "tmp" / "c").rename(d / "c"),
+    "no images at all": lambda d: [p.unlink() for p in d.rglob("*.png")],
+}
+
+
+@pytest.mark.parametrize("damage", list(FOLDER_DAMAGES))
+@pytest.mark.parametrize("skip_bad", [False, True], ids=["strict", "skip-bad"])
+def test_a_damaged_image_folder_is_refused_before_train_writes_anything(tmp_path, capsys, damage, skip_bad):
+    root = _folder(tmp_path / "imgs", {"a": 8, "b": 8})
+    FOLDER_DAMAGES[damage](root)
+    shutil.rmtree(root / "tmp", ignore_errors=True)
+    args = ["--dataset", f"folder:{root}", "--size", "8"] + (["--skip-bad"] if skip_bad else [])
+    result = _train_outcome(capsys, tmp_path / "run", args)
+    unreadable = damage in ("truncated png", "text as png", "empty png")
+    harmless = damage == "folder named png"  # not a file: not an image either
+    assert result == ("ok" if harmless or (skip_bad and unreadable) else "refused")
+
+
+CHECKPOINT = "checkpoints/vae-3/checkpoint.safetensors"
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A tiny run stopped with VAE 3 unfinished: its checkpoint is what --resume reads first."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    assert main(["train", "--dataset", "digits", "--out", str(out), *tiny(("gaussian",), gaussian=1),
+                 "--vae-steps", "8", "--checkpoint-every", "4"]) == 0
+    shutil.rmtree(out / "vae" / "3")
+    for p in [*out.glob("experts/gaussian/*"), out / "report.json", out / "report.md", out / "logs" / "vae-3.json"]:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert (out / CHECKPOINT).is_file()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["a directory", "truncated", "bytes flipped", "NaN", "Inf", "float16",
+                                  "wrong shape", "missing"])
+def test_a_damaged_checkpoint_is_named_on_resume(stopped_run, tmp_path, capsys, kind):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    path = run / CHECKPOINT
+    if kind == "a directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(dict(_tensor_damages(path)).get(next(k for k, _ in _tensor_damages(path) if kind in k)))
+    damaged = _snapshot_bytes(path)
+    code = main(["train", "--resume", str(run), "--no-progress"])
+    if _outcome(capsys, code, []) == "refused":
+        assert _snapshot_bytes(path) == damaged  # the evidence stays as it was
+    else:
+        assert (run / "report.json").is_file() and torch.isfinite(load_file(str(run / "vae" / "3" / WEIGHTS))[
+            "decoder.0.bias"]).all()
+
+
+def _snapshot_bytes(path: Path):
+    return path.read_bytes() if path.is_file() else sorted(p.name for p in path.iterdir())

@@ -100,8 +100,10 @@ def test_resume_after_sigkill_reaches_the_same_weights(tmp_path, digits_run, mon
     proc.wait()
     assert not (run / "report.md").exists(), "the run finished before it could be killed"
     (run / "vae" / ".stale.tmp").write_text("half a file")  # what a killed atomic write leaves behind
+    (run / "vae" / ".save-killed").mkdir()  # and what a Model.save killed before its rename leaves
+    (run / "vae" / ".save-killed" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
-    assert not (run / "vae" / ".stale.tmp").exists()
+    assert not (run / "vae" / ".stale.tmp").exists() and not (run / "vae" / ".save-killed").exists()
     resumed = _weights(run)
     reference = {k: v for k, v in _weights(digits_run).items() if "unet" not in k}
     assert resumed.keys() == reference.keys() and len(reference) == 30

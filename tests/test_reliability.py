@@ -264,6 +264,12 @@ DAMAGE = {
                              "unknown value(s) ['../../x']"),
     "a run of another format": (lambda r: _edit_json(r / "config.json", lambda c: {**c, "format_version": 7}),
                                 "run format 7"),
+    # values read back from config.json are named by file and key, not by the flag that set them
+    "a negative step count": (lambda r: _edit_json(r / "config.json", lambda c: {**c, "vae_steps": -1}),
+                              "config.json: vae_steps must be [1,"),
+    "a kind option out of range": (lambda r: _edit_json(r / "config.json", lambda c: {
+        **c, "expert_options": {"gaussian": {**c["expert_options"]["gaussian"], "lr": -1}}}),
+        "config.json: expert_options.gaussian.lr must be"),
 }
 
 
@@ -374,3 +380,84 @@ def test_a_bug_is_exit_1_with_a_traceback(monkeypatch, capsys):
     assert main(["synth"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "internal error" in err
+
+
+# --- a refused command writes nothing and changes nothing (issue 20) ----------------------------------------
+
+
+def test_a_refused_train_leaves_an_existing_run_and_its_lock_as_they_were(gaussian_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(gaussian_run, run)
+    (run / ".lock").write_text("4242")  # the pid the last holder wrote
+    before = _snapshot(run)
+    _one_line_error(capsys, main(["train", "--out", str(run), *tiny(("gaussian",))]), "already holds a run")
+    assert _snapshot(run) == before and (run / ".lock").read_text() == "4242"
+
+
+def test_vae_from_a_damaged_run_names_the_source_file_and_writes_nothing(gaussian_run, tmp_path, capsys):
+    source = tmp_path / "source"
+    shutil.copytree(gaussian_run, source)
+    path = source / "vae" / "3" / WEIGHTS
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["decoder.0.bias"][0] = math.nan
+    save_file(tensors, str(path))
+    _one_line_error(capsys, main(["train", "--vae-from", str(source), "--out", str(tmp_path / "new"),
+                                  *tiny(("gaussian",), vae=False)]), f"--vae-from {source}", str(path), "NaN")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_compare_leaves_no_out_and_a_changed_one_is_refused(gaussian_run, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from molrmog import pipeline
+
+    def no_work(*a, **k):
+        raise AssertionError("training tasks started before the comparison was refused")
+
+    monkeypatch.setattr(pipeline, "run_tasks", no_work)
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for i in range(30):
+        Image.new("L", (8, 8), i * 8).save(images / f"{i}.png")
+    out = tmp_path / "cmp"
+    _one_line_error(capsys, main(["compare", "--dataset", f"folder:{images}", "--size", "8", "--clusters", "2",
+                                  "--out", str(out), "--cache", str(tmp_path / "cache"), *tiny(("gaussian",))]),
+                    "has no labels", "class sub-folders")
+    assert not out.exists()
+    shutil.copytree(gaussian_run, out / "dedicated")  # a comparison to continue, asked with other settings
+    before = _snapshot(out)
+    _one_line_error(capsys, main(["compare", "--out", str(out), *tiny(("gaussian",)), "--gaussian-steps", "99"]),
+                    "holds a comparison", "--gaussian-steps 99")
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("classes, message", [({"a": 12, "b": 1}, "class(es) 'b' (1) have fewer than 2"),
+                                              ({None: 12}, "cannot make 10 clusters")])
+def test_a_folder_that_cannot_make_its_clusters_is_refused_before_any_file(tmp_path, capsys, classes, message):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls, n in classes.items():
+        d = root / cls if cls else root
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (8, 8), 10 * i).save(d / f"{i}.png")
+    _one_line_error(capsys, main(["train", "--dataset", f"folder:{root}", "--size", "8", "--out",
+                                  str(tmp_path / "run"), *tiny(("gaussian",))]), message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_generalisation_checks_its_run_before_any_work(gaussian_run, tmp_path, capsys, monkeypatch):
+    from molrmog.experiments import generalisation
+
+    def no_work(*a, **k):
+        raise AssertionError("the synthetic sweep started before the run was checked")
+
+    monkeypatch.setattr(generalisation, "run_tasks", no_work)
+    run = tmp_path / "run"
+    shutil.copytree(gaussian_run, run)
+    (run / "clusters.safetensors").write_bytes(b"damaged")
+    _one_line_error(capsys, main(["experiment", "generalisation", "--quick", "--run", str(run), "--out",
+                                  str(tmp_path / "g"), "--no-progress"]), "clusters.safetensors")
+    assert not (tmp_path / "g").exists()

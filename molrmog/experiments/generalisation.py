@@ -129,6 +129,7 @@ def run_generalisation(out, preset: str = "quick", seed: int = 0, progress: bool
     """The synthetic sweep (always) and, with `run` (a trained run: its VAEs and a cluster's latents), the image
     sweep; writes generalisation.{csv,json,png}."""
     cfg = {**PRESETS[preset], **overrides}
+    latents = _cluster_latents(run, 0) if run is not None else None  # the run is checked before any work
     out = out_dir(out)
     truth = _truth(cfg, seed)
     kinds = SYNTHETIC_MODELS
@@ -167,7 +168,7 @@ def run_generalisation(out, preset: str = "quick", seed: int = 0, progress: bool
               "transition": {k: transition(rows, k) for k in kinds}}
     result["c"] = {k: (v / cfg["d"] if v else None) for k, v in result["transition"].items()}
     if run is not None:
-        result["images"] = image_sweep(run, cfg, seed, progress, executor)
+        result["images"] = image_sweep(run, cfg, seed, progress, executor, latents=latents)
         result["transition_images"] = {k: transition(result["images"]["rows"], k) for k in _image_kinds()}
     write_csv(out / "generalisation.csv", rows + (result.get("images", {}).get("rows", [])))
     write_json(out / "generalisation.json", result)
@@ -209,11 +210,14 @@ def _plot(path, result) -> None:
 
 
 def _cluster_latents(run: str, cluster: int):
+    """(run, VAE, images, latents) of one cluster; also checks that a featurizer can grade the run's images."""
+    from ..featurizer import check_featurizer
     from ..pipeline import encode_images, load_run, open_run
 
     r = open_run(run)
     kind = r.cfg.experts[0]
     _, _, _, vaes, _ = load_run(run, kind)
+    check_featurizer(r.cfg.dataset, None, labelled=r.data.labels is not None)
     imgs = r.cluster_images(cluster)
     return r, vaes[cluster], imgs, encode_images(vaes[cluster], imgs, "cpu")
 
@@ -246,11 +250,11 @@ def image_task(run: str, cluster: int, kind: str, N: int, half: int, cfg: dict, 
     return {"config": dict(e.config), "state": {k: v.clone() for k, v in e.state_dict().items()}}
 
 
-def image_sweep(run: str, cfg: dict, seed: int, progress: bool, executor, cluster: int = 0) -> dict:
+def image_sweep(run: str, cfg: dict, seed: int, progress: bool, executor, cluster: int = 0, latents=None) -> dict:
     from ..featurizer import get_featurizer
     from ..kinds import LatentExpert
 
-    r, vae, imgs, z = _cluster_latents(run, cluster)
+    r, vae, imgs, z = latents or _cluster_latents(run, cluster)
     Ns = [n for n in cfg["image_Ns"] if 2 * n <= z.shape[0]]
     kinds = _image_kinds()
     tasks = [Task(f"{k}/N={n}/half={h}", image_task, (run, cluster, k, n, h, cfg, seed)) for k in kinds for n in Ns
