@@ -28,6 +28,8 @@ from .kinds import get_kind, kind_names
 from .options import add_options, flag_of, given, option
 from .samplers import SAMPLERS
 from .threads import ENV, choose_threads
+from .watermark import INVERT_STEPS
+from .watermark import METHODS as WATERMARK_METHODS
 
 __all__ = ["main", "build_parser"]
 
@@ -256,6 +258,16 @@ def _cmd_jacobian(a) -> int:
     return 0
 
 
+def _cmd_roundtrip(a) -> int:
+    from .evaluation import roundtrip
+
+    c = _common(a)
+    res = roundtrip(a.run, kinds=_kinds(a.kinds), samples=a.samples, seed=c.seed, device=c.device, out=a.out)
+    print(json.dumps({"round_trip_median_over_clusters": res["median_over_clusters"]}, indent=2))
+    print(f"wrote {a.out or a.run + '/roundtrip'}/roundtrip.csv, roundtrip.json and roundtrip.png")
+    return 0
+
+
 def _cmd_few_step(a) -> int:
     from .evaluation import few_step_images
 
@@ -324,9 +336,12 @@ def _cmd_watermark(a) -> int:
         raise MolrmogError("--t must lie in (0, 1] and --strength in (0, 10]")
     if not 2 <= a.n <= 100_000:
         raise MolrmogError(f"--n must lie in [2, 100000] (images to embed / evaluate), got {a.n}")
+    if not 0 <= a.invert_steps <= 100_000:
+        raise MolrmogError(f"--invert-steps must lie in [0, 100000], got {a.invert_steps}")
     if a.action == "evaluate":
         res = wm.evaluate_watermark(a.run, kind=kind, n=a.n, key=a.key, strength=a.strength, fraction=a.t,
-                                    seed=c.seed, cache=a.cache, out=a.out, device=c.device, progress=c.progress)
+                                    seed=c.seed, cache=a.cache, out=a.out, device=c.device, progress=c.progress,
+                                    method=a.method, invert_steps=a.invert_steps)
         print(json.dumps({k: res[k] for k in ("attacks", "psnr_db", "fid_change")}, indent=2))
         print(f"wrote {a.out or a.run + '/watermark'}/watermark.json, watermark.md and watermark.png")
         return 0
@@ -335,16 +350,17 @@ def _cmd_watermark(a) -> int:
         raise MolrmogError(f"--cluster must lie in 0..{len(experts) - 1}, got {a.cluster}")
     out = Path(a.out or Path(a.run) / "watermark")
     if a.action == "embed":
-        marked, _, info = wm.embed(experts[a.cluster], vaes[a.cluster], a.n, a.key, strength=a.strength,
-                                   fraction=a.t, seed=c.seed)
-        _, clean, _ = wm.embed(experts[a.cluster], vaes[a.cluster], a.n, a.key, strength=a.strength, fraction=a.t,
-                               seed=c.seed + 1)
-        calib = wm.detection_scores(experts[a.cluster], vaes[a.cluster], clean, a.key, fraction=a.t)
+        how = {"strength": a.strength, "fraction": a.t, "method": a.method}
+        marked, _, info = wm.embed(experts[a.cluster], vaes[a.cluster], a.n, a.key, seed=c.seed, **how)
+        _, clean, _ = wm.embed(experts[a.cluster], vaes[a.cluster], a.n, a.key, seed=c.seed + 1, **how)
+        calib = wm.detection_scores(experts[a.cluster], vaes[a.cluster], clean, a.key, fraction=a.t, method=a.method,
+                                    invert_steps=a.invert_steps)
         threshold = float(np.quantile(calib.numpy(), 0.99))
         atomic_write(out / "watermarked.npy", lambda p: np.save(open(p, "wb"), marked.numpy()))
         save_grid(out / "watermarked.png", marked, min(8, a.n))
         write_json(out / "key.json", {"key": str(a.key), "kind": kind, "cluster": a.cluster, "t": a.t,
-                                      "strength": a.strength, "threshold": threshold, **info})
+                                      "strength": a.strength, "threshold": threshold,
+                                      "invert_steps": a.invert_steps, **info})
         print(f"wrote {out}/watermarked.npy, watermarked.png and key.json (threshold {threshold:.4f}, 1% false "
               f"positives on clean images)")
         return 0
@@ -354,7 +370,8 @@ def _cmd_watermark(a) -> int:
     keyfile = wm.check_key(read_json(path, "watermark key"), path, kind, len(experts))
     images = wm.read_images(a.images, tuple(vaes[0].config.image_shape))
     scores = wm.detection_scores(experts[keyfile["cluster"]], vaes[keyfile["cluster"]], images, keyfile["key"],
-                                 fraction=keyfile["t"])
+                                 fraction=keyfile["t"], method=keyfile["method"],
+                                 invert_steps=keyfile["invert_steps"])
     for i, v in enumerate(scores.tolist()):
         print(f"{i}\t{v:.4f}\t{'watermarked' if v > keyfile['threshold'] else 'clean'}")
     return 0
@@ -487,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.6, help="similarity threshold (default 0.6)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian, few-step)",
+    p = sub.add_parser("analyze", help="analyses of trained runs (jacobian, few-step, roundtrip)",
                        description="Analyses of a trained run.")
     asub = p.add_subparsers(dest="analysis", metavar="NAME", required=True, parser_class=_Parser)
     j = asub.add_parser("jacobian", parents=[par["common"]],
@@ -506,6 +523,19 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-memorisation", action="store_true", help="skip the memorisation baseline")
     j.add_argument("--out", default=None, help="output folder (default RUN/jacobian)")
     j.set_defaults(func=_cmd_jacobian)
+
+    rt = asub.add_parser("roundtrip", parents=[par["common"]],
+                         help="how far a VAE decode-encode round trip moves the latents the experts generate",
+                         description="Per cluster and expert kind: ||E(D(z)) - z|| / ||z - mean|| (E: encoder mean, "
+                         "D: decoder, mean: the cluster's mean training latent) for latents z drawn from the expert "
+                         "(the exact sampler in one step for MoG / Gaussian experts, else the run's sampler) and for "
+                         "training latents. Writes roundtrip.csv, roundtrip.json and roundtrip.png into --out "
+                         "(default RUN/roundtrip).")
+    rt.add_argument("run", help="run directory written by molrmog train")
+    rt.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
+    rt.add_argument("--samples", type=int, default=256, help="latents per cluster and kind (default 256)")
+    rt.add_argument("--out", default=None, help="output folder (default RUN/roundtrip)")
+    rt.set_defaults(func=_cmd_roundtrip)
 
     fs = asub.add_parser("few-step", parents=[par["common"]],
                          help="FID of expert kinds at few sampling steps (ddpm, ddim, exact, ...)",
@@ -548,9 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default RUN/edit)")
     p.set_defaults(func=_cmd_edit)
 
-    p = sub.add_parser("watermark", parents=[par["common"]], help="null-space watermarks: embed, detect, evaluate",
-                       description="embed: generate --n watermarked images of --cluster (a keyed pattern in the null "
-                       "space of the denoiser's Jacobian at the small time --t) into watermarked.npy/.png and key.json "
+    p = sub.add_parser("watermark", parents=[par["common"]], help="latent watermarks: embed, detect, evaluate",
+                       description="embed: generate --n watermarked images of --cluster (at the small time --t, a "
+                       "keyed pattern in the null space of the denoiser's Jacobian, or with --method ring the ring key "
+                       "of Tree-Ring / Shallow Diffuse on latent channel 0's spectrum) into watermarked.npy/.png and "
+                       "key.json "
                        "(with the detection threshold: 1%% false positives on clean images); detect: a score and a "
                        "decision per image of an .npy file; evaluate: AUC and TPR at 1%% FPR over --n watermarked and "
                        "--n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), "
@@ -561,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", type=int, default=0, help="cluster of embed (default 0)")
     p.add_argument("--n", type=int, default=64, help="images to embed / evaluate (default 64)")
     p.add_argument("--key", default="12345", help="the secret key (any string)")
+    p.add_argument("--method", default="null", choices=list(WATERMARK_METHODS),
+                   help="null: null-space pattern, cosine statistic; ring: ring key, L1 statistic (default null)")
+    p.add_argument("--invert-steps", type=int, default=INVERT_STEPS,
+                   help=f"embed / evaluate: Adam steps of decoder inversion before detection (default {INVERT_STEPS}; "
+                   f"0: the encoder's mean)")
     p.add_argument("--strength", type=float, default=0.3, help="pattern norm / noise norm at t (default 0.3)")
     p.add_argument("--t", type=float, default=0.3, help="time as a fraction of the horizon sigma_t = 1 (default 0.3)")
     p.add_argument("--images", default=None, help="detect: an .npy file of images (N, C, H, W) in [0, 1]")

@@ -34,7 +34,7 @@ from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, writ
 from .pipeline import encode_images, load_config, load_run, load_run_data, run_labels, sample_loaded
 
 __all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank",
-           "few_step_images", "reference_features", "image_scores", "sample_images"]
+           "few_step_images", "reference_features", "image_scores", "sample_images", "roundtrip"]
 
 MEMORISE = "memorise"
 log = logging.getLogger(__name__)
@@ -405,4 +405,69 @@ def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out / f"few_step_{sampler}.png", dpi=110)
+    return res
+
+
+# --- does the VAE invert what the experts generate? -------------------------------------------------------
+
+
+@torch.no_grad()
+def roundtrip(run: str | Path, *, kinds=None, samples: int = 256, seed: int = 0, device: str = "cpu",
+              out: str | Path | None = None) -> dict:
+    """Per cluster, the VAE round trip ||E(D(z)) - z|| / ||z - mean|| (`molrmog.vae.roundtrip_ratio`, mean = the
+    cluster's mean training latent) for `samples` latents drawn from each expert kind (the exact sampler in one
+    step where the kind's law is a mixture, else the run's sampler) and for the training latents themselves;
+    writes roundtrip.csv/.json/.png into `out` (default RUN/roundtrip)."""
+    from .samplers import generate
+    from .schedules import make_grid
+    from .vae import roundtrip_ratio
+
+    if not 2 <= samples <= 100_000:
+        raise MolrmogError(f"--samples must lie in [2, 100000], got {samples}")
+    ctx = _Context(run, device)
+    kinds = list(kinds or ctx.cfg.experts)
+    missing = [kd for kd in kinds if kd not in ctx.cfg.experts]
+    if missing:
+        raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(ctx.cfg.experts)})")
+    out = Path(out or Path(run) / "roundtrip")
+    rows = []
+    for kind in kinds:
+        _, _, vaes, experts = ctx.load(kind)
+        exact = hasattr(experts[0].net, "mixture_for")
+        sampler, steps = ("exact", 1) if exact else (ctx.cfg.sampler, ctx.cfg.sample_steps)
+        for k in range(ctx.K):
+            vae, expert = vaes[k].to(device).eval(), experts[k]
+            z_data = ctx.latents(vae, k)
+            center = z_data.mean(0).to(device)
+            g = torch.Generator().manual_seed(seed + k)
+            u = generate(expert, samples, expert.shift.numel(), expert.schedule,
+                         make_grid(expert.schedule, steps, "karras"), sampler, generator=g, device=device)
+            sources = {kind: expert.unstandardise(u.float())}
+            if kind == kinds[0]:
+                sources["training latents"] = z_data[torch.randperm(z_data.shape[0], generator=g)[:samples]]
+            for name, z in sources.items():
+                r = roundtrip_ratio(vae, z.to(device).view(-1, *ctx.cfg.latent), center).cpu()
+                rows.append({"source": name, "cluster": k, "sampler": f"{sampler}-{steps}" if name == kind else "",
+                             "ratio_median": float(r.median()), "ratio_p90": float(r.quantile(0.9)),
+                             "points": int(r.numel())})
+    summary = {name: float(np.median([r["ratio_median"] for r in rows if r["source"] == name]))
+               for name in dict.fromkeys(r["source"] for r in rows)}
+    res = {"run": str(run), "samples": samples, "vae_cycle": ctx.cfg.vae_cycle, "median_over_clusters": summary,
+           "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "roundtrip.csv", rows)
+    write_json(out / "roundtrip.json", res)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    names = list(summary)
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [r["ratio_median"] for r in rows if r["source"] == name]
+        ax.bar(np.arange(len(vals)) + i * width, vals, width, label=name)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("||E(D(z)) - z|| / ||z - mean||")
+    ax.set_title(f"VAE round trip (median per cluster; cycle weight {ctx.cfg.vae_cycle:g})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "roundtrip.png", dpi=110)
     return res

@@ -175,7 +175,7 @@ class Run:
 
         def loss_fn(m, gen):
             idx = torch.randint(0, images.shape[0], (B,), generator=gen, device=gen.device)
-            return vae_loss(m, images[idx], gen)
+            return vae_loss(m, images[idx], gen, cycle=self.cfg.vae_cycle)
 
         hist = fit(vae, loss_fn, steps=self.cfg.vae_steps, lr=self.cfg.vae_lr, lr_schedule=self.cfg.vae_lr_schedule,
                    seed=seed, progress=self.progress,

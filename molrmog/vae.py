@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .artefacts import Model, register_to_config
 from .errors import MolrmogError
 
-__all__ = ["ConvVAE", "LoRAVAE", "check_latent_shape", "vae_loss", "MAX_LATENT_CHANNELS"]
+__all__ = ["ConvVAE", "LoRAVAE", "check_latent_shape", "vae_loss", "roundtrip_ratio", "MAX_LATENT_CHANNELS"]
 
 MAX_LATENT_CHANNELS = 256
 
@@ -116,14 +116,34 @@ class ConvVAE(_VAE):
         self._build(image_shape, latent, width, beta, seed, blocks)
 
 
-def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
-    """Negative ELBO per image: Bernoulli reconstruction + beta KL(q(z|x) || N(0, I))."""
+def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None, cycle: float = 0.0) -> Tensor:
+    """Negative ELBO per image: Bernoulli reconstruction + beta KL(q(z|x) || N(0, I)).
+
+    With `cycle` > 0, plus cycle * ||E(D(m)) - m||^2 per image for the encoder mean m (the latent the experts
+    learn from; the target m is held fixed): the VAE must give back the latents it is asked to decode, and the
+    latents an expert generates lie near them (`molrmog.evaluation.roundtrip`). The cycle is taken at the mean,
+    not at the posterior draw: on draws it makes the decoder spell out the posterior noise of unused latent
+    dimensions, and reconstructions degrade (README: the latent-space study)."""
     mean, logvar = vae.encode(x)
     eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=gen.device if gen else None).to(mean.device)
     z = mean + torch.exp(0.5 * logvar) * eps
     rec = F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="sum") / x.shape[0]
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / x.shape[0]
-    return rec + vae.beta * kl
+    loss = rec + vae.beta * kl
+    if cycle:
+        back = vae.encode(torch.sigmoid(vae.decode(mean)))[0]
+        loss = loss + cycle * (back - mean.detach()).pow(2).sum() / x.shape[0]
+    return loss
+
+
+@torch.no_grad()
+def roundtrip_ratio(vae: _VAE, z: Tensor, center: Tensor) -> Tensor:
+    """Per latent: ||E(D(z)) - z|| / ||z - center|| (E = encoder mean of the decoded image, D = decoder +
+    sigmoid); how far a decode-encode round trip moves z, against z's distance from `center` (e.g. the
+    cluster's mean latent)."""
+    flat = z.flatten(1)
+    back = vae.encode(torch.sigmoid(vae.decode(z)))[0].flatten(1)
+    return (back - flat).norm(dim=1) / (flat - center.flatten()).norm(dim=1).clamp_min(1e-12)
 
 
 class LoRAVAE(_VAE):

@@ -133,8 +133,12 @@ def test_a_damaged_run_file_is_refused_in_one_line_or_harmless(clean_run, tmp_pa
         (["sample", str(run), "--kind", kind_of, "--n", "6", "--steps", "3", "--out", str(out / "s.png"), "--npy",
           "--no-progress"],
          [out / "s.npy"]),
-        (["watermark", "embed", str(run), "--kind", kind_of, "--n", "4", "--out", str(out / "wm"), "--no-progress"],
+        (["watermark", "embed", str(run), "--kind", kind_of, "--n", "4", "--out", str(out / "wm"), "--no-progress",
+          "--invert-steps", "5"],
          [out / "wm" / "watermarked.npy", out / "wm" / "key.json"]),
+        (["analyze", "roundtrip", str(run), "--kinds", kind_of, "--samples", "4", "--out", str(out / "rt"),
+          "--no-progress"],
+         [out / "rt" / "roundtrip.json"]),
     ):
         _outcome(capsys, main(args), outputs)
 
@@ -154,6 +158,10 @@ BOUNDS = [
     ["watermark", "embed", "{run}", "--n", "0"], ["watermark", "embed", "{run}", "--n", "100000000"],
     ["watermark", "evaluate", "{run}", "--n", "0"], ["watermark", "embed", "{run}", "--strength", "nan"],
     ["watermark", "detect", "{run}"], ["watermark", "detect", "{run}", "--images", "{file}"],
+    ["watermark", "embed", "{run}", "--invert-steps", "-1"], ["watermark", "embed", "{run}", "--method", "rings"],
+    ["watermark", "embed", "{run}", "--method", "ring", "--n", "2", "--invert-steps", "0"],
+    ["analyze", "roundtrip", "{run}", "--samples", "1"], ["analyze", "roundtrip", "{run}", "--samples", "100001"],
+    ["analyze", "roundtrip", "{run}", "--kinds", "unet"], ["analyze", "roundtrip", "{run}", "--out", "{file}"],
     ["analyze", "jacobian", "{run}", "--tol", "-1"], ["analyze", "jacobian", "{run}", "--tol", "nan"],
     ["analyze", "jacobian", "{run}", "--cluster", "-1"], ["analyze", "jacobian", "{run}", "--out", "{file}"],
     ["synth", "--D", "100000", "--K", "1000", "--d", "100", "--out", "{tmp}/synth"],

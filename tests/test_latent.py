@@ -1,0 +1,177 @@
+"""The latent space (issue 18): the VAE's cycle term and the round trip it shortens, on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from molrmog.cli import main
+from molrmog.config import ADDED_KEYS
+from molrmog.data import load_dataset
+from molrmog.pipeline import load_config
+from molrmog.train import fit
+from molrmog.vae import ConvVAE, roundtrip_ratio, vae_loss
+from tests.conftest import tiny
+
+
+def test_the_cycle_term_is_the_elbo_plus_the_weighted_round_trip_of_the_posterior_draw():
+    x = load_dataset("digits").images[:16]
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 8, beta=0.1, seed=0)
+    plain = vae_loss(vae, x, torch.Generator().manual_seed(3))
+    with_cycle = vae_loss(vae, x, torch.Generator().manual_seed(3), cycle=2.5)
+    # the same draw by hand: z = mean + sigma eps; the cycle term is 2.5 ||E(sigmoid(D(z))) - z||^2 per image
+    mean, logvar = vae.encode(x)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    rec = F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="sum") / 16
+    kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / 16
+    back = vae.encode(torch.sigmoid(vae.decode(mean)))[0]  # the cycle is taken at the encoder mean
+    torch.testing.assert_close(plain, rec + 0.1 * kl)
+    torch.testing.assert_close(with_cycle, rec + 0.1 * kl + 2.5 * (back - mean).pow(2).sum() / 16)
+    back = vae.encode(torch.sigmoid(vae.decode(z)))[0]
+    ratio = roundtrip_ratio(vae, z.detach(), mean.mean(0))
+    expected = (back - z).flatten(1).norm(dim=1) / (z - mean.mean(0)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(ratio, expected.detach())
+
+
+def _trained(cycle: float) -> tuple[ConvVAE, torch.Tensor]:
+    data = load_dataset("digits")
+    x = data.images[data.labels == 3]
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 16, beta=0.1, seed=0)
+
+    def loss_fn(m, gen):
+        idx = torch.randint(0, x.shape[0], (64,), generator=gen)
+        return vae_loss(m, x[idx], gen, cycle=cycle)
+
+    fit(vae, loss_fn, steps=300, lr=3e-3, seed=0, progress=False)
+    return vae.eval(), x
+
+
+def test_the_cycle_term_shrinks_the_round_trip_of_generated_latents():
+    ratios, recon = {}, {}
+    for cycle in (0.0, 10.0):
+        vae, x = _trained(cycle)
+        with torch.no_grad():
+            z = vae.encode(x)[0].flatten(1)
+            recon[cycle] = float(F.mse_loss(vae.reconstruct(x), x))
+        # what an expert generates, stood in for by the Gaussian fit of the cluster's latents
+        chol = torch.linalg.cholesky(torch.cov(z.T) + 1e-4 * torch.eye(z.shape[1]))
+        draws = z.mean(0) + torch.randn(256, z.shape[1], generator=torch.Generator().manual_seed(0)) @ chol.T
+        ratios[cycle] = [float(roundtrip_ratio(vae, v.view(-1, 2, 4, 4), z.mean(0)).median()) for v in (z, draws)]
+    assert ratios[10.0][0] < 0.7 * ratios[0.0][0], ratios  # the latents it was trained to invert
+    assert ratios[10.0][1] < 0.9 * ratios[0.0][1], ratios  # and draws around them
+    assert recon[10.0] < 1.5 * recon[0.0], recon  # inverting costs little reconstruction
+
+
+@pytest.fixture(scope="module")
+def cycle_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latent") / "run"
+    assert main(["train", "--dataset", "digits", "--out", str(out), *tiny(("mog", "unet")), "--vae-cycle", "5"]) == 0
+    return out
+
+
+def test_analyze_roundtrip_reports_every_cluster_and_source(cycle_run, tmp_path, capsys):
+    assert load_config(cycle_run).vae_cycle == 5.0
+    out = tmp_path / "rt"
+    assert main(["analyze", "roundtrip", str(cycle_run), "--samples", "16", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "roundtrip.json").read_text())
+    assert (out / "roundtrip.png").is_file() and (out / "roundtrip.csv").is_file()
+    assert set(res["median_over_clusters"]) == {"mog", "unet", "training latents"}
+    assert len(res["rows"]) == 3 * 10 and all(r["ratio_median"] >= 0 for r in res["rows"])
+    assert {r["sampler"] for r in res["rows"] if r["source"] == "mog"} == {"exact-1"}
+    capsys.readouterr()
+    assert main(["analyze", "roundtrip", str(cycle_run), "--samples", "1", "--out", str(out)]) == 2
+    assert "--samples must lie in [2, 100000]" in capsys.readouterr().err
+
+
+def test_a_run_written_before_a_setting_existed_loads_as_it_was_trained(cycle_run, tmp_path):
+    raw = json.loads((cycle_run / "config.json").read_text())
+    for key in ADDED_KEYS:
+        raw.pop(key)
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(raw))
+    cfg = load_config(run)
+    assert all(getattr(cfg, k) == v for k, v in ADDED_KEYS.items()) and cfg.vae_cycle == 0.0
+
+
+# --- ring-key watermarks (Tree-Ring / Shallow Diffuse) -----------------------------------------------------
+
+
+def test_the_ring_key_is_constant_on_rings_and_a_marked_latent_carries_it_exactly():
+    from molrmog.watermark import _inject_ring, ring_distance, ring_key
+
+    latent = (2, 8, 8)
+    mask, values = ring_key("k", latent)
+    yy, xx = torch.meshgrid(torch.arange(8) - 4, torch.arange(8) - 4, indexing="ij")
+    r2 = yy**2 + xx**2
+    assert torch.equal(mask, r2 <= 4)  # radius 8 // 4 = 2 around the centre of the shifted spectrum
+    for lo, hi in ((0, 1), (2, 4)):  # ring 1 (centre included) and ring 2 each hold one value
+        ring = values[(r2 >= lo) & (r2 <= hi)]
+        assert torch.allclose(ring, ring[0].expand_as(ring)) and ring.abs().min() > 0
+    assert not torch.equal(ring_key("other", latent)[1], values)
+    u = torch.randn(5, 128, dtype=torch.float64)
+    marked = _inject_ring(u, latent, 0, mask, values)
+    assert ring_distance(marked, latent, "k").max() < 1e-9 < ring_distance(u, latent, "k").min()
+    torch.testing.assert_close(marked.view(5, 2, 8, 8)[:, 1], u.view(5, 2, 8, 8)[:, 1])  # channel 1 untouched
+    # the spectrum outside the disk is untouched too
+    F_u, F_m = (torch.fft.fftshift(torch.fft.fft2(x.view(5, 2, 8, 8)[:, 0]), dim=(-2, -1)) for x in (u, marked))
+    torch.testing.assert_close(F_m[:, ~mask], F_u[:, ~mask])
+
+
+def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "wm"
+    assert main(["watermark", "embed", str(cycle_run), "--method", "ring", "--n", "24", "--out", str(out),
+                 "--no-progress"]) == 0
+    key = json.loads((out / "key.json").read_text())
+    assert key["method"] == "ring"
+    from molrmog.pipeline import load_run
+    from molrmog.watermark import embed, latent_scores
+
+    _, _, _, vaes, experts = load_run(cycle_run, "mog")
+    marked, clean, _, u_m, u_c = embed(experts[0], vaes[0], 24, "12345", method="ring", latents=True, seed=5)
+    s_m, s_c = (latent_scores(experts[0], u, "12345", method="ring", latent=(2, 4, 4)) for u in (u_m, u_c))
+    assert s_m.min() > s_c.max()  # from the latents the key separates every marked from every clean draw
+    np.save(tmp_path / "clean.npy", clean.numpy())
+    capsys.readouterr()
+    for images in (out / "watermarked.npy", tmp_path / "clean.npy"):
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(images), "--out", str(out),
+                     "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 48 and all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_decoder_inversion_finds_a_latent_the_decoder_maps_to_the_image():
+    from molrmog.watermark import invert_decoder
+
+    vae, x = _trained(10.0)
+    with torch.no_grad():
+        z = vae.encode(x[:32])[0].flatten(1)
+        z_true = z + 0.3 * z.std(0) * torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+        images = torch.sigmoid(vae.decode(z_true))  # images the decoder made from known latents
+        z0 = vae.encode(images)[0].flatten(1)
+    vae.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    z_inv = invert_decoder(vae, images, z0, steps=300)
+    with torch.no_grad():
+        err0, err = ((torch.sigmoid(vae.decode(v)) - images).pow(2).sum() for v in (z0, z_inv))
+    assert err < 0.2 * err0, (float(err), float(err0))
+    assert (z_inv - z_true).norm() < (z0 - z_true).norm()
+    assert all(torch.equal(p, before[n]) and p.requires_grad and p.grad is None for n, p in vae.named_parameters())
+
+
+def test_keys_written_before_a_setting_existed_keep_their_meaning_and_bad_values_are_refused():
+    from molrmog.errors import MolrmogError
+    from molrmog.watermark import check_key
+
+    old = {"key": "1", "kind": "mog", "cluster": 0, "t": 0.3, "threshold": 0.1}
+    checked = check_key(dict(old), "key.json", "mog", 10)
+    assert checked["method"] == "null" and checked["invert_steps"] == 0  # what detection did when it was written
+    for bad, message in (({"method": "rings"}, "method must be one of"), ({"invert_steps": -1}, "invert_steps"),
+                         ({"invert_steps": 1.5}, "invert_steps")):
+        with pytest.raises(MolrmogError, match=message):
+            check_key({**old, **bad}, "key.json", "mog", 10)
