@@ -3,7 +3,6 @@ the generated configuration, VAE layouts."""
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import subprocess
@@ -20,9 +19,7 @@ from molrmog import kinds
 from molrmog.cli import build_parser, main
 from molrmog.config import CommonOptions, RunConfig
 from molrmog.data import DEBIAN_FASHION_DIR, load_dataset
-from molrmog.experts import MLPScore
-from molrmog.kinds import ExpertKind, KindOptions
-from molrmog.options import flag_of, option
+from molrmog.options import flag_of
 from tests.conftest import tiny
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -166,35 +163,46 @@ def test_fashion_mnist_subset_runs(tmp_path):
 # --- the registry of expert kinds -------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ToyOptions(KindOptions):
-    hidden: int = option(8, "hidden width of the toy MLP", low=1, high=64)
+def readme_python(heading: str) -> str:
+    """The first ```python block after `heading` in the README, as written there."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    part = text[text.index(heading):]
+    start = part.index("```python\n") + len("```python\n")
+    return part[start:part.index("```", start)]
 
 
 @pytest.fixture
 def toy_kind():
-    """A new kind registered inside the test: one class (MLPScore) and one entry."""
-    entry = kinds.register(ExpertKind(
-        "toy", "Toy MLP expert", MLPScore, ToyOptions,
-        net_config=lambda latent, o, schedule, seed: {"D": math.prod(latent), "hidden": o.hidden, "depth": 1,
-                                                      "schedule": schedule, "seed": seed}))
-    yield entry
-    kinds.unregister("toy")
+    """The README's "Adding an expert kind" example, run as written: one class (MLPScore) and one entry."""
+    assert "widemlp" not in kinds.kind_names()  # the example must register a new kind, not an existing one
+    exec(compile(readme_python("### Adding an expert kind"), "README.md", "exec"), {})
+    yield kinds.get_kind("widemlp")
+    kinds.unregister("widemlp")
 
 
 def test_a_kind_registered_in_a_test_goes_through_train_sample_and_compare(toy_kind, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--out", str(run), *tiny(("mog", "toy")), "--toy-hidden", "4"]) == 0
+    assert main(["train", "--out", str(run), *tiny(("mog", "widemlp")), "--widemlp-hidden", "4"]) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["expert_options"]["toy"]["hidden"] == 4 and (run / "samples_toy.png").is_file()
-    assert json.loads((run / "experts" / "toy" / "0" / "config.json").read_text())["net_config"]["hidden"] == 4
-    assert main(["sample", str(run), "--kind", "toy", "--n", "4", "--steps", "3",
+    assert cfg["expert_options"]["widemlp"]["hidden"] == 4 and (run / "samples_widemlp.png").is_file()
+    assert json.loads((run / "experts" / "widemlp" / "0" / "config.json").read_text())["net_config"]["hidden"] == 4
+    assert main(["sample", str(run), "--kind", "widemlp", "--n", "4", "--steps", "3",
                  "--out", str(tmp_path / "t.png")]) == 0
     out = tmp_path / "cmp"  # the unified-VAE ablation (the headline kind's) is test_compare_cli_writes_the_table's
     assert main(["compare", "--out", str(out), "--samples", "30", "--reference", "200", "--cache",
-                 str(tmp_path / "cache"), "--no-unified", *tiny(("mog", "toy"))]) == 0
+                 str(tmp_path / "cache"), "--no-unified", *tiny(("mog", "widemlp"))]) == 0
     rows = json.loads((out / "comparison.json").read_text())["rows"]
-    assert "Toy MLP expert" in rows and "MoG expert" in rows
+    assert "Wide MLP expert" in rows and "MoG expert" in rows
+
+
+def test_the_readme_library_snippet_runs_as_written(digits_run, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "dedicated").symlink_to(digits_run)  # the trained run the snippet loads
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(readme_python("## Library"), "README.md", "exec"), ns)
+    assert ns["samples"].shape == (1000, 64) and torch.isfinite(ns["samples"]).all()
+    assert (tmp_path / "my_dist" / "config.json").is_file() and type(ns["e"]).__name__ == "LatentExpert"
 
 
 def test_seeds_come_from_kind_names_not_positions(toy_kind):
@@ -203,7 +211,7 @@ def test_seeds_come_from_kind_names_not_positions(toy_kind):
     assert {k: seeds[k] for k in ("mog", "gaussian", "unet")} == {"mog": 1003, "gaussian": 2003, "unet": 3003}
     assert len(set(seeds.values())) == len(seeds)
     with pytest.raises(ValueError, match="seed salt"):
-        kinds.register(dataclasses.replace(toy_kind, name="toy2", seed_salt=1))
+        kinds.register(dataclasses.replace(toy_kind, name="widemlp2", seed_salt=1))
 
 
 def test_kind_names_appear_only_in_the_registry_and_their_classes():
