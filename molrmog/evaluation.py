@@ -430,14 +430,16 @@ def roundtrip(run: str | Path, *, kinds=None, samples: int = 256, seed: int = 0,
     if missing:
         raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(ctx.cfg.experts)})")
     out = Path(out or Path(run) / "roundtrip")
-    rows = []
+    rows, data_latents = [], {}  # the run's VAEs are the same for every kind: its latents are encoded once
     for kind in kinds:
         _, _, vaes, experts = ctx.load(kind)
         exact = hasattr(experts[0].net, "mixture_for")
         sampler, steps = ("exact", 1) if exact else (ctx.cfg.sampler, ctx.cfg.sample_steps)
         for k in range(ctx.K):
             vae, expert = vaes[k].to(device).eval(), experts[k]
-            z_data = ctx.latents(vae, k)
+            if k not in data_latents:
+                data_latents[k] = ctx.latents(vae, k)
+            z_data = data_latents[k]
             center = z_data.mean(0).to(device)
             g = torch.Generator().manual_seed(seed + k)
             u = generate(expert, samples, expert.shift.numel(), expert.schedule,

@@ -125,8 +125,7 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     u_t = ode(expert, u_T, sched.t_max, t_w, sched, steps)
     gamma_w = float(sched.gamma(torch.tensor(t_w)))
     if method == "ring":
-        latent = tuple(vae.config.latent)
-        marked_t = _inject_ring(u_t, latent, 0, *ring_key(key, latent))
+        marked_t = _inject_ring(u_t, expert.latent, 0, *ring_key(key, expert.latent))
         rank = torch.zeros(1)
     else:
         P, rank = null_projector(expert, u_t, t_w)
@@ -231,15 +230,14 @@ def detection_scores(expert, vae, images: Tensor, key, *, fraction: float = 0.3,
             z = vae.encode(b)[0].flatten(1)
         zs.append(invert_decoder(vae, b, z, invert_steps) if invert_steps else z)
     u0 = expert.standardise(torch.cat(zs))
-    return latent_scores(expert, u0, key, fraction=fraction, steps=steps, batch=batch, method=method,
-                         latent=tuple(vae.config.latent))
+    return latent_scores(expert, u0, key, fraction=fraction, steps=steps, batch=batch, method=method)
 
 
 def latent_scores(expert, u0: Tensor, key, *, fraction: float = 0.3, steps: int = 40, batch: int = 256,
-                  method: str = "null", latent=None) -> Tensor:
+                  method: str = "null") -> Tensor:
     """The detection statistic computed from standardised latents at t_min directly (no decode / encode): what
     the detector could do if the VAE were a perfect inverse. Comparing it with `detection_scores` isolates the
-    loss of the pattern in the VAE round trip. `latent` (c, h, w): the latent shape ("ring")."""
+    loss of the pattern in the VAE round trip."""
     sched = expert.schedule
     t_w = edit_time(sched, fraction)
     k = key_pattern(key, expert.shift.numel())
@@ -247,7 +245,7 @@ def latent_scores(expert, u0: Tensor, key, *, fraction: float = 0.3, steps: int 
     for b in u0.split(batch):
         u_t = ode(expert, b, sched.t_min, t_w, sched, steps)
         if method == "ring":
-            out.append(-ring_distance(u_t, latent, key))
+            out.append(-ring_distance(u_t, expert.latent, key))
             continue
         P, _ = null_projector(expert, u_t, t_w)
         a = torch.einsum("bij,bj->bi", P, u_t.double())
@@ -338,7 +336,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
                                           fraction=fraction, seed=cluster_seed(seed, k), latents=True, method=method)
         _, c2_k, _, _, u2_k = embed(experts[k], vaes[k], int(counts[k]), key, strength=strength, fraction=fraction,
                                     seed=cluster_seed(seed + 1, k), latents=True, method=method)  # the negatives
-        how = {"fraction": fraction, "method": method, "latent": tuple(vaes[k].config.latent)}
+        how = {"fraction": fraction, "method": method}
         scores_m.setdefault("latent_no_vae", []).append(latent_scores(experts[k], um_k, key, **how))
         scores_c.setdefault("latent_no_vae", []).append(latent_scores(experts[k], u2_k, key, **how))
         with torch.no_grad():  # how far the VAE round trip moves a latent, against how far the pattern moved it
