@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import RESUME_SAFE, CommonOptions, ExecutorOptions, RunConfig
+from .data import DATASETS
 from .errors import MolrmogError, TrainingDiverged
 from .executors import TasksFailed
 from .kinds import get_kind, kind_names
@@ -466,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default=kind_names()[0], choices=kind_names(), help="expert kind (default %(default)s)")
     p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--class", dest="cls", type=int, default=None, help="cluster / class index")
-    p.add_argument("--sampler", default=None, choices=list(SAMPLERS), help="default: the run's sampler")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS.names(), help="default: the run's sampler")
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample steps")
     p.add_argument("--out", default=None, help="PNG path or an existing folder (default RUN/sample_<kind>.png)")
     p.add_argument("--npy", action="store_true", help="also write the images as .npy")
@@ -478,12 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "(config.json + diffusion_pytorch_model.safetensors + featurizer.json with its test accuracy) "
                        "under --cache, $MOLRMOG_CACHE or ~/.cache/molrmog. Its penultimate features serve FID, KID, "
                        "precision/recall and the similarity scores; its softmax the class score.")
-    p.add_argument("--dataset", default="digits", help="digits (default), fashion-mnist or folder:PATH")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--dataset", default="digits", help="a registered dataset (default digits): " +
+                   ", ".join(d.spec_help() for d in DATASETS.values()))
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's files")
     p.add_argument("--size", type=int, default=28, help="image size for folder datasets (default 28)")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3])
-    p.add_argument("--steps", type=int, default=None, help="training steps (default digits 600, fashion-mnist "
-                   "2500, folders 2000)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the dataset's, e.g. digits "
+                   "600, fashion-mnist 2500, folders 2000)")
     p.add_argument("--cache", default=None, help="cache folder (default $MOLRMOG_CACHE or ~/.cache/molrmog)")
     p.add_argument("--force", action="store_true", help="retrain even when a finished featurizer is cached")
     p.set_defaults(func=_cmd_featurizer)
@@ -545,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ".png into --out (default RUN/few_step). The exact sampler needs MoG / Gaussian experts.")
     fs.add_argument("run", help="run directory written by molrmog train")
     fs.add_argument("--kinds", default=None, help="comma list of expert kinds (default: all in the run)")
-    fs.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS), help="sampler (default ddpm)")
+    fs.add_argument("--sampler", default="ddpm", choices=SAMPLERS.names(), help="sampler (default ddpm)")
     fs.add_argument("--steps", default="5,10,20,50", help="comma list of step counts (default 5,10,20,50)")
     add_options(fs, EvalOptions, title="evaluation options")
     fs.add_argument("--out", default=None, help="output folder (default RUN/few_step)")

@@ -19,28 +19,21 @@ from typing import Any
 
 import torch
 
+from .data import DATASETS, get_dataset, split_spec
 from .errors import MolrmogError
 from .kinds import KindOptions, default_kinds, get_kind, kind_names
+from .layouts import LAYOUTS
 from .options import check, comma_list, from_dict, option, shape3, to_dict
+from .samplers import any_model_samplers
+from .schedules import SCHEDULES
 
 __all__ = ["RunConfig", "CommonOptions", "ExecutorOptions", "check_config", "resolve_config", "config_from_json",
-           "config_to_json", "default_latent", "dataset_defaults", "DATASET_DEFAULTS", "RESUME_SAFE", "VAE_LAYOUTS",
-           "RUN_FORMAT", "parse_device", "SCHEDULE_NAMES", "SAMPLER_NAMES", "VAE_FIELDS", "BUDGET_POINTS"]
+           "config_to_json", "default_latent", "dataset_defaults", "RESUME_SAFE", "RUN_FORMAT", "parse_device",
+           "VAE_FIELDS", "BUDGET_POINTS"]
 
 RUN_FORMAT = 2
-VAE_LAYOUTS = ("dedicated", "unified", "lora")
-SCHEDULE_NAMES = ("vp", "ve", "cosine")
-SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m", "ddim", "euler_maruyama")
-# per-dataset defaults of the fields that are None in RunConfig (anything else: FALLBACK_DEFAULTS)
-DATASET_DEFAULTS = {
-    # the cycle term makes the digits VAEs invert what they decode, and reconstruct better (README: the latent space)
-    "digits": {"latent": (2, 4, 4), "vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr": 2e-3,
-               "vae_blocks": 0, "vae_lr_schedule": "constant", "vae_cycle": 10.0},
-    # a small KL weight is what sharpens Fashion-MNIST reconstructions (README: the VAE study)
-    # on Fashion-MNIST the cycle term costs reconstruction FID and doubles the step time (README: the VAE study)
-    "fashion-mnist": {"latent": (4, 7, 7), "vae_width": 16, "vae_steps": 1000, "vae_beta": 0.001, "vae_lr": 4e-3,
-                      "vae_blocks": 0, "vae_lr_schedule": "cosine", "vae_cycle": 0.0},
-}
+# per-dataset defaults of the fields that are None in RunConfig come from the dataset's registry entry
+# (`molrmog.data.DATASETS`); anything it leaves out: FALLBACK_DEFAULTS
 FALLBACK_DEFAULTS = {"vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr": 2e-3, "vae_blocks": 0,
                      "vae_lr_schedule": "constant", "vae_cycle": 0.0}
 # the fields a run takes from --vae-from RUN (its data, clusters and VAEs)
@@ -60,9 +53,12 @@ def parse_device(text: str) -> str:
 
 
 def _dataset(text: str) -> str:
-    if text in ("digits", "fashion-mnist") or (text.startswith("folder:") and len(text) > 7):
-        return text
-    raise MolrmogError(f"unknown dataset {text!r}; use digits, fashion-mnist or folder:PATH")
+    split_spec(text)  # a registered name (with its PATH where it takes one), else one error naming the choices
+    return text
+
+
+def _dataset_help() -> str:
+    return ", ".join(d.spec_help() for d in DATASETS.values())
 
 
 @dataclass(frozen=True)
@@ -90,9 +86,9 @@ class ExecutorOptions:
 class RunConfig:
     """A training run: data, clusters, VAEs, latent experts, sampling. Every field is a flag of `molrmog train`."""
 
-    dataset: str = option("digits", "digits, fashion-mnist or folder:PATH", parse=_dataset)
-    data_dir: str | None = option(None, "folder with the Fashion-MNIST IDX files (default $MOLRMOG_DATA/"
-                                  "fashion-mnist, else /usr/share/datasets/fashion-mnist)")
+    dataset: str = option("digits", lambda: f"a registered dataset: {_dataset_help()}", parse=_dataset)
+    data_dir: str | None = option(None, "folder with the dataset's files (default $MOLRMOG_DATA/<dataset>; "
+                                  "fashion-mnist: else /usr/share/datasets/fashion-mnist)")
     limit: int | None = option(None, "use a random subset of this many training images", low=1, high=MAX_IMAGES)
     size: int = option(28, "image size of folder datasets", low=4, high=1024)
     channels: int = option(1, "image channels of folder datasets", choices=(1, 3))
@@ -103,7 +99,7 @@ class RunConfig:
                                              "kind marked default)", parse=comma_list, choices=kind_names,
                                              metavar="KIND,...")
     vae: str = option("dedicated", "VAE layout: one per cluster, one for all, or a shared backbone with "
-                      "per-cluster LoRA adapters", choices=VAE_LAYOUTS)
+                      "per-cluster LoRA adapters", choices=LAYOUTS.names)
     latent: tuple[int, int, int] | None = option(None, "latent shape c,h,w (default: digits 2,4,4; "
                                                  "fashion-mnist 4,7,7; folders 4,size/4,size/4)", parse=shape3,
                                                  metavar="C,H,W")
@@ -125,8 +121,8 @@ class RunConfig:
                                   "included; each cluster gets an equal share; --<kind>-steps is ignored); "
                                   "snapshots are kept at 1/32 ... 1 of it", low=0, low_open=True, high=10**7)
     lora_rank: int = option(4, "rank of the per-cluster LoRA adapters (--vae lora)", low=1, high=1024)
-    schedule: str = option("vp", "noise schedule of the latent experts", choices=SCHEDULE_NAMES)
-    sampler: str = option("heun", "sampler for report grids and evaluation", choices=SAMPLER_NAMES)
+    schedule: str = option("vp", "noise schedule of the latent experts", choices=SCHEDULES.names)
+    sampler: str = option("heun", "sampler for report grids and evaluation", choices=any_model_samplers)
     sample_steps: int = option(30, "sampler steps", low=1, high=10_000)
     samples_per_class: int = option(8, "samples per cluster in the report's grids", low=1, high=1000)
     checkpoint_every: int = option(50, "checkpoint every this many training steps", low=1, high=10**7)
@@ -143,12 +139,12 @@ RESUME_SAFE = ("device", "progress", "debug", "executor", "workers", "ray_addres
 
 
 def default_latent(dataset: str, size: int) -> tuple[int, int, int]:
-    return DATASET_DEFAULTS.get(dataset, {}).get("latent", (4, max(1, size // 4), max(1, size // 4)))
+    return get_dataset(dataset).defaults.get("latent", (4, max(1, size // 4), max(1, size // 4)))
 
 
 def dataset_defaults(cfg: RunConfig, image_shape) -> RunConfig:
     """A copy with every per-dataset default (fields left None) filled in."""
-    defaults = {**FALLBACK_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {})}
+    defaults = {**FALLBACK_DEFAULTS, **get_dataset(cfg.dataset).defaults}
     defaults["latent"] = default_latent(cfg.dataset, image_shape[-1])
     return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 

@@ -354,8 +354,7 @@ def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps
     writes few_step_<sampler>.csv/.json/.png into `out` (default RUN/few_step)."""
     from .samplers import SAMPLERS
 
-    if sampler not in SAMPLERS:
-        raise MolrmogError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    SAMPLERS.get(sampler)  # an unknown name is refused here, naming the choices
     steps = [int(n) for n in steps]
     if not steps or min(steps) < 1 or max(steps) > 10_000 or samples < 2:
         raise MolrmogError("--steps must be integers in [1, 10000] and --samples >= 2")

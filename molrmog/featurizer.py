@@ -22,17 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .artefacts import Model, is_saved, register_to_config, write_json
-from .data import ImageData, load_dataset
+from .data import ImageData, get_dataset, load_dataset, split_spec
 from .errors import MolrmogError
 from .train import fit
 
-__all__ = ["Featurizer", "train_featurizer", "get_featurizer", "featurizer_dir", "check_featurizer",
-           "FEATURIZER_DEFAULTS"]
+__all__ = ["Featurizer", "train_featurizer", "get_featurizer", "featurizer_dir", "check_featurizer"]
 
 log = logging.getLogger(__name__)
 
-# steps at batch 128; digits: ~50 epochs of 1438 images, Fashion-MNIST: ~5 epochs of 60k
-FEATURIZER_DEFAULTS = {"digits": 600, "fashion-mnist": 2500}
+# training steps at batch 128 are the dataset's `featurizer_steps` (molrmog.data.DATASETS): digits 600 (~50 epochs
+# of 1438 images), Fashion-MNIST 2500 (~5 epochs of 60k)
 
 
 class Featurizer(Model):
@@ -93,10 +92,10 @@ class Featurizer(Model):
 
 
 def _slug(dataset: str) -> str:
-    if dataset.startswith("folder:"):
-        path = str(Path(dataset.removeprefix("folder:")).resolve())
-        return "folder-" + hashlib.sha1(path.encode()).hexdigest()[:12]
-    return dataset
+    entry, path = split_spec(dataset)
+    if path is not None:  # folder:PATH -> folder-<hash of the absolute path>
+        return f"{entry.name}-" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
+    return entry.name
 
 
 def featurizer_dir(dataset: str, cache: str | os.PathLike | None = None) -> Path:
@@ -127,7 +126,7 @@ def train_featurizer(dataset: str, *, cache: str | os.PathLike | None = None, st
     test = load_dataset(dataset, split="test", **kw)
     if train.labels is None:
         raise MolrmogError(f"{dataset} has no labels; a featurizer is a classifier and needs class sub-folders")
-    steps = int(steps or FEATURIZER_DEFAULTS.get(dataset, 2000))
+    steps = int(steps or get_dataset(dataset).featurizer_steps)
     if steps < 1 or batch < 1:
         raise MolrmogError("featurizer --steps and --batch must be >= 1")
     x, y = train.images, train.labels

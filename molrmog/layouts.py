@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .artefacts import atomic_write, is_saved, read_safetensors
 from .errors import ArtefactError, MolrmogError
+from .registry import Registry
 from .vae import ConvVAE, LoRAVAE
 
 __all__ = ["VAELayout", "Dedicated", "Unified", "LoRA", "LAYOUTS", "get_layout", "ClusterView"]
@@ -184,10 +185,10 @@ def _lora_state_from(backbone: ConvVAE, lora: LoRAVAE) -> dict:
     return state
 
 
-LAYOUTS: dict[str, VAELayout] = {layout.name: layout for layout in (Dedicated(), Unified(), LoRA())}
+LAYOUTS: Registry[VAELayout] = Registry("VAE layout")
+for _layout in (Dedicated(), Unified(), LoRA()):
+    LAYOUTS.register(_layout.name, _layout)
 
 
 def get_layout(name: str) -> VAELayout:
-    if name not in LAYOUTS:
-        raise MolrmogError(f"unknown VAE layout {name!r}; choose from {', '.join(LAYOUTS)}")
-    return LAYOUTS[name]
+    return LAYOUTS.get(name)

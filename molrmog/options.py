@@ -29,11 +29,12 @@ __all__ = ["option", "add_options", "given", "check", "from_dict", "to_dict", "f
            "int_list", "shape3"]
 
 
-def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+def option(default: Any, help: str | Callable[[], str], *, low: float | None = None, high: float | None = None,
            low_open: bool = False, choices: tuple | Callable[[], tuple] | None = None,
            parse: Callable[[str], Any] | None = None, metavar: str | None = None, cli: bool = True,
            flag: str | None = None) -> Any:
-    """A dataclass field with its command-line declaration (see the module docstring)."""
+    """A dataclass field with its command-line declaration (see the module docstring). `help` may be a function
+    returning the text (help that lists a registry's entries)."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open, "choices": choices, "parse": parse,
             "metavar": metavar, "cli": cli, "flag": flag}
     if isinstance(default, (list, dict, set)):
@@ -131,11 +132,12 @@ def add_options(parser, cls, *, prefix: str = "", title: str | None = None, skip
         extra = [t for t in (_range_text(meta),) if t]
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{meta['help']} (default {shown}{'; ' + extra[0] if extra else ''})"
+        help_base = meta["help"]() if callable(meta["help"]) else meta["help"]
+        help_text = f"{help_base} (default {shown}{'; ' + extra[0] if extra else ''})"
         if tp is bool:
             if default:
                 target.add_argument(f"--{prefix}no-{f.name.replace('_', '-')}", dest=dest, action="store_false",
-                                    default=argparse.SUPPRESS, help=meta["help"])
+                                    default=argparse.SUPPRESS, help=help_base)
             else:
                 target.add_argument(flag_of(f, prefix), dest=dest, action="store_true", default=argparse.SUPPRESS,
                                     help=meta["help"])

@@ -15,6 +15,9 @@ Two samplers step between grid times with the Gaussian bridge of the forward pro
   the exact score: the Gaussian step with the exact mean, the expressive bottleneck of Li et al. 2024);
 - `exact`: the exact reverse step of a MoLR-MoG (`mixture.reverse_step`), for analytic distributions
   and MoG / Gaussian experts, whose own laws are MoLR-MoGs.
+
+`SAMPLERS` is a registry (`molrmog.registry`): a new sampler is one function with the signature above
+and `@register_sampler("name")`; `--sampler` offers it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,12 +33,40 @@ from tqdm.auto import tqdm
 
 from . import mixture as mx
 from .errors import MolrmogError
+from .registry import Registry
 from .schedules import Schedule
 
 __all__ = ["sample_euler", "sample_heun", "sample_ddim", "sample_dpmpp_2m", "sample_euler_maruyama", "sample_ddpm",
-           "sample_exact", "SAMPLERS", "get_sampler", "prior", "tweedie", "generate", "ENDS_AT_ZERO"]
+           "sample_exact", "SAMPLERS", "Sampler", "register_sampler", "get_sampler", "any_model_samplers", "prior",
+           "tweedie", "generate"]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: the function and what `generate` must know about it."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    ends_at_zero: bool = False  # its last step lands on x_0: `generate` ends its grid at t = 0, no Tweedie after it
+    any_model: bool = True  # False: it needs a closed-form MoLR-MoG (an analytic law, a MoG / Gaussian expert)
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler")
+
+
+def register_sampler(name: str, *, ends_at_zero: bool = False, any_model: bool = True, replace: bool = False):
+    """Decorator: register `fn(score, x, ts, schedule, *, progress=False, generator=None) -> x` as `name`."""
+    def add(fn):
+        SAMPLERS.register(name, Sampler(name, fn, ends_at_zero, any_model), replace=replace)
+        return fn
+    return add
+
+
+def any_model_samplers() -> tuple[str, ...]:
+    """The samplers that work for every score model (a run's --sampler choices)."""
+    return tuple(n for n, e in SAMPLERS.items() if e.any_model)
 
 
 def prior(schedule: Schedule, t: float | Tensor, shape, generator=None, dtype=torch.float64,
@@ -101,6 +133,7 @@ def _noise(x: Tensor, generator) -> Tensor:
     return mx.random_draw(torch.randn, x.shape, generator, x.dtype, x.device)
 
 
+@register_sampler("euler")
 def sample_euler(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
                  generator=None) -> Tensor:
     """Probability-flow ODE, explicit Euler."""
@@ -110,6 +143,7 @@ def sample_euler(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, p
     return x
 
 
+@register_sampler("heun")
 def sample_heun(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
                 generator=None) -> Tensor:
     """Probability-flow ODE, Heun's 2nd-order method (Karras et al. 2022, Alg. 1)."""
@@ -122,6 +156,7 @@ def sample_heun(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, pr
     return x
 
 
+@register_sampler("ddim")
 def sample_ddim(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
                 generator=None, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021): x' = s' x0_hat + sqrt(gamma'^2 - c^2) eps_hat + c z,
@@ -140,6 +175,7 @@ def sample_ddim(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, pr
     return x
 
 
+@register_sampler("dpmpp_2m")
 def sample_dpmpp_2m(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
                     generator=None) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = -log sigma; first order on the
@@ -165,6 +201,7 @@ def sample_dpmpp_2m(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *
     return x
 
 
+@register_sampler("euler_maruyama")
 def sample_euler_maruyama(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *,
                           progress: bool = False, generator=None) -> Tensor:
     """Reverse SDE dx = [f x - g^2 score] dt + g dW, f = s'/s, g^2 = 2 s^2 sigma sigma'; Euler-Maruyama."""
@@ -178,6 +215,7 @@ def sample_euler_maruyama(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Sched
     return x
 
 
+@register_sampler("ddpm", ends_at_zero=True)
 def sample_ddpm(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
                 generator=None) -> Tensor:
     """Ancestral sampling with Gaussian steps (DDPM, Ho et al. 2020, in (s, sigma) form): x_s = a x_t +
@@ -203,6 +241,7 @@ def _mixture_model(score):
                        "or a MoG / Gaussian expert; use another sampler for other models")
 
 
+@register_sampler("exact", ends_at_zero=True, any_model=False)
 def sample_exact(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, progress: bool = False,
                  generator=None) -> Tensor:
     """Exact ancestral sampling of a MoLR-MoG: every step draws x_s ~ q(x_s | x_t) exactly
@@ -220,15 +259,8 @@ def sample_exact(score: ScoreFn, x: Tensor, ts: Tensor, schedule: Schedule, *, p
     return x.to(dtype)
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m,
-            "euler_maruyama": sample_euler_maruyama, "ddpm": sample_ddpm, "exact": sample_exact}
-ENDS_AT_ZERO = ("ddpm", "exact")  # samplers whose grid `generate` ends at t = 0 (no Tweedie step after them)
-
-
-def get_sampler(name: str):
-    if name not in SAMPLERS:
-        raise MolrmogError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    return SAMPLERS.get(name).fn
 
 
 def generate(score: ScoreFn, n: int, D: int, schedule: Schedule, ts: Tensor, sampler: str = "heun", *,
@@ -236,16 +268,17 @@ def generate(score: ScoreFn, n: int, D: int, schedule: Schedule, ts: Tensor, sam
              final_denoise: bool = True) -> Tensor:
     """Draw x_T from the prior, run a sampler down the grid, and (optionally) apply Tweedie at t_min.
 
-    For `ddpm` and `exact` the grid's last time is replaced by 0 (their last step lands on x_0) and no
-    Tweedie step follows. Models that draw random numbers themselves (an SMD expert's latent) draw them
-    from the global RNG, which is forked here and seeded from `generator`: the same generator gives the
-    same samples, and the caller's global RNG is left alone."""
-    fn = get_sampler(sampler)
+    For samplers that end at zero (`ddpm`, `exact`) the grid's last time is replaced by 0 (their last step
+    lands on x_0) and no Tweedie step follows. Models that draw random numbers themselves (an SMD expert's
+    latent) draw them from the global RNG, which is forked here and seeded from `generator`: the same generator
+    gives the same samples, and the caller's global RNG is left alone."""
+    entry = SAMPLERS.get(sampler)
+    fn = entry.fn
     out_dtype = dtype
     if dtype in (torch.float16, torch.bfloat16):  # the steps run in float32 (half precision overflows 1/gamma^2)
         dtype = torch.float32
     x = prior(schedule, ts[0], (n, D), generator=generator, dtype=dtype, device=device)
-    if sampler in ENDS_AT_ZERO:
+    if entry.ends_at_zero:
         ts = torch.cat([ts[:-1], ts.new_zeros(1)]) if ts[-1] > 0 else ts
         final_denoise = False
     if generator is None:  # the caller's global RNG drives everything, as it would without molrmog

@@ -4,6 +4,9 @@ Each schedule gives s(t), sigma(t), gamma(t), their time derivatives, the invers
 t(sigma), and its valid time range [t_min, t_max]. Time grids for samplers are separate
 small functions (`uniform_grid`, `logsnr_grid`, `karras_grid`) returning times in
 decreasing order, t_max first, t_min last.
+
+Both are registries (`SCHEDULES`, `GRIDS`, see `molrmog.registry`): a new schedule is one `Schedule`
+subclass with `@SCHEDULES.register("name")`, and `--schedule` offers it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import torch
 from torch import Tensor
 
 from .errors import MolrmogError
+from .registry import Registry
 
 __all__ = [
     "Schedule",
     "VPSchedule",
     "VESchedule",
     "CosineSchedule",
+    "FlowSchedule",
     "get_schedule",
     "uniform_grid",
     "logsnr_grid",
@@ -28,6 +33,10 @@ __all__ = [
     "SCHEDULES",
     "GRIDS",
 ]
+
+
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
+GRIDS: Registry = Registry("grid")
 
 
 def _t(t: Tensor | float) -> Tensor:
@@ -131,6 +140,7 @@ class Schedule:
         return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
 
 
+@SCHEDULES.register("vp")
 class VPSchedule(Schedule):
     """Ornstein-Uhlenbeck / VP: s_t = e^{-t}, gamma_t = sqrt(1 - e^{-2t}), sigma_t = sqrt(e^{2t} - 1)."""
 
@@ -161,6 +171,7 @@ class VPSchedule(Schedule):
         return 0.5 * torch.log1p(_t(sigma) ** 2)
 
 
+@SCHEDULES.register("ve", aliases=("edm",))
 class VESchedule(Schedule):
     """VE / EDM: s_t = 1, sigma_t = t."""
 
@@ -187,6 +198,7 @@ class VESchedule(Schedule):
         return _t(sigma).clone()
 
 
+@SCHEDULES.register("cosine")
 class CosineSchedule(Schedule):
     """Cosine VP (Nichol & Dhariwal 2021): s_t^2 = alpha_bar(t) = f(t)/f(0),
     f(t) = cos^2((t + eps)/(1 + eps) * pi/2), t in [0, 1)."""
@@ -231,20 +243,53 @@ class CosineSchedule(Schedule):
         return {**super().config(), "eps": self.eps}
 
 
-SCHEDULES: dict[str, type[Schedule]] = {"vp": VPSchedule, "ve": VESchedule, "edm": VESchedule,
-                                        "cosine": CosineSchedule}
+@SCHEDULES.register("flow")
+class FlowSchedule(Schedule):
+    """Flow matching / rectified flow (Lipman et al. 2023, Liu et al. 2023): x_t = (1 - t) x_0 + t eps, so
+    s_t = 1 - t, gamma_t = t, sigma_t = t / (1 - t). The PF-ODE drift is the velocity E[eps - x_0 | x_t], which
+    is what diffusers' FlowMatchEulerDiscreteScheduler steps with (t = its sigma). t_max < 1: at t = 1 the
+    signal is gone and s'/s is infinite; the prior at t_max = 0.999 differs from the marginal by 0.1% signal."""
+
+    name = "flow"
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 0.999):
+        if t_min < 0 or t_max >= 1:
+            raise MolrmogError(f"flow schedule needs 0 <= t_min < t_max < 1, got [{t_min}, {t_max}]")
+        super().__init__(t_min, t_max)
+
+    def s(self, t):
+        return 1 - _t(t)
+
+    def sigma(self, t):
+        t = _t(t)
+        return t / (1 - t)
+
+    def gamma(self, t):
+        return _t(t).clone()
+
+    def ds(self, t):
+        return -torch.ones_like(_t(t))
+
+    def dsigma(self, t):
+        return 1 / (1 - _t(t)) ** 2
+
+    def dgamma(self, t):
+        return torch.ones_like(_t(t))
+
+    def t_of_sigma(self, sigma):
+        sigma = _t(sigma)
+        return sigma / (1 + sigma)
 
 
 def get_schedule(name: str | Schedule | dict = "vp", **kwargs) -> Schedule:
-    """Build a schedule by name ('vp', 've'/'edm', 'cosine'), from its config dict, or pass one through."""
+    """Build a schedule by name (`SCHEDULES`: 'vp', 've'/'edm', 'cosine', 'flow', ...), from its config dict,
+    or pass one through."""
     if isinstance(name, Schedule):
         return name
     if isinstance(name, dict):
         cfg = dict(name)
         return get_schedule(cfg.pop("name"), **cfg)
-    if name not in SCHEDULES:
-        raise MolrmogError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name](**kwargs)
+    return SCHEDULES.get(name)(**kwargs)
 
 
 # --- time grids (decreasing, t_max first, t_min last; n steps -> n + 1 points) ---------
@@ -255,12 +300,14 @@ def _check_n(n: int) -> None:
         raise MolrmogError(f"a time grid needs at least 1 step, got n={n}")
 
 
+@GRIDS.register("uniform")
 def uniform_grid(schedule: Schedule, n: int, dtype=torch.float64) -> Tensor:
     """n steps uniform in t from t_max down to t_min."""
     _check_n(n)
     return torch.linspace(schedule.t_max, schedule.t_min, n + 1, dtype=dtype)
 
 
+@GRIDS.register("logsnr")
 def logsnr_grid(schedule: Schedule, n: int, dtype=torch.float64) -> Tensor:
     """n steps uniform in log-SNR = -2 log sigma_t."""
     _check_n(n)
@@ -272,6 +319,7 @@ def logsnr_grid(schedule: Schedule, n: int, dtype=torch.float64) -> Tensor:
     return t.to(dtype)
 
 
+@GRIDS.register("karras")
 def karras_grid(schedule: Schedule, n: int, rho: float = 7.0, dtype=torch.float64) -> Tensor:
     """Karras et al. (2022): sigma_i = (smax^(1/rho) + i/n (smin^(1/rho) - smax^(1/rho)))^rho."""
     _check_n(n)
@@ -284,10 +332,5 @@ def karras_grid(schedule: Schedule, n: int, rho: float = 7.0, dtype=torch.float6
     return t.to(dtype)
 
 
-GRIDS = {"uniform": uniform_grid, "logsnr": logsnr_grid, "karras": karras_grid}
-
-
 def make_grid(schedule: Schedule, n: int, kind: str = "karras", **kwargs) -> Tensor:
-    if kind not in GRIDS:
-        raise MolrmogError(f"unknown grid {kind!r}; choose one of {sorted(GRIDS)}")
-    return GRIDS[kind](schedule, n, **kwargs)
+    return GRIDS.get(kind)(schedule, n, **kwargs)

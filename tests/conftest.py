@@ -73,3 +73,17 @@ def featurizer_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("featurizer-cache")
     get_featurizer("digits", cache, progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """The tiny digits run (mog, gaussian, unet) that many tests read, trained once per test session. A fixed
+    thread count: its weights are comparable bit for bit (the resume test) whatever the machine's load. Tests
+    that write into it write only new files (evaluation.json, jac/, fs/)."""
+    from molrmog.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOLRMOG_THREADS", "2")
+        assert main(["train", "--dataset", "digits", "--out", str(out), *tiny()]) == 0
+    return out

@@ -110,3 +110,128 @@ def test_holdout_split_of_digits_is_fixed_disjoint_and_complete():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")
+
+
+# --- the registry's other datasets: MNIST (IDX) and CIFAR-10 (binary version), read from files written here ------
+
+
+def _fake_mnist(root: Path, n_train: int = 7, n_test: int = 3):
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        imgs, labs = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", imgs)
+        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labs)
+        out[split] = (imgs, labs)
+    return out
+
+
+def test_mnist_reads_its_idx_files_from_data_dir_or_molrmog_data(tmp_path, monkeypatch):
+    written = _fake_mnist(tmp_path / "mnist")
+    d = load_dataset("mnist", data_dir=str(tmp_path / "mnist"), split="test")
+    assert d.name == "mnist" and d.images.shape == (3, 1, 28, 28) and d.classes == [str(i) for i in range(10)]
+    assert np.allclose(d.images[:, 0].numpy() * 255, written["test"][0], atol=1e-3)
+    assert d.labels.tolist() == written["test"][1].tolist()
+    monkeypatch.setenv("MOLRMOG_DATA", str(tmp_path))
+    assert load_dataset("mnist", split="all").images.shape[0] == 10  # its own 7 / 3 split, united
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(ValueError, match=r"MNIST file t10k-labels-idx1-ubyte\[.gz\] not found") as e:
+        load_dataset("mnist", split="test")
+    assert "MOLRMOG_DATA/mnist" in str(e.value) and "apt-get" not in str(e.value)
+    _write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.array([1, 2]))  # 2 labels for 3 images
+    with pytest.raises(ValueError, match="do not match"):
+        load_dataset("mnist", split="test")
+
+
+def _cifar_records(n: int, seed: int, label_max: int = 10) -> tuple[bytes, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labs = rng.integers(0, label_max, n, dtype=np.uint8)
+    raw = b"".join(bytes([lab]) + img.tobytes() for lab, img in zip(labs, imgs, strict=True))
+    return raw, imgs, labs
+
+
+def _fake_cifar10(root: Path, n: int = 2) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, name in enumerate([f"data_batch_{j}.bin" for j in range(1, 6)] + ["test_batch.bin"]):
+        raw, imgs, labs = _cifar_records(n, i)
+        (root / name).write_bytes(raw)
+        out[name] = (imgs, labs)
+    return out
+
+
+def test_cifar10_reads_the_binary_version_planes_and_labels(tmp_path):
+    written = _fake_cifar10(tmp_path / "cifar-10-batches-bin")
+    train = load_dataset("cifar10", data_dir=str(tmp_path), split="train")  # finds the sub-folder of the archive
+    assert train.images.shape == (10, 3, 32, 32) and train.name == "cifar10" and train.classes[0] == "airplane"
+    first = written["data_batch_1.bin"]
+    # record layout: red plane, green plane, blue plane, each 32 rows of 32
+    assert np.allclose(train.images[:2].numpy() * 255, first[0], atol=1e-3)
+    assert train.labels[:2].tolist() == first[1].tolist()
+    assert train.labels[-2:].tolist() == written["data_batch_5.bin"][1].tolist()
+    test = load_dataset("cifar10", data_dir=str(tmp_path / "cifar-10-batches-bin"), split="test")
+    assert test.images.shape == (2, 3, 32, 32)
+
+
+def test_cifar10_bad_files_are_refused_naming_the_file(tmp_path):
+    from molrmog.data import read_cifar10_batch
+
+    _fake_cifar10(tmp_path)
+    p = tmp_path / "test_batch.bin"
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="not a whole number of CIFAR-10 records") as e:
+        load_dataset("cifar10", data_dir=str(tmp_path), split="test")
+    assert str(p) in str(e.value)
+    p.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a whole number"):
+        read_cifar10_batch(p)
+    p.write_bytes(bytes([42]) + bytes(3072))  # one record, label 42 (CIFAR-100 layouts differ)
+    with pytest.raises(ValueError, match="label 42 outside 0..9"):
+        read_cifar10_batch(p)
+    (tmp_path / "data_batch_3.bin").unlink()
+    with pytest.raises(ValueError, match="data_batch_3.bin not found") as e:
+        load_dataset("cifar10", data_dir=str(tmp_path), split="train")
+    assert "--data-dir" in str(e.value)
+
+
+def test_dataset_specs_are_checked_against_the_registry(tmp_path):
+    from molrmog.data import DATASETS, split_spec
+
+    assert {"digits", "fashion-mnist", "mnist", "cifar10", "folder"} <= set(DATASETS)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; use digits, fashion-mnist, mnist, cifar10, "
+                                         "folder:PATH"):
+        split_spec("imagenet")
+    with pytest.raises(ValueError, match="needs a path: folder:PATH"):
+        split_spec("folder")
+    with pytest.raises(ValueError, match="takes no path"):
+        split_spec("mnist:/tmp")
+    assert split_spec(f"folder:{tmp_path}")[1] == str(tmp_path)
+
+
+def test_a_cifar10_run_trains_and_samples_from_written_files(tmp_path):
+    """Colour 32x32 all the way through: VAEs, experts, report and `molrmog sample` on the binary version."""
+    import json
+
+    from molrmog.cli import main
+    from tests.conftest import tiny
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "cifar"
+    root.mkdir()
+    for name in [f"data_batch_{j}.bin" for j in range(1, 6)] + ["test_batch.bin"]:
+        labs = np.arange(10, dtype=np.uint8)  # one image of each class per file
+        imgs = rng.integers(0, 256, (labs.size, 3, 32, 32), dtype=np.uint8)
+        imgs[labs == 1, 0] = 250  # automobiles are red
+        (root / name).write_bytes(b"".join(bytes([lab]) + img.tobytes() for lab, img in zip(labs, imgs,
+                                                                                             strict=True)))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(root), "--out", str(run),
+                 *tiny(("mog",)), "--mog-modes", "2", "--mog-rank", "2", "--vae", "unified"]) == 0
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["latent"] == [4, 8, 8] and rep["clusters"] == 10
+    assert main(["sample", str(run), "--kind", "mog", "--class", "1", "--n", "4", "--npy",
+                 "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (4, 3, 32, 32) and np.isfinite(x).all()

@@ -202,13 +202,6 @@ def test_denoiser_jacobian_of_a_gaussian_expert_is_its_closed_form_with_rank_r()
 # --- end to end -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "digits"
-    assert main(["train", "--dataset", "digits", "--out", str(out), *TINY]) == 0
-    return out
-
-
 def test_evaluate_and_jacobian_cli(digits_run, digits_featurizer, cache, capsys):
     assert main(["evaluate", str(digits_run), "--samples", "60", "--reference", "400", "--cache", str(cache),
                  "--no-progress"]) == 0

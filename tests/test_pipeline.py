@@ -37,15 +37,6 @@ def _weights(run: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "digits"
-    with pytest.MonkeyPatch.context() as mp:  # a fixed thread count: weights comparable bit for bit whatever the load
-        mp.setenv("MOLRMOG_THREADS", "2")
-        assert main(["train", "--dataset", "digits", "--out", str(out), *tiny()]) == 0
-    return out
-
-
 def test_train_writes_a_complete_run_directory(digits_run):
     for name in ("config.json", "clusters.safetensors", "clusters.json", "losses.csv", "loss_curves.png", "report.md",
                  "report.json", "samples_mog.png", "samples_gaussian.png", "samples_unet.png", "samples_data.png"):

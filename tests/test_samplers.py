@@ -100,6 +100,45 @@ def test_dpmpp_2m_agrees_with_diffusers():
     assert torch.allclose(ours, x.double(), atol=1e-4, rtol=1e-4), (ours - x).abs().max()
 
 
+def test_flow_schedule_euler_agrees_with_diffusers_flow_match_euler():
+    """The flow schedule's PF-ODE drift is the velocity E[eps - x0 | x_t]: our Euler steps with any velocity model
+    (turned into a score) are diffusers' FlowMatchEulerDiscreteScheduler steps on the same sigmas (t = sigma)."""
+    diffusers = pytest.importorskip("diffusers")
+    from molrmog.samplers import sample_euler
+    from molrmog.schedules import get_schedule
+
+    ds = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    ds.set_timesteps(sigmas=np.linspace(0.999, 0.02, 20).tolist())  # shifted by diffusers, then 0 appended
+
+    def velocity(x, t):
+        return _eps_model(x, 1000 * float(t)) - 0.5 * x
+
+    x0 = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x = x0.float()
+    for t, sig in zip(ds.timesteps, ds.sigmas[:-1], strict=True):
+        x = ds.step(velocity(x.double(), sig).float(), t, x).prev_sample
+    sched = get_schedule("flow")
+
+    def score(x, t):  # v = -(x + t score) / (1 - t)  <=>  score = -((1 - t) v + x) / t
+        t = float(t)
+        return -((1 - t) * velocity(x, t) + x) / t
+
+    ours = sample_euler(score, x0.clone(), ds.sigmas.double(), sched)
+    assert ds.sigmas[0] < 0.9999 and ds.sigmas[-1] == 0
+    assert torch.allclose(ours, x.double(), atol=2e-4, rtol=1e-4), (ours - x).abs().max()
+
+
+@pytest.mark.parametrize("name", ["heun", "dpmpp_2m", "exact"])
+def test_flow_schedule_samples_the_target_with_its_exact_score(name):
+    target = MoLRMoG.random(8, 2, 3, 2, separation=5.0, seed=4, schedule="flow")
+    n, gen = 1500, torch.Generator().manual_seed(0)
+    data, _ = target.sample(n, gen)
+    ref, _ = target.sample(n, gen)
+    ts = make_grid(target.schedule, STEPS[name], "karras")
+    x = generate(target.score, n, target.D, target.schedule, ts, name, generator=gen)
+    assert energy_distance(x, data) < 3 * energy_distance(ref, data) + 0.01
+
+
 def test_samplers_reject_bad_grids(target):
     x = torch.zeros(2, target.D, dtype=torch.float64)
     with pytest.raises(ValueError, match="strictly decreasing"):

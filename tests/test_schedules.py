@@ -1,9 +1,25 @@
 import pytest
 import torch
 
-from molrmog.schedules import get_schedule, karras_grid, logsnr_grid, make_grid, uniform_grid
+from molrmog.schedules import SCHEDULES, get_schedule, karras_grid, logsnr_grid, make_grid, uniform_grid
 
-NAMES = ["vp", "ve", "cosine"]
+NAMES = list(SCHEDULES.names())  # every registered schedule is checked
+
+
+def test_the_registry_holds_the_schedules_users_ask_for():
+    assert {"vp", "ve", "cosine", "flow"} <= set(NAMES) and "edm" not in NAMES  # an alias, not a choice
+    assert type(get_schedule("edm")) is type(get_schedule("ve"))
+    with pytest.raises(ValueError, match="unknown schedule 'nope'; choose one of vp, ve, cosine, flow"):
+        get_schedule("nope")
+
+
+def test_flow_schedule_is_the_rectified_flow_interpolation():
+    sched = get_schedule("flow")
+    t = torch.tensor([0.001, 0.25, 0.5, 0.9, 0.999], dtype=torch.float64)
+    assert torch.allclose(sched.s(t), 1 - t) and torch.allclose(sched.gamma(t), t)
+    assert torch.allclose(sched.sigma(t), t / (1 - t))
+    with pytest.raises(ValueError, match="t_max < 1"):
+        get_schedule("flow", t_max=1.0)
 
 
 def _times(sched):
