@@ -30,11 +30,9 @@ def _sync(device):
 
 def _latents(a) -> torch.Tensor:
     if a.run:
-        from molrmog.evaluation import _Context
+        from molrmog.run import Run
 
-        ctx = _Context(a.run, "cpu")
-        _, _, vaes, _ = ctx.load(ctx.cfg.experts[0])
-        return ctx.latents(vaes[0], 0)
+        return Run.load(a.run, device="cpu").latents(0)
     from molrmog.distributions import MoLRMoG
 
     d = math.prod(a.latent)

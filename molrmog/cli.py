@@ -327,12 +327,13 @@ def _cmd_watermark(a) -> int:
 
     from . import watermark as wm
     from .artefacts import atomic_write, read_json, write_json
-    from .editing import _first_mixture_kind
     from .outputs import save_grid
-    from .pipeline import load_run
+    from .run import Run
 
     c = _common(a)
-    kind = a.kind or _first_mixture_kind(Path(a.run))
+    run = Run.load(a.run, device=c.device)
+    kind = a.kind or run.mixture_kind()
+    run.check_kinds([kind])
     if not 0 < a.t <= 1 or not 0 < a.strength <= 10:
         raise MolrmogError("--t must lie in (0, 1] and --strength in (0, 10]")
     if not 2 <= a.n <= 100_000:
@@ -340,13 +341,13 @@ def _cmd_watermark(a) -> int:
     if not 0 <= a.invert_steps <= 100_000:
         raise MolrmogError(f"--invert-steps must lie in [0, 100000], got {a.invert_steps}")
     if a.action == "evaluate":
-        res = wm.evaluate_watermark(a.run, kind=kind, n=a.n, key=a.key, strength=a.strength, fraction=a.t,
+        res = wm.evaluate_watermark(run, kind=kind, n=a.n, key=a.key, strength=a.strength, fraction=a.t,
                                     seed=c.seed, cache=a.cache, out=a.out, device=c.device, progress=c.progress,
                                     method=a.method, invert_steps=a.invert_steps)
         print(json.dumps({k: res[k] for k in ("attacks", "psnr_db", "fid_change")}, indent=2))
         print(f"wrote {a.out or a.run + '/watermark'}/watermark.json, watermark.md and watermark.png")
         return 0
-    _, _, _, vaes, experts = load_run(a.run, kind, c.device)
+    vaes, experts = run.vaes(), run.experts(kind)
     if not 0 <= a.cluster < len(experts):
         raise MolrmogError(f"--cluster must lie in 0..{len(experts) - 1}, got {a.cluster}")
     out = Path(a.out or Path(a.run) / "watermark")
@@ -369,7 +370,7 @@ def _cmd_watermark(a) -> int:
         raise MolrmogError("watermark detect needs --images FILE.npy")
     path = Path(a.keyfile) if a.keyfile else out / "key.json"
     keyfile = wm.check_key(read_json(path, "watermark key"), path, kind, len(experts))
-    images = wm.read_images(a.images, tuple(vaes[0].config.image_shape))
+    images = wm.read_images(a.images, tuple(getattr(vaes[0], "vae", vaes[0]).config.image_shape))
     scores = wm.detection_scores(experts[keyfile["cluster"]], vaes[keyfile["cluster"]], images, keyfile["key"],
                                  fraction=keyfile["t"], method=keyfile["method"],
                                  invert_steps=keyfile["invert_steps"])
@@ -471,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="default: the run's sample steps")
     p.add_argument("--out", default=None, help="PNG path or an existing folder (default RUN/sample_<kind>.png)")
     p.add_argument("--npy", action="store_true", help="also write the images as .npy")
-    p.set_defaults(func=_cmd_sample)
+    p.set_defaults(func=_cmd_sample, param_flags={"cluster": "--class"})
 
     p = sub.add_parser("featurizer", parents=[par["common"]],
                        help="train the offline feature extractor (classifier) of a dataset",
@@ -654,6 +655,16 @@ def _set_threads() -> None:
         torch.set_num_threads(choose_threads())
 
 
+def _in_flags(e: MolrmogError, args) -> str:
+    """The message of a library error that starts with a parameter's name, with the command's flag for it
+    (`param_flags` of the command, else --name-with-dashes)."""
+    msg, param = str(e), getattr(e, "param", None)
+    if not param or not msg.startswith(param):
+        return msg
+    flag = getattr(args, "param_flags", {}).get(param) or f"--{param.replace('_', '-')}"
+    return flag + msg[len(param):]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -671,10 +682,10 @@ def main(argv: list[str] | None = None) -> int:
         _set_threads()
         with logging_redirect_tqdm(loggers=[logging.getLogger("molrmog")]):
             return int(args.func(args) or 0)
-    except MolrmogError as e:  # bad input: one line, no traceback
+    except MolrmogError as e:  # bad input: one line, no traceback; a library parameter is named by its flag
         if debug:
             traceback.print_exc()
-        print(f"molrmog: error: {e}", file=sys.stderr)
+        print(f"molrmog: error: {_in_flags(e, args)}", file=sys.stderr)
         return 2
     except (FileExistsError, NotADirectoryError) as e:  # an output path that is a file where a folder goes
         print(f"molrmog: error: {e.filename} exists and is not a folder; give --out a new or existing folder",

@@ -22,7 +22,6 @@ from .config import BUDGET_POINTS, VAE_FIELDS, RunConfig
 from .errors import MolrmogError
 from .evaluation import (
     MEMORISE,
-    _Context,
     evaluate_run,
     few_step_images,
     image_scores,
@@ -32,17 +31,9 @@ from .evaluation import (
 from .featurizer import check_featurizer, get_featurizer
 from .kinds import LatentExpert, default_kinds, get_kind, headline_kinds
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
-from .pipeline import (
-    load_config,
-    load_run,
-    load_run_data,
-    prepare_run,
-    run_lock,
-    sample_loaded,
-    snapshot_done,
-    train_run,
-)
+from .pipeline import load_config, load_run_data, prepare_run, run_lock, snapshot_done, train_run
 from .report import finish_run, read_logs, train_seconds
+from .run import Run
 
 __all__ = ["compare", "comparison_md"]
 
@@ -193,10 +184,9 @@ def _sample_panel(path: Path, series: list, cfg: RunConfig, per_class: int = 2) 
     """One row per (run, kind); columns: per_class samples per cluster."""
     imgs = []
     for run, kind, _ in series:
-        _, weights, _, vaes, experts = load_run(run, kind, cfg.device)
-        K = weights.numel()
-        imgs += [sample_loaded(weights, vaes, experts, per_class, k, cfg.sampler, cfg.sample_steps,
-                               cfg.seed + k, cfg.device)[0] for k in range(K)]
+        r = Run.load(run, device=cfg.device)
+        K = r.K
+        imgs += [r.sample(per_class, kind, cluster=k, seed=cfg.seed + k)[0] for k in range(K)]
     save_grid(path, torch.cat(imgs), per_class * K)
 
 
@@ -231,36 +221,36 @@ def quality_vs_time(out: Path, run: Path, kinds, floor: dict, *, samples: int = 
     done = read_json(path, "quality-vs-time table") if path.is_file() else {"rows": []}
     rows = [r for r in done.get("rows", []) if isinstance(r, dict)]
     have = {(r["kind"], r["point"]) for r in rows}
-    ctx = _Context(run, load_config(run).device)
-    cfg = ctx.cfg
+    r = Run.load(run)
+    cfg = r.cfg
     feat = get_featurizer(cfg.dataset, cache, cfg.device, progress=progress, size=cfg.size, channels=cfg.channels,
                           data_dir=cfg.data_dir)
-    ref = reference_features(ctx, feat, reference, cfg.seed)
-    per_cluster = -(-samples // ctx.K)
+    ref = reference_features(r, feat, reference, cfg.seed)
+    per_cluster = -(-samples // r.K)
     budget_used = {}
     for kind in kinds:
-        weights, _, vaes, final = ctx.load(kind)
-        budget_used[kind] = sum(read_logs(run)[f"{kind}-{k}"]["info"]["elapsed"] for k in range(ctx.K))
+        r.check_kinds([kind])
+        budget_used[kind] = sum(read_logs(run)[f"{kind}-{k}"]["info"]["elapsed"] for k in range(r.K))
         for i, frac in enumerate(BUDGET_POINTS):
             if (kind, i) in have:
                 continue
-            missing = [k for k in range(ctx.K) if not snapshot_done(run, kind, i, k)]
+            missing = [k for k in range(r.K) if not snapshot_done(run, kind, i, k)]
             if missing:
                 raise MolrmogError(f"{run}: snapshot {i} of {kind} is missing for clusters {missing}; resume the run")
             experts = [LatentExpert.load(run / "snapshots" / kind / str(i) / str(k), "snapshot").to(cfg.device).eval()
-                       for k in range(ctx.K)]
+                       for k in range(r.K)]
             meta = [read_json(run / "snapshots" / kind / str(i) / str(k) / "snapshot.json", "snapshot")
-                    for k in range(ctx.K)]
-            imgs, _, _ = sample_images(weights, vaes, experts, per_cluster, cfg.sampler, cfg.sample_steps, cfg.seed,
-                                       cfg.device, progress)
+                    for k in range(r.K)]
+            imgs, _, _ = sample_images(r, kind, per_cluster, cfg.sampler, cfg.sample_steps, cfg.seed, progress,
+                                       experts)
             row = {"kind": kind, "point": i, "fraction": frac, "seconds": sum(m["elapsed"] for m in meta),
-                   "step": round(sum(m["step"] for m in meta) / ctx.K, 1), **image_scores(feat.embed(imgs)[0], ref),
+                   "step": round(sum(m["step"] for m in meta) / r.K, 1), **image_scores(feat.embed(imgs)[0], ref),
                    "parameters": sum(e.net.num_parameters() for e in experts)}
             rows.append(row)
             write_json(path, {"rows": rows, "floor": floor, "budget_per_kind": cfg.budget})  # after every point
     rows.sort(key=lambda r: (list(kinds).index(r["kind"]) if r["kind"] in kinds else 99, r["point"]))
     result = {"rows": rows, "floor": floor, "budget_per_kind": cfg.budget, "budget_used": budget_used,
-              "samples": per_cluster * ctx.K}
+              "samples": per_cluster * r.K}
     write_json(path, result)
     write_csv(out / "quality_vs_time.csv", [{k: r[k] for k in ("kind", "seconds", "step", "fid", "kid", "precision",
                                                                "recall", "parameters")} for r in rows])

@@ -198,7 +198,7 @@ def edit_metrics(expert, vae, u_t: Tensor, t: float, V: Tensor, lambdas, mask: T
     return res
 
 
-def edit_run(run: str | Path, *, kind: str | None = None, cluster: int = 0, image: int | None = None,
+def edit_run(run, *, kind: str | None = None, cluster: int = 0, image: int | None = None,
              seed: int = 0, fraction: float = 0.6, directions: int = 3, lambdas=(-0.2, -0.1, 0.0, 0.1, 0.2),
              mask: tuple[int, int, int, int] | None = None, null_tol: float = 0.3, held_out: int = 4, steps: int = 30,
              out: str | Path | None = None, device: str = "cpu") -> dict:
@@ -207,33 +207,32 @@ def edit_run(run: str | Path, *, kind: str | None = None, cluster: int = 0, imag
     also measured on `held_out` test-split images of the same cluster (transferability: the first image's
     directions applied to them)."""
     from .outputs import save_grid, write_json
-    from .pipeline import encode_images, load_run, load_run_data, run_labels
+    from .run import Run, encode_images
 
-    run = Path(run)
-    kind = kind or _first_mixture_kind(run)
-    cfg, _, _, vaes, experts = load_run(run, kind, device)
-    if not 0 <= cluster < len(experts):
-        raise MolrmogError(f"--cluster must lie in 0..{len(experts) - 1}, got {cluster}")
-    expert, vae = experts[cluster], vaes[cluster]
-    data = load_run_data(cfg)
-    C, H, W = data.shape
+    r = Run.coerce(run, device)
+    kind = kind or r.mixture_kind()
+    r.check_kinds([kind])
+    if not 0 <= cluster < r.K:
+        raise MolrmogError(f"cluster must lie in 0..{r.K - 1}, got {cluster}", param="cluster")
+    expert, vae, cfg = r.expert(kind, cluster), r.vae(cluster), r.cfg
+    C, H, W = r.image_shape
     m = None
     if mask is not None:
         x0_, y0_, x1_, y1_ = mask
         if not (0 <= x0_ < x1_ <= W and 0 <= y0_ < y1_ <= H) or (x1_ - x0_) * (y1_ - y0_) == W * H:
-            raise MolrmogError(f"--mask x0,y0,x1,y1 must lie inside the {W}x{H} image with x0 < x1 and y0 < y1 "
-                               f"and leave pixels outside it, got {mask}")
+            raise MolrmogError(f"mask x0,y0,x1,y1 must lie inside the {W}x{H} image with x0 < x1 and y0 < y1 "
+                               f"and leave pixels outside it, got {mask}", param="mask")
         m2 = torch.zeros(C, H, W, dtype=torch.bool)
         m2[:, y0_:y1_, x0_:x1_] = True
         m = m2.flatten()
     t = edit_time(expert.schedule, fraction)
     sched = expert.schedule
-    lab = run_labels(run)[0]
-    test = load_run_data(cfg, split="test")
+    test = r.test
     if image is not None:
-        imgs = data.images[lab == cluster]
+        imgs = r.cluster_images(cluster)
         if not 0 <= image < imgs.shape[0]:
-            raise MolrmogError(f"--image must lie in 0..{imgs.shape[0] - 1} (cluster {cluster}), got {image}")
+            raise MolrmogError(f"image must lie in 0..{imgs.shape[0] - 1} (cluster {cluster}), got {image}",
+                               param="image")
         u0 = expert.standardise(encode_images(vae, imgs[image:image + 1], device))
         u_t = ode(expert, u0, sched.t_min, t, sched, steps)[0]
     else:
@@ -242,7 +241,7 @@ def edit_run(run: str | Path, *, kind: str | None = None, cluster: int = 0, imag
         u_t = ode(expert, u_T, sched.t_max, t, sched, 60)[0]
     V, S = top_directions(expert, vae, u_t, t, directions, m, null_tol)
     rows = [apply_edit(expert, vae, u_t, t, V[:, j], lam, steps) for j in range(V.shape[1]) for lam in lambdas]
-    out = Path(out or run / "edit")
+    out = Path(out or r.path / "edit")
     save_grid(out / "edit.png", torch.stack(rows), len(lambdas))
     others = []
     if test.labels is not None and cfg.clusters is None:
@@ -253,7 +252,7 @@ def edit_run(run: str | Path, *, kind: str | None = None, cluster: int = 0, imag
     held = [edit_metrics(expert, vae, o, t, top_directions(expert, vae, o, t, directions, m, null_tol)[0],
                          list(lambdas), m, steps) for o in others]
     summary = {k: (sum(v) / len(v) if v else None) for k, v in metrics.items() if isinstance(v, list)}
-    res = {"run": str(run), "kind": kind, "cluster": cluster, "t": t, "fraction": fraction, "lambdas": list(lambdas),
+    res = {"run": str(r.path), "kind": kind, "cluster": cluster, "t": t, "fraction": fraction, "lambdas": list(lambdas),
            "mask": list(mask) if mask else None, "null_tol": null_tol, "singular_values": S.tolist(),
            "image": metrics, "summary": summary, "held_out": held,
            "held_out_summary": {k: _mean([h[k] for h in held if isinstance(h.get(k), list)]) for k in
@@ -269,13 +268,3 @@ def edit_run(run: str | Path, *, kind: str | None = None, cluster: int = 0, imag
 def _mean(lists) -> float | None:
     vals = [x for lst in lists for x in lst]
     return sum(vals) / len(vals) if vals else None
-
-
-def _first_mixture_kind(run: Path) -> str:
-    from .kinds import get_kind
-    from .pipeline import load_config
-
-    for kind in load_config(run).experts:
-        if hasattr(get_kind(kind).net_class, "mixture_for"):
-            return kind
-    return load_config(run).experts[0]

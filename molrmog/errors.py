@@ -20,7 +20,21 @@ __all__ = ["MolrmogError", "ArtefactError", "NumericalError", "TrainingDiverged"
 
 
 class MolrmogError(ValueError):
-    """Bad input: what was wrong, and what to do about it."""
+    """Bad input: what was wrong, and what to do about it.
+
+    `param` names the library parameter the message starts with ("cluster must lie in 0..9"): the library
+    speaks of its parameters, and the command line translates the name into its flag ("--class must lie ...")."""
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        self.param = param
+
+    def __reduce__(self):  # raised in a worker process, it arrives with its param
+        return _rebuild, (type(self), self.args, self.param)
+
+
+def _rebuild(cls, args, param):
+    return cls(*args, param=param)
 
 
 class ArtefactError(MolrmogError):

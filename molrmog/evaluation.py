@@ -31,10 +31,10 @@ from .errors import MolrmogError
 from .featurizer import get_featurizer
 from .kinds import LatentExpert
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
-from .pipeline import encode_images, load_config, load_run, load_run_data, run_labels, sample_loaded
+from .run import Run
 
-__all__ = ["MemorisationExpert", "evaluate_run", "jacobian_spectra", "denoiser_jacobian", "numerical_rank",
-           "few_step_images", "reference_features", "image_scores", "sample_images", "roundtrip"]
+__all__ = ["MemorisationExpert", "memorisation_experts", "evaluate_run", "jacobian_spectra", "denoiser_jacobian",
+           "numerical_rank", "few_step_images", "reference_features", "image_scores", "sample_images", "roundtrip"]
 
 MEMORISE = "memorise"
 log = logging.getLogger(__name__)
@@ -74,65 +74,28 @@ def _denoise(model, u: Tensor, t: float) -> Tensor:
     return model.denoise(u, torch.full((u.shape[0],), t, dtype=u.dtype, device=u.device))
 
 
-class _Context:
-    """What every evaluation of a run needs: config, training images and labels, cluster labels."""
-
-    def __init__(self, run, device: str = "cpu"):
-        self.run = Path(run)
-        self.cfg = cfg = load_config(run)
-        if not (self.run / "clusters.safetensors").is_file():
-            raise MolrmogError(f"run {run} is not finished (no clusters.safetensors); continue it with --resume")
-        self.train = load_run_data(cfg)
-        self.test = load_run_data(cfg, split="test")
-        self.labels = run_labels(self.run)[0]
-        if self.labels.shape[0] != self.train.images.shape[0]:
-            raise MolrmogError(f"run {run}: {self.labels.shape[0]} cluster labels but {self.train.images.shape[0]} "
-                             f"training images; the dataset changed since the run was trained")
-        self.K = int(self.labels.max()) + 1
-        self.class_conditional = cfg.clusters is None and self.train.labels is not None
-        self.device = device
-        self._loaded: dict = {}
-
-    def load(self, kind: str):
-        if kind not in self._loaded:
-            _, weights, names, vaes, experts = load_run(self.run, kind, self.device)
-            self._loaded[kind] = (weights, names, vaes, experts)
-        return self._loaded[kind]
-
-    @torch.no_grad()
-    def latents(self, vae, k: int) -> Tensor:
-        return encode_images(vae, self.train.images[self.labels == k], self.device)
-
-    @torch.no_grad()
-    def reconstructions(self, vaes) -> Tensor:
-        """Every training image decoded from its latent mean by its cluster's VAE (cluster order)."""
-        out = []
-        for k in range(self.K):
-            z = self.latents(vaes[k], k)
-            out += [torch.sigmoid(vaes[k].decode(b.to(self.device).view(-1, *self.cfg.latent))).cpu()
-                    for b in z.split(512)]
-        return torch.cat(out)
-
-    def memorisation(self, vaes, experts) -> list[MemorisationExpert]:
-        return [MemorisationExpert(experts[k], self.latents(vaes[k], k)).to(self.device) for k in range(self.K)]
+def memorisation_experts(run: Run, kind: str) -> list[MemorisationExpert]:
+    """The memorisation baseline of every cluster, with the standardisation and schedule of `kind`'s experts."""
+    return [MemorisationExpert(run.expert(kind, k), run.latents(k)).to(run.device) for k in range(run.K)]
 
 
 @torch.no_grad()
-def sample_images(weights, vaes, experts, per_cluster: int, sampler: str, steps: int, seed: int, device: str,
-             progress: bool) -> tuple[Tensor, Tensor, float]:
-    """per_cluster images of every cluster; cluster k's noise comes from cluster_seed(seed, k) for every model, so
-    two models see the same noise (the PF-ODE samplers are deterministic given it)."""
+def sample_images(run: Run, kind: str, per_cluster: int, sampler: str, steps: int, seed: int,
+                  progress: bool = False, experts: list | None = None) -> tuple[Tensor, Tensor, float]:
+    """per_cluster images of every cluster (`Run.sample`; `experts` replaces the run's experts of `kind`); cluster
+    k's noise comes from cluster_seed(seed, k) for every model, so two models see the same noise (the PF-ODE
+    samplers are deterministic given it). Returns (images, clusters, seconds)."""
     t0 = time.perf_counter()
-    out = [sample_loaded(weights, vaes, experts, per_cluster, k, sampler, steps, seed, device, progress)
-           for k in range(weights.numel())]
+    out = [run.sample(per_cluster, kind, cluster=k, sampler=sampler, steps=steps, seed=seed, experts=experts,
+                      progress=progress) for k in range(run.K)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), time.perf_counter() - t0
 
 
-def reference_features(ctx: _Context, feat, reference: int, seed: int, pr_points: int = 3000) -> dict:
+def reference_features(run: Run, feat, reference: int, seed: int, pr_points: int = 3000) -> dict:
     """Features of `reference` training images (a seeded subset) for FID / KID and of the first `pr_points`
     of them for precision / recall -- the same for every model of a run."""
     g = torch.Generator().manual_seed(seed)
-    f_all, _ = feat.embed(ctx.train.images)
+    f_all, _ = feat.embed(run.images)
     idx = torch.randperm(f_all.shape[0], generator=g)[:reference]
     return {"f": f_all[idx], "f_pr": f_all[idx[:pr_points]], "generator": g, "f_all": f_all}
 
@@ -157,61 +120,54 @@ def _row(f: Tensor, probs: Tensor, imgs: Tensor, intended: Tensor | None, ref: d
     return row
 
 
-def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000, kinds=None,
+def evaluate_run(run: Run | str | Path, *, samples: int = 1000, reference: int = 10000, kinds=None,
                  memorisation: bool = True, seed: int = 0, threshold: float = 0.6, k: int = 3,
                  pr_points: int = 3000, cache=None, device: str = "cpu", progress: bool = True,
                  write: bool = True) -> dict:
     """All metrics of a run's expert kinds (and the memorisation baseline and the test split);
     writes evaluation.json, evaluation.md and evaluation_samples.png into the run when `write`."""
-    if samples < 2 or reference < 2:
-        raise MolrmogError("--samples and --reference must be >= 2")
-    ctx = _Context(run, device)
-    cfg = ctx.cfg
-    kinds = list(kinds or cfg.experts)
-    missing = [kd for kd in kinds if kd not in cfg.experts]
-    if missing:
-        raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(cfg.experts)})")
-    for kd in kinds:  # every artefact is read (and checked) before any work
-        ctx.load(kd)
+    for name, v in (("samples", samples), ("reference", reference)):
+        if v < 2:
+            raise MolrmogError(f"{name} must be >= 2, got {v}", param=name)
+    run = Run.coerce(run, device)
+    cfg = run.cfg
+    kinds = run.check_kinds(kinds)  # every artefact is read (and checked) before any work
     feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size,
                           channels=cfg.channels, data_dir=cfg.data_dir)
-    per_cluster = math.ceil(samples / ctx.K)
-    ref = reference_features(ctx, feat, reference, seed, pr_points)
+    per_cluster = math.ceil(samples / run.K)
+    ref = reference_features(run, feat, reference, seed, pr_points)
     g = ref["generator"]
-    recon = ctx.reconstructions(ctx.load(kinds[0])[2])
+    recon = run.reconstructions()
     ref.update({"x_recon": recon.flatten(1), "f_recon": feat.embed(recon)[0]})
     opts = {"pr_points": pr_points, "k": k, "threshold": threshold}
 
-    result = {"run": str(run), "dataset": cfg.dataset, "featurizer_test_accuracy": float(feat.test_accuracy),
-              "samples_per_model": per_cluster * ctx.K, "reference_images": int(ref["f"].shape[0]),
+    result = {"run": str(run.path), "dataset": cfg.dataset, "featurizer_test_accuracy": float(feat.test_accuracy),
+              "samples_per_model": per_cluster * run.K, "reference_images": int(ref["f"].shape[0]),
               "threshold": threshold, "models": {}, "pairs": {}}
     result["vae_reconstruction_fid"] = M.fid(ref["f"], ref["f_recon"])
-    labels_sorted = torch.cat([torch.full((int((ctx.labels == k).sum()),), k) for k in range(ctx.K)])
+    labels_sorted = torch.cat([torch.full((int((run.labels == k).sum()),), k) for k in range(run.K)])
     result["vae_reconstruction_fid_per_cluster"] = {  # (where a cluster has more images than features)
-        str(k): M.fid(ref["f_all"][ctx.labels == k], ref["f_recon"][labels_sorted == k])
-        for k in range(ctx.K) if int((ctx.labels == k).sum()) > ref["f"].shape[1]}
-    test_idx = torch.randperm(ctx.test.images.shape[0], generator=g)[: per_cluster * ctx.K]
-    f_test, p_test = feat.embed(ctx.test.images[test_idx])
-    test_labels = ctx.test.labels[test_idx] if ctx.test.labels is not None and ctx.class_conditional else None
-    result["models"]["test split"] = _row(f_test, p_test, ctx.test.images[test_idx], test_labels, ref, opts)
+        str(k): M.fid(ref["f_all"][run.labels == k], ref["f_recon"][labels_sorted == k])
+        for k in range(run.K) if int((run.labels == k).sum()) > ref["f"].shape[1]}
+    test_idx = torch.randperm(run.test.images.shape[0], generator=g)[: per_cluster * run.K]
+    f_test, p_test = feat.embed(run.test.images[test_idx])
+    test_labels = run.test.labels[test_idx] if run.test.labels is not None and run.class_conditional else None
+    result["models"]["test split"] = _row(f_test, p_test, run.test.images[test_idx], test_labels, ref, opts)
 
     feats, grids = {}, {}
     models = [(kd, None) for kd in kinds] + ([(MEMORISE, kinds[0])] if memorisation else [])
     for name, base in models:
-        weights, _, vaes, experts = ctx.load(base or name)
-        n_params = sum(e.net.num_parameters() for e in experts)
-        if name == MEMORISE:
-            experts = ctx.memorisation(vaes, experts)
-            n_params = 0
-        imgs, ks, secs = sample_images(weights, vaes, experts, per_cluster, cfg.sampler, cfg.sample_steps, seed,
-                                  device, progress)
+        experts = memorisation_experts(run, base) if name == MEMORISE else None
+        n_params = 0 if name == MEMORISE else sum(e.net.num_parameters() for e in run.experts(name))
+        imgs, ks, secs = sample_images(run, base or name, per_cluster, cfg.sampler, cfg.sample_steps, seed,
+                                       progress, experts)
         f, probs = feat.embed(imgs)
-        row = _row(f, probs, imgs, ks if ctx.class_conditional else None, ref, opts)
+        row = _row(f, probs, imgs, ks if run.class_conditional else None, ref, opts)
         row.update({"parameters": n_params, "sample_images_per_second": imgs.shape[0] / secs})
         result["models"][name] = row
         log.info("evaluate %s: %d samples in %.1f s, FID %.2f", name, imgs.shape[0], secs, row["fid"])
         feats[name] = (f, imgs.flatten(1))
-        grids[name] = imgs.view(ctx.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
+        grids[name] = imgs.view(run.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
     for a, b in itertools.combinations(feats, 2):
         pair = {"pf_distance": M.pf_distance(feats[a][0], feats[b][0])}
         for i, space in enumerate(("features", "pixels")):
@@ -221,11 +177,11 @@ def evaluate_run(run: str | Path, *, samples: int = 1000, reference: int = 10000
             pair[f"mean_similarity_{space}"] = rep["mean_similarity"]
         result["pairs"][f"{a} vs {b}"] = pair
     if write:
-        out = Path(run)
+        out = run.path
         write_json(out / "evaluation.json", result)
         write_text(out / "evaluation.md", evaluation_md(result))
         panel = torch.cat([grids[n][:, :2].flatten(0, 1) for n in grids])
-        save_grid(out / "evaluation_samples.png", panel, 2 * ctx.K)
+        save_grid(out / "evaluation_samples.png", panel, 2 * run.K)
     return result
 
 
@@ -288,28 +244,29 @@ def numerical_rank(sv: Tensor, tol: float = 1e-2) -> int:
     return int((sv > tol * sv.max().clamp_min(1e-30)).sum())
 
 
-def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.0), cluster: int = 0,
+def jacobian_spectra(run: Run | str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.0), cluster: int = 0,
                      points: int = 8, tol: float = 1e-2, memorisation: bool = True, seed: int = 0,
                      device: str = "cpu", out: str | Path | None = None) -> dict:
     """Singular values of the latent denoiser's Jacobian at u_t = s u_0 + gamma eps (u_0: training
     latents of `cluster`) for each expert kind and t; writes jacobian.csv/.json/.png into `out`."""
-    ctx = _Context(run, device)
-    kinds = list(kinds or ctx.cfg.experts)
-    if not 0 <= cluster < ctx.K:
-        raise MolrmogError(f"--cluster must lie in 0..{ctx.K - 1}, got {cluster}")
-    if points < 1 or not ts or any(not 0 < t <= 1 for t in ts):
-        raise MolrmogError("--points must be >= 1 and every t in (0, 1]")
-    out = Path(out or Path(run) / "jacobian")
+    run = Run.coerce(run, device)
+    kinds = run.check_kinds(kinds)
+    if not 0 <= cluster < run.K:
+        raise MolrmogError(f"cluster must lie in 0..{run.K - 1}, got {cluster}", param="cluster")
+    if points < 1:
+        raise MolrmogError(f"points must be >= 1, got {points}", param="points")
+    if not ts or any(not 0 < t <= 1 for t in ts):
+        raise MolrmogError(f"t must be times in (0, 1], got {list(ts)}", param="t")
+    out = Path(out or run.path / "jacobian")
     out.mkdir(parents=True, exist_ok=True)
     rows, summary, spectra = [], {}, {}
     models = [(kd, None) for kd in kinds] + ([(MEMORISE, kinds[0])] if memorisation else [])
     for name, base in models:
-        _, _, vaes, experts = ctx.load(base or name)
-        expert = experts[cluster]
-        z = ctx.latents(vaes[cluster], cluster)
-        model = MemorisationExpert(expert, z).to(device) if name == MEMORISE else expert.eval()
+        expert = run.expert(base or name, cluster)
+        z = run.latents(cluster)
+        model = MemorisationExpert(expert, z).to(run.device) if name == MEMORISE else expert.eval()
         g = torch.Generator().manual_seed(seed)
-        u0 = expert.standardise(z.to(device))[torch.randperm(z.shape[0], generator=g)[:points]].float()
+        u0 = expert.standardise(z.to(run.device))[torch.randperm(z.shape[0], generator=g)[:points]].float()
         summary[name], spectra[name] = {}, {}
         for t in ts:
             tt = torch.tensor(t, dtype=torch.float64)
@@ -324,7 +281,7 @@ def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.
             spectra[name][t] = sv.median(0).values
             rows += [{"model": name, "t": t, "point": p, "index": i, "singular_value": float(v)}
                      for p in range(sv.shape[0]) for i, v in enumerate(sv[p].tolist())]
-    res = {"run": str(run), "cluster": cluster, "tol": tol, "points": points, "ts": list(ts),
+    res = {"run": str(run.path), "cluster": cluster, "tol": tol, "points": points, "ts": list(ts),
            "models": summary}
     write_csv(out / "jacobian.csv", rows)
     write_json(out / "jacobian.json", res)
@@ -346,9 +303,9 @@ def jacobian_spectra(run: str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0.6, 1.
 # --- few-step sampling of image experts ------------------------------------------------------------
 
 
-def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps=(5, 10, 20, 50), samples: int = 1000,
-                    reference: int = 10000, cache=None, seed: int = 0, device: str = "cpu", out=None,
-                    progress: bool = True) -> dict:
+def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm", steps=(5, 10, 20, 50),
+                    samples: int = 1000, reference: int = 10000, cache=None, seed: int = 0, device: str = "cpu",
+                    out=None, progress: bool = True) -> dict:
     """FID / KID / precision / recall / class score of each expert kind sampled with `sampler` at each step
     count, beside the same kind with the run's own sampler (e.g. heun, 30 steps) and the wall time per image;
     writes few_step_<sampler>.csv/.json/.png into `out` (default RUN/few_step)."""
@@ -356,37 +313,33 @@ def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps
 
     SAMPLERS.get(sampler)  # an unknown name is refused here, naming the choices
     steps = [int(n) for n in steps]
-    if not steps or min(steps) < 1 or max(steps) > 10_000 or samples < 2:
-        raise MolrmogError("--steps must be integers in [1, 10000] and --samples >= 2")
-    ctx = _Context(run, device)
-    cfg = ctx.cfg
-    kinds = list(kinds or cfg.experts)
-    missing = [kd for kd in kinds if kd not in cfg.experts]
-    if missing:
-        raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(cfg.experts)})")
-    for kd in kinds:
-        ctx.load(kd)
+    if not steps or min(steps) < 1 or max(steps) > 10_000:
+        raise MolrmogError(f"steps must be integers in [1, 10000], got {steps}", param="steps")
+    if samples < 2:
+        raise MolrmogError(f"samples must be >= 2, got {samples}", param="samples")
+    run = Run.coerce(run, device)
+    cfg = run.cfg
+    kinds = run.check_kinds(kinds)
     feat = get_featurizer(cfg.dataset, cache, device, progress=progress, size=cfg.size, channels=cfg.channels,
                           data_dir=cfg.data_dir)
-    per_cluster = math.ceil(samples / ctx.K)
-    ref = reference_features(ctx, feat, reference, seed)
+    per_cluster = math.ceil(samples / run.K)
+    ref = reference_features(run, feat, reference, seed)
     rows = []
     for kind in kinds:
-        weights, _, vaes, experts = ctx.load(kind)
         for smp, n in [(sampler, n) for n in steps] + [(cfg.sampler, cfg.sample_steps)]:
-            imgs, ks, secs = sample_images(weights, vaes, experts, per_cluster, smp, n, seed, device, progress)
+            imgs, ks, secs = sample_images(run, kind, per_cluster, smp, n, seed, progress)
             f, probs = feat.embed(imgs)
             row = {"kind": kind, "sampler": smp, "steps": n, "reference_sampler": (smp, n) == (cfg.sampler,
                                                                                            cfg.sample_steps),
                    **image_scores(f, ref), "seconds": round(secs, 3), "images_per_second": imgs.shape[0] / secs}
-            if ctx.class_conditional:
+            if run.class_conditional:
                 row["class_score"] = M.class_score(probs, ks)
             rows.append(row)
             log.info("few-step %s %s %d steps: FID %.2f (%.1f images/s)", kind, smp, n, row["fid"],
                      row["images_per_second"])
-    out = Path(out or Path(run) / "few_step")
-    res = {"run": str(run), "sampler": sampler, "steps": steps, "reference": [cfg.sampler, cfg.sample_steps],
-           "samples_per_model": per_cluster * ctx.K, "reference_images": int(ref["f"].shape[0]), "rows": rows}
+    out = Path(out or run.path / "few_step")
+    res = {"run": str(run.path), "sampler": sampler, "steps": steps, "reference": [cfg.sampler, cfg.sample_steps],
+           "samples_per_model": per_cluster * run.K, "reference_images": int(ref["f"].shape[0]), "rows": rows}
     write_csv(out / f"few_step_{sampler}.csv", rows)
     write_json(out / f"few_step_{sampler}.json", res)
     plt = pyplot()
@@ -411,7 +364,7 @@ def few_step_images(run: str | Path, *, kinds=None, sampler: str = "ddpm", steps
 
 
 @torch.no_grad()
-def roundtrip(run: str | Path, *, kinds=None, samples: int = 256, seed: int = 0, device: str = "cpu",
+def roundtrip(run: Run | str | Path, *, kinds=None, samples: int = 256, seed: int = 0, device: str = "cpu",
               out: str | Path | None = None) -> dict:
     """Per cluster, the VAE round trip ||E(D(z)) - z|| / ||z - mean|| (`molrmog.vae.roundtrip_ratio`, mean = the
     cluster's mean training latent) for `samples` latents drawn from each expert kind (the exact sampler in one
@@ -422,38 +375,32 @@ def roundtrip(run: str | Path, *, kinds=None, samples: int = 256, seed: int = 0,
     from .vae import roundtrip_ratio
 
     if not 2 <= samples <= 100_000:
-        raise MolrmogError(f"--samples must lie in [2, 100000], got {samples}")
-    ctx = _Context(run, device)
-    kinds = list(kinds or ctx.cfg.experts)
-    missing = [kd for kd in kinds if kd not in ctx.cfg.experts]
-    if missing:
-        raise MolrmogError(f"run {run} has no {missing} experts (it trained {', '.join(ctx.cfg.experts)})")
-    out = Path(out or Path(run) / "roundtrip")
-    rows, data_latents = [], {}  # the run's VAEs are the same for every kind: its latents are encoded once
+        raise MolrmogError(f"samples must lie in [2, 100000], got {samples}", param="samples")
+    run = Run.coerce(run, device)
+    kinds = run.check_kinds(kinds)
+    out = Path(out or run.path / "roundtrip")
+    rows = []
     for kind in kinds:
-        _, _, vaes, experts = ctx.load(kind)
-        exact = hasattr(experts[0].net, "mixture_for")
-        sampler, steps = ("exact", 1) if exact else (ctx.cfg.sampler, ctx.cfg.sample_steps)
-        for k in range(ctx.K):
-            vae, expert = vaes[k].to(device).eval(), experts[k]
-            if k not in data_latents:
-                data_latents[k] = ctx.latents(vae, k)
-            z_data = data_latents[k]
-            center = z_data.mean(0).to(device)
+        exact = hasattr(run.expert(kind, 0).net, "mixture_for")
+        sampler, steps = ("exact", 1) if exact else (run.cfg.sampler, run.cfg.sample_steps)
+        for k in range(run.K):
+            vae, expert = run.vae(k).eval(), run.expert(kind, k)
+            z_data = run.latents(k)  # the run's VAEs are the same for every kind: encoded once
+            center = z_data.mean(0).to(run.device)
             g = torch.Generator().manual_seed(seed + k)
             u = generate(expert, samples, expert.shift.numel(), expert.schedule,
-                         make_grid(expert.schedule, steps, "karras"), sampler, generator=g, device=device)
+                         make_grid(expert.schedule, steps, "karras"), sampler, generator=g, device=run.device)
             sources = {kind: expert.unstandardise(u.float())}
             if kind == kinds[0]:
                 sources["training latents"] = z_data[torch.randperm(z_data.shape[0], generator=g)[:samples]]
             for name, z in sources.items():
-                r = roundtrip_ratio(vae, z.to(device).view(-1, *ctx.cfg.latent), center).cpu()
+                r = roundtrip_ratio(vae, z.to(run.device).view(-1, *run.cfg.latent), center).cpu()
                 rows.append({"source": name, "cluster": k, "sampler": f"{sampler}-{steps}" if name == kind else "",
                              "ratio_median": float(r.median()), "ratio_p90": float(r.quantile(0.9)),
                              "points": int(r.numel())})
     summary = {name: float(np.median([r["ratio_median"] for r in rows if r["source"] == name]))
                for name in dict.fromkeys(r["source"] for r in rows)}
-    res = {"run": str(run), "samples": samples, "vae_cycle": ctx.cfg.vae_cycle, "median_over_clusters": summary,
+    res = {"run": str(run.path), "samples": samples, "vae_cycle": run.cfg.vae_cycle, "median_over_clusters": summary,
            "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "roundtrip.csv", rows)
@@ -467,7 +414,7 @@ def roundtrip(run: str | Path, *, kinds=None, samples: int = 256, seed: int = 0,
         ax.bar(np.arange(len(vals)) + i * width, vals, width, label=name)
     ax.set_xlabel("cluster")
     ax.set_ylabel("||E(D(z)) - z|| / ||z - mean||")
-    ax.set_title(f"VAE round trip (median per cluster; cycle weight {ctx.cfg.vae_cycle:g})")
+    ax.set_title(f"VAE round trip (median per cluster; cycle weight {run.cfg.vae_cycle:g})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out / "roundtrip.png", dpi=110)

@@ -1,8 +1,9 @@
 """VAE layouts: how a run's clusters get their encoders and decoders.
 
 Every layout has the same small interface -- `parts(K)` (independent training tasks), `train(part,
-trainer)`, `is_done(run_dir, K)` and `load(run_dir, K, device)` (one VAE per cluster) -- and the
-pipeline iterates over them without knowing which is which:
+trainer)`, `is_done(run_dir, K)`, `load_one(run_dir, K, k, device)` (cluster k's VAE: a task reads only
+its own) and `load(run_dir, K, device)` (one VAE per cluster) -- and the pipeline iterates over them
+without knowing which is which:
 
     dedicated   one ConvVAE per cluster            RUN/vae/<k>/
     unified     one ConvVAE for all clusters       RUN/vae/unified/
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .artefacts import atomic_write, is_saved, read_safetensors
+from .artefacts import WEIGHTS, atomic_write, is_saved, read_safetensors
 from .errors import ArtefactError, MolrmogError
 from .registry import Registry
 from .vae import ConvVAE, LoRAVAE
@@ -44,8 +45,18 @@ class VAELayout:
     def train(self, part: str, trainer) -> None:
         raise NotImplementedError
 
-    def load(self, run_dir: Path, K: int, device="cpu") -> list:
+    def dir_of(self, k: int) -> str:
+        """The folder under RUN/vae holding cluster k's VAE."""
         raise NotImplementedError
+
+    def load_one(self, run_dir: Path, K: int, k: int, device="cpu", shared: dict | None = None):
+        """Cluster k's VAE; `shared` (a dict the caller keeps) holds what clusters share, loaded once."""
+        raise NotImplementedError
+
+    def load(self, run_dir: Path, K: int, device="cpu") -> list:
+        self._check_done(run_dir, K)
+        shared: dict = {}
+        return [self.load_one(run_dir, K, k, device, shared) for k in range(K)]
 
     def is_done(self, run_dir: Path, K: int) -> bool:
         return all(is_saved(Path(run_dir) / "vae" / d) for d in self.dirs(K))
@@ -83,9 +94,11 @@ class Dedicated(VAELayout):
         trainer.fit_vae(part, _new_vae(trainer, trainer.cfg.seed + 1 + k), trainer.cluster_images(k),
                         seed=trainer.cfg.seed + 1 + k)
 
-    def load(self, run_dir, K, device="cpu"):
-        self._check_done(run_dir, K)
-        return [ConvVAE.load(Path(run_dir) / "vae" / d, "VAE", device) for d in self.dirs(K)]
+    def dir_of(self, k):
+        return str(k)
+
+    def load_one(self, run_dir, K, k, device="cpu", shared=None):
+        return ConvVAE.load(_vae_dir(run_dir, str(k)), "VAE", device)
 
 
 class Unified(VAELayout):
@@ -101,9 +114,12 @@ class Unified(VAELayout):
     def train(self, part, trainer):
         trainer.fit_vae("unified", _new_vae(trainer, trainer.cfg.seed), trainer.images, seed=trainer.cfg.seed)
 
-    def load(self, run_dir, K, device="cpu"):
-        self._check_done(run_dir, K)
-        return [ConvVAE.load(Path(run_dir) / "vae" / "unified", "VAE", device)] * K
+    def dir_of(self, k):
+        return "unified"
+
+    def load_one(self, run_dir, K, k, device="cpu", shared=None):
+        return _shared_model(shared, _vae_dir(run_dir, "unified"), device,
+                             lambda d: ConvVAE.load(d, "VAE", device))
 
 
 class ClusterView(torch.nn.Module):
@@ -166,12 +182,35 @@ class LoRA(VAELayout):
         vae.set_cluster(0)
         vae.save(out / "lora")
 
-    def load(self, run_dir, K, device="cpu"):
-        self._check_done(run_dir, K)
-        vae = LoRAVAE.load(Path(run_dir) / "vae" / "lora", "LoRA VAE", device)
-        if vae.clusters != K:
-            raise ArtefactError(f"{run_dir}/vae/lora has {vae.clusters} adapters but the run has {K} clusters")
-        return [ClusterView(vae, k) for k in range(K)]
+    def dir_of(self, k):
+        return "lora"
+
+    def load_one(self, run_dir, K, k, device="cpu", shared=None):
+        def load(d):
+            vae = LoRAVAE.load(d, "LoRA VAE", device)
+            if vae.clusters != K:
+                raise ArtefactError(f"{d} has {vae.clusters} adapters but the run has {K} clusters")
+            return vae
+
+        return ClusterView(_shared_model(shared, _vae_dir(run_dir, "lora"), device, load), k)
+
+
+def _vae_dir(run_dir, name: str) -> Path:
+    d = Path(run_dir) / "vae" / name
+    if not is_saved(d):
+        raise MolrmogError(f"VAE {d} is missing; continue the run with --resume {run_dir}")
+    return d
+
+
+def _shared_model(shared: dict | None, d: Path, device, load):
+    """`load(d)`, once per version of its weights file in `shared` (a caller's dict; None: no sharing)."""
+    if shared is None:
+        return load(d)
+    st = (d / WEIGHTS).stat()
+    key = (str(d), str(device), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in shared:
+        shared[key] = load(d)
+    return shared[key]
 
 
 def _lora_state_from(backbone: ConvVAE, lora: LoRAVAE) -> dict:

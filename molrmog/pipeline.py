@@ -30,34 +30,38 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .artefacts import atomic_write, clean_stale_tmp, is_saved, read_json, read_safetensors, write_json
-from .config import BUDGET_POINTS, VAE_FIELDS, RunConfig, check_config, config_from_json, config_to_json, resolve_config
-from .data import ImageData, load_dataset
-from .errors import ArtefactError, MolrmogError
+from .artefacts import atomic_write, clean_stale_tmp, is_saved, write_json
+from .config import BUDGET_POINTS, VAE_FIELDS, RunConfig, check_config, config_to_json, resolve_config
+from .data import ImageData
+from .errors import MolrmogError
 from .executors import Executor, Task, run_tasks
 from .kinds import MAX_STEPS, LatentExpert, expert_seed, get_kind
 from .layouts import get_layout
-from .samplers import generate
-from .schedules import get_schedule, make_grid
+from .run import (
+    Run,
+    assemble,
+    cluster_seed,
+    draw_clusters,
+    encode_images,
+    expert_done,
+    load_config,
+    load_run_data,
+    run_labels,
+    sample_expert,
+)
+from .schedules import get_schedule
 from .threads import Threads, using_threads
 from .train import fit, train_score
 from .vae import vae_loss
 
-__all__ = ["RunConfig", "train_run", "load_run", "sample_run", "open_run", "vae_task", "expert_task",
-           "load_config", "run_lock", "encode_images", "sample_loaded", "cluster_seed", "expert_done",
-           "load_run_data", "run_labels", "check_clusters", "prepare_run", "Prepared"]
+__all__ = ["RunConfig", "Run", "Trainer", "train_run", "sample_run", "vae_task", "expert_task", "load_config",
+           "run_lock", "encode_images", "cluster_seed", "expert_done", "load_run_data", "run_labels", "check_clusters",
+           "prepare_run", "Prepared"]
 
 log = logging.getLogger(__name__)
 
 
 # --- the run directory --------------------------------------------------------------------------
-
-
-def load_config(run: str | Path) -> RunConfig:
-    path = Path(run) / "config.json"
-    if not Path(run).is_dir() or not path.is_file():
-        raise MolrmogError(f"{run} is not a run directory (no config.json); train one with molrmog train --out {run}")
-    return config_from_json(read_json(path, "run configuration"), str(path))
 
 
 def _create_config(out: Path, cfg: RunConfig) -> None:
@@ -103,65 +107,40 @@ def run_lock(out: str | Path):
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def load_run_data(cfg: RunConfig, split: str = "train") -> ImageData:
-    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit if split == "train" else None,
-                        size=cfg.size, channels=cfg.channels, skip_bad=cfg.skip_bad, split=split)
+class Trainer:
+    """What the training stages lend: a `Run` (its data and clusters, read once per process) and the training
+    of its VAEs and experts, which write into the run directory. `cfg` may differ from the run's file in
+    resume-safe settings (the device of this process)."""
 
-
-def run_labels(out: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Cluster labels (N,), cluster weights (K,) and names of a run, checked against each other."""
-    t = read_safetensors(out / "clusters.safetensors", "cluster assignment")
-    names = read_json(out / "clusters.json", "cluster names")
-    labels, weights = t.get("labels"), t.get("weights")
-    if labels is None or weights is None or labels.ndim != 1 or weights.ndim != 1 or labels.dtype != torch.int64:
-        raise ArtefactError(f"{out / 'clusters.safetensors'} does not hold int64 labels (N,) and weights (K,); "
-                            f"delete it (and the run's vae/ and experts/) to cluster again")
-    K = weights.numel()
-    if not isinstance(names, list) or len(names) != K:
-        raise ArtefactError(f"{out}: clusters.json ({len(names) if isinstance(names, list) else '?'} names) and "
-                            f"clusters.safetensors ({K} clusters) do not agree; the files were damaged")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= K):
-        raise ArtefactError(f"{out / 'clusters.safetensors'}: labels outside 0..{K - 1}")
-    if (not weights.is_floating_point() or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any())
-            or not float(weights.sum()) > 0):
-        raise ArtefactError(f"{out / 'clusters.safetensors'}: cluster weights must be finite, non-negative and not "
-                            f"all zero, got {weights.tolist()[:10]}; the file was damaged: restore it or delete it "
-                            f"(and the run's vae/ and experts/) to cluster again")
-    return labels, weights, names
-
-
-class Run:
-    """A run directory with its config and training data; the stages write into it."""
-
-    def __init__(self, out: Path, cfg: RunConfig, data: ImageData, progress: bool = True):
-        self.out, self.cfg, self.data, self.progress = Path(out), cfg, data, progress
-        self.device = torch.device(cfg.device)
-        self._labels = None
+    def __init__(self, run: Run, progress: bool = True, cfg: RunConfig | None = None):
+        self.run, self.progress = run, progress
+        self.cfg = cfg or run.cfg
+        self.out = run.path
+        self.device = torch.device(self.cfg.device)
 
     # what a VAE layout needs (`molrmog.layouts`)
     @property
+    def data(self) -> ImageData:
+        return self.run.data
+
+    @property
     def images(self) -> torch.Tensor:
-        return self.data.images
+        return self.run.images
 
     @property
     def image_shape(self):
-        return self.data.shape
+        return self.run.image_shape
 
     @property
     def labels(self) -> torch.Tensor:
-        if self._labels is None:
-            self._labels = run_labels(self.out)[0]
-            if self._labels.shape[0] != self.images.shape[0]:
-                raise MolrmogError(f"run {self.out}: {self._labels.shape[0]} cluster labels but "
-                                   f"{self.images.shape[0]} training images; the dataset changed since the run began")
-        return self._labels
+        return self.run.labels
 
     @property
     def K(self) -> int:
-        return int(self.labels.max()) + 1
+        return self.run.K
 
     def cluster_images(self, k: int) -> torch.Tensor:
-        return self.images[self.labels == k]
+        return self.run.cluster_images(k)
 
     def fit_vae(self, name: str | None, vae, images: torch.Tensor, seed: int, params=None, task: str | None = None):
         """Train a VAE (resumable); with a name, save it to RUN/vae/<name> (skipped when already there)."""
@@ -261,35 +240,16 @@ def snapshot_done(out: Path, kind: str, index: int, k: int) -> bool:
     return is_saved(d) and (d / "snapshot.json").is_file()
 
 
-def expert_done(out: Path, kind: str, k: int) -> bool:
-    return is_saved(Path(out) / "experts" / kind / str(k))
-
-
-@torch.no_grad()
-def encode_images(vae, images: torch.Tensor, device) -> torch.Tensor:
-    """Posterior-mean latents (N, d) on the CPU, encoded in batches of 512 on `device`."""
-    if images.shape[0] == 0:
-        raise MolrmogError("no images to encode (an empty cluster)")
-    return torch.cat([vae.encode(b.to(device))[0].flatten(1).cpu() for b in images.split(512)])
-
-
-def open_run(out: str | Path, progress: bool = False) -> Run:
-    """A run directory with its saved config and training data (what every task starts from)."""
-    cfg = load_config(out)
-    return Run(Path(out), cfg, load_run_data(cfg), progress)
-
-
 def vae_task(out: str, part: str, progress: bool = False) -> None:
-    """Train one part of the run's VAE layout (a task: loads what it needs)."""
-    run = open_run(out, progress)
-    get_layout(run.cfg.vae).train(part, run)
+    """Train one part of the run's VAE layout (a task: the process's `Run` of `out` gives the data)."""
+    run = Run.open(out)
+    get_layout(run.cfg.vae).train(part, Trainer(run, progress))
 
 
 def expert_task(out: str, kind: str, k: int, progress: bool = False) -> None:
-    """Train the latent expert of one (kind, cluster) on the cluster's VAE latents."""
-    run = open_run(out, progress)
-    vae = get_layout(run.cfg.vae).load(run.out, run.K, run.device)[k]
-    run.train_expert(kind, k, run.encode(vae, run.cluster_images(k)))
+    """Train the latent expert of one (kind, cluster) on the cluster's VAE latents (only that VAE is read)."""
+    run = Run.open(out)
+    Trainer(run, progress).train_expert(kind, k, run.latents(k))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +315,7 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
             _create_config(out, cfg)
             if p.source is not None:
                 _adopt_vaes(p.source, out, cfg)
-        run = Run(out, cfg, p.data, progress)
+        run = Trainer(Run.open(out, data=p.data), progress, cfg)
         ex = executor or Executor(device=cfg.device)
         sub_progress = progress and not ex.parallel  # per-task bars only when tasks run here, one at a time
         t0 = time.perf_counter()
@@ -435,7 +395,7 @@ def _adopt_vaes(source: Path, out: Path, cfg: RunConfig) -> None:
     log.info("VAEs and clusters of %s reused (%d clusters, %s layout)", source, K, cfg.vae)
 
 
-def _clusters(run: Run) -> int:
+def _clusters(run: Trainer) -> int:
     """Cluster index per image (the labels, or k-means on unified-VAE features), written once."""
     path = run.out / "clusters.safetensors"
     if path.is_file() and (run.out / "clusters.json").is_file():
@@ -475,97 +435,27 @@ def _clusters(run: Run) -> int:
 # --- loading and sampling ----------------------------------------------------------------
 
 
-def load_run(run: str | Path, kind: str, device: str = "cpu"):
-    """(config, cluster weights, class names, VAEs per cluster, experts per cluster) of a trained run."""
-    run = Path(run)
-    cfg = load_config(run)
-    get_kind(kind)
-    if kind not in cfg.experts:
-        raise MolrmogError(f"run {run} has no '{kind}' experts (it trained {', '.join(cfg.experts)})")
-    if not (run / "clusters.safetensors").is_file():
-        raise MolrmogError(f"run {run} is not finished (no clusters.safetensors); continue it with --resume {run}")
-    _, weights, names = run_labels(run)
-    K = weights.numel()
-    vaes = get_layout(cfg.vae).load(run, K, device)
-    experts = []
-    for k in range(K):
-        d = run / "experts" / kind / str(k)
-        if not expert_done(run, kind, k):
-            raise MolrmogError(f"expert {d} is missing; continue the run with --resume {run}")
-        e = LatentExpert.load(d, "expert", device)
-        if e.kind != kind or list(e.latent) != list(cfg.latent):
-            raise ArtefactError(f"{d}/config.json describes a {e.kind} expert on latent {e.latent}, not the run's "
-                                f"{kind} expert on {tuple(cfg.latent)}")
-        experts.append(e.eval())
-    return cfg, weights, names, vaes, experts
-
-
-def cluster_seed(seed: int, k: int) -> int:
-    """Seed of cluster k's sampling noise: clusters are sampled independently (in any order, anywhere)."""
-    return 1_000_003 * int(seed) + int(k) + 1
-
-
-def sample_run(run: str | Path, kind: str, n: int, cls: int | None = None, sampler: str | None = None,
+def sample_run(run: str | Path | Run, kind: str, n: int, cls: int | None = None, sampler: str | None = None,
                steps: int | None = None, seed: int = 0, device: str = "cpu", progress: bool = False,
                executor: Executor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images (n, C, H, W) in [0, 1] and their cluster indices; clusters drawn by weight or fixed.
-    With a parallel `executor`, every cluster's images are one task."""
-    cfg, weights, _, vaes, experts = load_run(run, kind, "cpu")
-    sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
-    ks = _draw_clusters(weights, n, cls, seed)
+    """n images (n, C, H, W) in [0, 1] and their cluster indices; clusters drawn by weight or fixed
+    (`Run.sample`). With a parallel `executor`, every cluster's images are one task."""
     ex = executor or Executor(device=device)
+    r = Run.coerce(run, None if ex.parallel else device)
+    r.check_kinds([kind])  # every artefact of the kind is read and checked before any work
     if not ex.parallel:
-        vaes, experts = [v.to(device) for v in vaes], [e.to(device) for e in experts]
-        return sample_loaded(weights, vaes, experts, n, cls, sampler, steps, seed, device, progress)
-    counts = torch.bincount(ks, minlength=weights.numel())
-    tasks = [Task(f"sample-{kind}-{k}", sample_task, (str(run), kind, k, int(counts[k]), sampler, steps, seed,
-                                                      device)) for k in range(weights.numel()) if counts[k]]
+        return r.sample(n, kind, cluster=cls, sampler=sampler, steps=steps, seed=seed, progress=progress)
+    sampler, steps = sampler or r.cfg.sampler, steps or r.cfg.sample_steps
+    ks = draw_clusters(r.weights, n, cls, seed)
+    counts = torch.bincount(ks, minlength=r.K)
+    tasks = [Task(f"sample-{kind}-{k}", sample_task, (str(r.path), kind, k, int(counts[k]), sampler, steps, seed,
+                                                      device)) for k in range(r.K) if counts[k]]
     res = run_tasks(tasks, ex, progress=progress, desc="sampling")
-    return _assemble(ks, {k: res[f"sample-{kind}-{k}"] for k in range(weights.numel()) if counts[k]}), ks
+    return assemble(ks, {k: res[f"sample-{kind}-{k}"] for k in range(r.K) if counts[k]}), ks
 
 
 def sample_task(run: str, kind: str, k: int, n: int, sampler: str, steps: int, seed: int, device: str):
-    """n images of cluster k (a task: loads what it needs)."""
-    _, _, _, vaes, experts = load_run(run, kind, device)
+    """n images of cluster k (a task: reads cluster k's expert and VAE only)."""
+    r = Run.open(run, device=device)
     g = torch.Generator().manual_seed(cluster_seed(seed, k))
-    with torch.no_grad():
-        return _sample_expert(experts[k], vaes[k], n, sampler, steps, g, device, False)
-
-
-def _draw_clusters(weights, n: int, cls: int | None, seed: int) -> torch.Tensor:
-    K = weights.numel()
-    if not 1 <= n <= 10**6:
-        raise MolrmogError(f"--n must lie in [1, 1000000], got {n}")
-    if cls is not None and not 0 <= cls < K:
-        raise MolrmogError(f"--class must lie in 0..{K - 1}, got {cls}")
-    g = torch.Generator().manual_seed(seed)
-    return torch.full((n,), cls) if cls is not None else torch.multinomial(weights, n, True, generator=g)
-
-
-def _assemble(ks: torch.Tensor, per_cluster: dict) -> torch.Tensor:
-    out = [None] * ks.numel()
-    for k, imgs in per_cluster.items():
-        for j, i in enumerate((ks == k).nonzero().flatten().tolist()):
-            out[i] = imgs[j]
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def sample_loaded(weights, vaes, experts, n: int, cls: int | None, sampler: str, steps: int, seed: int,
-                  device: str = "cpu", progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    ks = _draw_clusters(weights, n, cls, seed)
-    per = {}
-    for k in ks.unique().tolist():
-        g = torch.Generator().manual_seed(cluster_seed(seed, k))
-        per[k] = _sample_expert(experts[k], vaes[k], int((ks == k).sum()), sampler, steps, g, device, progress)
-    return _assemble(ks, per), ks
-
-
-def _sample_expert(expert, vae, n: int, sampler: str, steps: int, g, device, progress):
-    sched = expert.schedule
-    ts = make_grid(sched, steps, "karras")
-    u = generate(expert, n, expert.shift.numel(), sched, ts, sampler, generator=g, dtype=torch.float32,
-                 device=device, progress=progress)
-    z = expert.unstandardise(u)
-    return torch.sigmoid(vae.decode(z)).cpu()
-
+    return sample_expert(r.expert(kind, k), r.vae(k), n, sampler, steps, g, device, False)

@@ -11,9 +11,8 @@ import torch
 
 from .artefacts import read_json
 from .kinds import get_kind
-from .layouts import get_layout
 from .outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
-from .pipeline import load_config, load_run, load_run_data, run_labels, sample_loaded
+from .run import Run
 
 __all__ = ["finish_run", "read_logs", "train_seconds"]
 
@@ -29,30 +28,28 @@ def train_seconds(out: Path, kind: str) -> float:
     return sum(lg["seconds"] for name, lg in read_logs(out).items() if name.startswith(f"{kind}-"))
 
 
-def finish_run(out: str | Path) -> dict:
+def finish_run(out: str | Path | Run) -> dict:
     """Loss table and curves, sample grids per expert kind, and report.md / report.json of a trained run."""
-    out = Path(out)
+    run = Run.coerce(out)
+    out, cfg = run.path, run.cfg
     t0 = time.perf_counter()
-    cfg = load_config(out)
     logs = read_logs(out)
     rows = [{"task": name, "step": i, "loss": v} for name, lg in logs.items() for i, v in enumerate(lg["loss"])]
     write_csv(out / "losses.csv", rows or [{"task": "", "step": 0, "loss": 0.0}])
     _loss_plot(out / "loss_curves.png", logs, cfg.experts)
-    labels, weights, _ = run_labels(out)
-    K = weights.numel()
-    data = load_run_data(cfg)
+    labels, K = run.labels, run.K
     m = cfg.samples_per_class
     if all((labels == k).sum() >= m for k in range(K)):
-        real = torch.cat([data.images[(labels == k).nonzero().flatten()[:m]] for k in range(K)])
+        real = torch.cat([run.images[(labels == k).nonzero().flatten()[:m]] for k in range(K)])
         save_grid(out / "samples_data.png", real, m)
-    vaes = get_layout(cfg.vae).load(out, K, cfg.device)
+    run.check_kinds(cfg.experts)
+    vaes = run.vaes()
     report = {"dataset": cfg.dataset, "vae": cfg.vae, "clusters": K, "latent": list(cfg.latent), "experts": {},
               "vae_parameters_total": _vae_parameters(vaes)}
     for kind in cfg.experts:
-        _, weights, _, vaes, experts = load_run(out, kind, cfg.device)
+        experts = run.experts(kind)
         t1 = time.perf_counter()
-        imgs = torch.cat([sample_loaded(weights, vaes, experts, m, k, cfg.sampler, cfg.sample_steps,
-                                        cfg.seed + k, cfg.device)[0] for k in range(K)])
+        imgs = torch.cat([run.sample(m, kind, cluster=k, seed=cfg.seed + k)[0] for k in range(K)])
         sample_s = time.perf_counter() - t1
         save_grid(out / f"samples_{kind}.png", imgs, m)
         mine = {n: lg for n, lg in logs.items() if n.startswith(f"{kind}-")}

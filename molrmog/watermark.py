@@ -316,20 +316,20 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     from pathlib import Path
 
     from . import metrics as M
-    from .editing import _first_mixture_kind
-    from .evaluation import _Context, image_scores, reference_features
+    from .evaluation import image_scores, reference_features
     from .featurizer import get_featurizer
     from .outputs import save_grid, write_json, write_text
-    from .pipeline import cluster_seed
+    from .run import Run, cluster_seed
 
-    run = Path(run)
-    kind = kind or _first_mixture_kind(run)
-    ctx = _Context(run, device)
-    weights, _, vaes, experts = ctx.load(kind)
+    r = Run.coerce(run, device)
+    run = r.path
+    kind = kind or r.mixture_kind()
+    r.check_kinds([kind])
+    weights, vaes, experts = r.weights, r.vaes(), r.experts(kind)
     counts = torch.bincount(torch.multinomial(weights, n, True, generator=torch.Generator().manual_seed(seed)),
                             minlength=weights.numel())
     marked, same, clean, scores_m, scores_c, info, ratio = [], [], [], {}, {}, [], []
-    for k in range(ctx.K):
+    for k in range(r.K):
         if not counts[k]:
             continue
         m_k, c_k, inf, um_k, uc_k = embed(experts[k], vaes[k], int(counts[k]), key, strength=strength,
@@ -354,12 +354,12 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     marked, same, clean = torch.cat(marked), torch.cat(same), torch.cat(clean)
     results = {name: roc(torch.cat(scores_c[name]), torch.cat(scores_m[name])) for name in ("latent_no_vae", *ATTACKS)}
     mse = ((marked - same) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    feat = get_featurizer(ctx.cfg.dataset, cache, device, progress=progress, size=ctx.cfg.size,
-                          channels=ctx.cfg.channels, data_dir=ctx.cfg.data_dir)
-    ref = reference_features(ctx, feat, 10000, seed)
+    feat = get_featurizer(r.cfg.dataset, cache, device, progress=progress, size=r.cfg.size,
+                          channels=r.cfg.channels, data_dir=r.cfg.data_dir)
+    ref = reference_features(r, feat, 10000, seed)
     fid_m, fid_c = image_scores(feat.embed(marked)[0], ref)["fid"], image_scores(feat.embed(same)[0], ref)["fid"]
     res = {"run": str(run), "kind": kind, "method": method, "invert_steps": invert_steps,
-           "vae_cycle": ctx.cfg.vae_cycle, "n": n, "key": str(key),
+           "vae_cycle": r.cfg.vae_cycle, "n": n, "key": str(key),
            "strength": strength, "fraction": fraction,
            "t_w": info[0]["t_w"], "mean_null_rank_complement": float(np.mean([i["mean_rank"] for i in info])),
            "attacks": results, "vae_roundtrip_over_pattern": float(torch.cat(ratio).median()),

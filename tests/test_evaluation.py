@@ -225,11 +225,35 @@ def test_evaluate_and_jacobian_cli(digits_run, digits_featurizer, cache, capsys)
     assert "--cluster must lie in" in capsys.readouterr().err
 
 
-def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache):
+def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache, monkeypatch):
+    import collections
+
+    import molrmog.run
+    from molrmog.vae import ConvVAE
+
     out = tmp_path / "cmp"
     args = ["compare", "--dataset", "digits", "--out", str(out), "--samples", "40", "--reference", "300",
             "--cache", str(cache), *TINY]
+    vae_loads, data_reads = collections.Counter(), collections.Counter()
+    load_vae, read = ConvVAE.load.__func__, molrmog.run.load_dataset
+
+    def counted_load(cls, path, *a, **k):
+        vae_loads[str(path)] += 1
+        return load_vae(cls, path, *a, **k)
+
+    def counted_read(spec, **k):
+        data_reads[spec, k["split"]] += 1
+        return read(spec, **k)
+
+    monkeypatch.setattr(ConvVAE, "load", classmethod(counted_load))
+    monkeypatch.setattr(molrmog.run, "load_dataset", counted_read)
+    monkeypatch.setattr(molrmog.run, "_DATA", collections.OrderedDict())  # nothing read by earlier tests
+    monkeypatch.setattr(molrmog.run, "_OPEN", collections.OrderedDict())
     assert main(args) == 0
+    # training (this process: workers 1), evaluation, the exact-sampler rows, reports and panels share one Run
+    # per run directory: each VAE is read once, each split of the data once (for both runs)
+    assert len(vae_loads) == 11 and max(vae_loads.values()) == 1, vae_loads  # 10 dedicated + 1 unified
+    assert data_reads == {("digits", "train"): 1, ("digits", "test"): 1}, data_reads
     res = json.loads((out / "comparison.json").read_text())
     assert list(res["rows"]) == ["MoG expert", "MoG expert, exact sampler (1 step)", "Gaussian expert",
                                  "Gaussian expert, exact sampler (1 step)", "U-Net expert", "MoG expert, unified VAE",

@@ -129,10 +129,11 @@ def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp
                  "--no-progress"]) == 0
     key = json.loads((out / "key.json").read_text())
     assert key["method"] == "ring"
-    from molrmog.pipeline import load_run
+    from molrmog.run import Run
     from molrmog.watermark import embed, latent_scores
 
-    _, _, _, vaes, experts = load_run(cycle_run, "mog")
+    run = Run.load(cycle_run)
+    vaes, experts = run.vaes(), run.experts("mog")
     marked, clean, _, u_m, u_c = embed(experts[0], vaes[0], 24, "12345", method="ring", latents=True, seed=5)
     s_m, s_c = (latent_scores(experts[0], u, "12345", method="ring") for u in (u_m, u_c))
     assert s_m.min() > s_c.max()  # from the latents the key separates every marked from every clean draw

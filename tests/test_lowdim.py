@@ -10,7 +10,7 @@ from molrmog import watermark as wm
 from molrmog.cli import main
 from molrmog.editing import _pixel_map, edit_time, latent_jacobian, pixel_jacobian, top_directions
 from molrmog.experiments import generalisation as gen
-from molrmog.pipeline import load_run
+from molrmog.run import Run
 from tests.conftest import tiny
 
 
@@ -23,8 +23,8 @@ def mog_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster0(mog_run):
-    _, _, _, vaes, experts = load_run(mog_run, "mog", "cpu")
-    return experts[0], vaes[0]
+    run = Run.load(mog_run, device="cpu")
+    return run.expert("mog", 0), run.vae(0)
 
 
 def _latent(expert, seed=0):

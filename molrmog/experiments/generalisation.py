@@ -212,14 +212,11 @@ def _plot(path, result) -> None:
 def _cluster_latents(run: str, cluster: int):
     """(run, VAE, images, latents) of one cluster; also checks that a featurizer can grade the run's images."""
     from ..featurizer import check_featurizer
-    from ..pipeline import encode_images, load_run, open_run
+    from ..run import Run
 
-    r = open_run(run)
-    kind = r.cfg.experts[0]
-    _, _, _, vaes, _ = load_run(run, kind)
+    r = Run.load(run, device="cpu")  # the process's Run of this path: its data and VAE are read once
     check_featurizer(r.cfg.dataset, None, labelled=r.data.labels is not None)
-    imgs = r.cluster_images(cluster)
-    return r, vaes[cluster], imgs, encode_images(vaes[cluster], imgs, "cpu")
+    return r, r.vae(cluster), r.cluster_images(cluster), r.latents(cluster)
 
 
 def image_task(run: str, cluster: int, kind: str, N: int, half: int, cfg: dict, seed: int) -> dict:
