@@ -84,6 +84,33 @@ def _as_list(x, K: int, what: str) -> list:
     return x
 
 
+def _checked_bases(A, d: list[int], dtype, orth_tol: float) -> tuple[list[Tensor] | None, int]:
+    """(the K bases A_k (D, d_k) in `dtype`, D) after checking shapes, finiteness and orthonormality; A = None
+    (the identity) for K = 1 gives (None, d_0)."""
+    K = len(d)
+    if A is None:
+        if K != 1:
+            raise MolrmogError(f"A = None (identity) needs K = 1, got K = {K}")
+        return None, d[0]
+    if len(A) != K:
+        raise MolrmogError(f"A must have one matrix per subspace: K = {K} from mu, got {len(A)}")
+    As = [torch.as_tensor(a).to(dtype) for a in A]
+    D = As[0].shape[0]
+    for k, a in enumerate(As):
+        if a.ndim != 2 or a.shape != (D, d[k]):
+            raise MolrmogError(f"A[{k}] must have shape (D, d_k) = ({D}, {d[k]}), got {tuple(a.shape)}")
+        if not torch.isfinite(a).all():
+            raise MolrmogError(f"A[{k}] contains NaN or Inf")
+        a64 = a.double()
+        err = torch.linalg.norm(a64.T @ a64 - torch.eye(d[k], dtype=torch.float64)).item()
+        if err > orth_tol:
+            raise MolrmogError(
+                f"A[{k}] must have orthonormal columns: ||A^T A - I||_F = {err:.3g} > {orth_tol:g}; "
+                "orthonormalise it first (torch.linalg.qr(A).Q)"
+            )
+    return As, D
+
+
 class MoLRMoG:
     """Mixture of low-rank subspaces, each carrying a mixture of low-rank Gaussians.
 
@@ -137,28 +164,7 @@ class MoLRMoG:
             Us.append(Uk)
             r.append([u.shape[1] for u in Uk])
 
-        if A is None:
-            if K != 1:
-                raise MolrmogError(f"A = None (identity) needs K = 1, got K = {K}")
-            D = d[0]
-            As = None
-        else:
-            if len(A) != K:
-                raise MolrmogError(f"A must have one matrix per subspace: K = {K} from mu, got {len(A)}")
-            As = [torch.as_tensor(a).to(dtype) for a in A]
-            D = As[0].shape[0]
-            for k, a in enumerate(As):
-                if a.ndim != 2 or a.shape != (D, d[k]):
-                    raise MolrmogError(f"A[{k}] must have shape (D, d_k) = ({D}, {d[k]}), got {tuple(a.shape)}")
-                if not torch.isfinite(a).all():
-                    raise MolrmogError(f"A[{k}] contains NaN or Inf")
-                a64 = a.double()
-                err = torch.linalg.norm(a64.T @ a64 - torch.eye(d[k], dtype=torch.float64)).item()
-                if err > orth_tol:
-                    raise MolrmogError(
-                        f"A[{k}] must have orthonormal columns: ||A^T A - I||_F = {err:.3g} > {orth_tol:g}; "
-                        "orthonormalise it first (torch.linalg.qr(A).Q)"
-                    )
+        As, D = _checked_bases(A, d, dtype, orth_tol)
         for k, m in enumerate(mu):
             if not torch.isfinite(m).all():
                 raise MolrmogError(f"mu[{k}] contains NaN or Inf")
@@ -322,7 +328,7 @@ class MoLRMoG:
         z = m.mu[k, l] + torch.einsum("ndr,nr->nd", m.U[k, l], eps)  # (n, d)
         c = torch.zeros(m.K, int(n), m.d, dtype=self.dtype)
         c[k, torch.arange(int(n))] = z
-        return mx._decode(m, c), torch.stack([k, l], 1)
+        return mx.decode_components(m, c), torch.stack([k, l], 1)
 
     def noise(self, x0: Tensor, t, generator: torch.Generator | None = None) -> Tensor:
         """x_t = s_t x_0 + gamma_t eps."""

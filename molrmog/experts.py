@@ -108,7 +108,7 @@ class _MixtureExpert(ScoreModel):
             # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
             # closed form -- as one compiled graph (`molrmog.mixture.FUSED`)
             s, g = self.st(z, t)
-            return mx._compiled(_mixture_expert_score)(self.logit_pi, self.mu, self.U, z, s, g)
+            return mx.compile_once(_mixture_expert_score)(self.logit_pi, self.mu, self.U, z, s, g)
         return mx.score(self.mixture(), z, *self.st(z, t))
 
     def mixture_for(self, x: Tensor) -> mx.Mixture:
@@ -139,8 +139,8 @@ class _MixtureExpert(ScoreModel):
 def _mixture_expert_score(logit_pi: Tensor, mu: Tensor, U: Tensor, z: Tensor, s: Tensor, g: Tensor) -> Tensor:
     """`_MixtureExpert.score` at one (s, gamma) as one function of tensors (what the fused path compiles)."""
     log_w = torch.zeros(1, dtype=U.dtype, device=U.device)
-    log_p, R, m, ok = mx._scalar_full(log_w[:, None] + torch.log_softmax(logit_pi, 0)[None], None, mu[None], U[None],
-                                      z, s, g)
+    log_p, R, m, ok = mx.scalar_terms_fused(log_w[:, None] + torch.log_softmax(logit_pi, 0)[None], None, mu[None],
+                                            U[None], z, s, g)
     return (m - z) / g**2
 
 

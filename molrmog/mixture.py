@@ -32,7 +32,8 @@ from torch import Tensor
 from .errors import MolrmogError, NumericalError
 
 __all__ = ["Mixture", "Posterior", "posterior", "log_prob", "score", "denoise", "responsibilities", "bridge",
-           "random_draw", "cholesky_inverse", "reverse_step", "lowrank_log_density", "denoiser_jacobian"]
+           "random_draw", "cholesky_inverse", "reverse_step", "lowrank_log_density", "denoiser_jacobian",
+           "decode_components", "scalar_terms_fused", "compile_once"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -140,7 +141,7 @@ def _encode(mix: Mixture, x: Tensor) -> Tensor:
     return (x @ mix.A.permute(1, 0, 2).reshape(D, K * d)).view(x.shape[0], K, d).transpose(0, 1)
 
 
-def _decode(mix: Mixture, c: Tensor) -> Tensor:
+def decode_components(mix: Mixture, c: Tensor) -> Tensor:
     """sum_k A_k c_k: (K, B, d) -> (B, D). One GEMM (B x K d) @ (K d x D)."""
     if mix.A is None:
         return c[0]
@@ -207,13 +208,13 @@ def posterior(mix: Mixture, x: Tensor, s: Tensor | float, gamma: Tensor | float,
     if s.ndim == 0 and gamma.ndim == 0:
         fused = use_fused(x, fused)
         if fused and x.shape[0] <= _rows(mix, x, True):  # one compiled graph: factors, terms and the block
-            log_p, R, m, ok = _compiled(_scalar_full)(mix.log_weights, mix.A, mix.mu, mix.U, x, s, gamma)
+            log_p, R, m, ok = compile_once(scalar_terms_fused)(mix.log_weights, mix.A, mix.mu, mix.U, x, s, gamma)
             if check and not bool(ok):
                 raise NumericalError("capacitance matrix sigma^2 I + U^T U is not positive definite at this t "
                                      "(sigma too small for the dtype, or non-finite U); use float64 or a larger t_min")
             return Posterior(log_p, R, m)
         P, logdet = _scalar_terms(mix, (gamma / s) ** 2, check)
-        block = _compiled(_scalar_block) if fused else _scalar_block
+        block = compile_once(_scalar_block) if fused else _scalar_block
         A = mix.A
         run = lambda xb, sb, gb: block(A, mix.log_weights, P, logdet, xb, s, gamma)  # noqa: E731
     else:
@@ -271,7 +272,7 @@ def _scalar_block(A: Tensor | None, log_weights: Tensor, P: Tensor, logdet: Tens
     return log_p, R.permute(1, 0, 2), m
 
 
-def _scalar_full(log_weights: Tensor, A: Tensor | None, mu: Tensor, U: Tensor, x: Tensor, s: Tensor,
+def scalar_terms_fused(log_weights: Tensor, A: Tensor | None, mu: Tensor, U: Tensor, x: Tensor, s: Tensor,
                  gamma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`_scalar_terms` then `_scalar_block` in one function (what the fused path compiles when the
     batch is one block); returns also whether every capacitance factorisation succeeded."""
@@ -291,7 +292,7 @@ def _scalar_full(log_weights: Tensor, A: Tensor | None, mu: Tensor, U: Tensor, x
 _COMPILED: dict = {}
 
 
-def _compiled(fn):
+def compile_once(fn):
     """fn through torch.compile, compiled once per process on first use (the `fused` path); if compiling
     fails (no compiler, an unsupported backend), a warning is logged once and fn runs eagerly."""
     if fn not in _COMPILED:
@@ -352,7 +353,7 @@ def _per_sample_block(mix: Mixture, x: Tensor, s: Tensor, gamma: Tensor, check: 
     R = torch.exp(logits - lse[None, :, None])
     G = torch.cat([a * R[:, :, None], (sk * R)[:, :, None]], 2)
     c = torch.bmm(G.view(K, B, (r + 1) * L), P[:, :d].transpose(1, 2))
-    return log_p, R.permute(1, 0, 2), _decode(mix, c)
+    return log_p, R.permute(1, 0, 2), decode_components(mix, c)
 
 
 def log_prob(mix: Mixture, x: Tensor, s, gamma, **kw) -> Tensor:
@@ -428,7 +429,7 @@ def reverse_step(mix: Mixture, x: Tensor, s_t: float, g_t: float, s_s: float, g_
     lat = b * (m_lat + math.sqrt(sigma2) * torch.einsum("bdr,br->bd", Fc, zeta))
     c = torch.zeros(K, B, d, dtype=x.dtype, device=dev)
     c[k, rows] = lat
-    out = a * x + _decode(mix, c)
+    out = a * x + decode_components(mix, c)
     if v > 0:
         out = out + math.sqrt(v) * random_draw(torch.randn, x.shape, generator, x.dtype, dev)
     return out

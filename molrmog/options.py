@@ -26,17 +26,18 @@ from typing import Any
 from .errors import MolrmogError
 
 __all__ = ["option", "add_options", "given", "check", "from_dict", "to_dict", "flag_of", "comma_list",
-           "int_list", "shape3"]
+           "int_list", "float_list", "shape3"]
 
 
 def option(default: Any, help: str | Callable[[], str], *, low: float | None = None, high: float | None = None,
            low_open: bool = False, choices: tuple | Callable[[], tuple] | None = None,
            parse: Callable[[str], Any] | None = None, metavar: str | None = None, cli: bool = True,
-           flag: str | None = None) -> Any:
+           flag: str | None = None, positional: bool = False) -> Any:
     """A dataclass field with its command-line declaration (see the module docstring). `help` may be a function
-    returning the text (help that lists a registry's entries)."""
+    returning the text (help that lists a registry's entries); `positional` makes it a required positional
+    argument (RUN) instead of a flag."""
     meta = {"help": help, "low": low, "high": high, "low_open": low_open, "choices": choices, "parse": parse,
-            "metavar": metavar, "cli": cli, "flag": flag}
+            "metavar": metavar, "cli": cli, "flag": flag, "positional": positional}
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable option defaults are not allowed; use a tuple")
     return dataclasses.field(default=default, metadata={"option": meta})
@@ -83,6 +84,17 @@ def int_list(text: str) -> int | tuple[int, ...]:
     return vals[0] if len(vals) == 1 else vals
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    """'0.1,-0.2' -> (0.1, -0.2)."""
+    try:
+        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+    if not vals:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return vals
+
+
 def shape3(text: str) -> tuple[int, int, int]:
     """'4,7,7' or '4x7x7' -> (4, 7, 7)."""
     try:
@@ -117,10 +129,13 @@ def _base_type(tp) -> Any:
     return origin or tp
 
 
-def add_options(parser, cls, *, prefix: str = "", title: str | None = None, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per `option` field of `cls` (fields with cli=False or in `skip` are left out).
+def add_options(parser, cls, *, prefix: str = "", title: str | None = None, skip: tuple[str, ...] = (),
+                help_format: dict | None = None) -> None:
+    """Add one flag per `option` field of `cls` (fields with cli=False or in `skip` are left out); `{name}` in a
+    help text is replaced by `help_format[name]` (a command's own default of a shared option).
 
-    Flags default to SUPPRESS: `given()` then sees exactly what the user typed."""
+    Flags default to SUPPRESS: `given()` then sees exactly what the user typed. Positional options are
+    required."""
     target = parser.add_argument_group(title) if title else parser
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
@@ -133,7 +148,12 @@ def add_options(parser, cls, *, prefix: str = "", title: str | None = None, skip
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         help_base = meta["help"]() if callable(meta["help"]) else meta["help"]
-        help_text = f"{help_base} (default {shown}{'; ' + extra[0] if extra else ''})"
+        for k, v in (help_format or {}).items():
+            help_base = help_base.replace("{" + k + "}", str(v))
+        if default is None:  # the help says what happens without it
+            help_text = f"{help_base} ({extra[0]})" if extra else help_base
+        else:
+            help_text = f"{help_base} (default {shown}{'; ' + extra[0] if extra else ''})"
         if tp is bool:
             if default:
                 target.add_argument(f"--{prefix}no-{f.name.replace('_', '-')}", dest=dest, action="store_false",
@@ -144,6 +164,9 @@ def add_options(parser, cls, *, prefix: str = "", title: str | None = None, skip
             continue
         choices = _choices(meta)
         parse = _argparse_type(meta["parse"]) if meta["parse"] else (tp if tp in (int, float, str) else str)
+        if meta.get("positional"):
+            target.add_argument(dest, type=parse, help=help_base, **({"choices": choices} if choices else {}))
+            continue
         kw = {"dest": dest, "type": parse, "default": argparse.SUPPRESS, "help": help_text,
               "metavar": meta["metavar"] or ("{" + ",".join(map(str, choices)) + "}" if choices else None)}
         if choices and tp is not tuple:
@@ -224,7 +247,8 @@ def check(obj, prefix: str = "", what: str | None = None, key: str | None = None
             if isinstance(x, (int, float)) and not isinstance(x, bool) and x is not None:
                 lo, hi = meta["low"], meta["high"]
                 if (lo is not None and (x < lo or (meta["low_open"] and x == lo))) or (hi is not None and x > hi):
-                    raise MolrmogError(f"{name} must be {_range_text(meta)}, got {x:g}")
+                    both = lo is not None and hi is not None
+                    raise MolrmogError(f"{name} must {'lie in' if both else 'be'} {_range_text(meta)}, got {x:g}")
         choices = _choices(meta)
         if choices is not None and v is not None:
             bad = [x for x in items if x not in choices]

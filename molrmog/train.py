@@ -185,11 +185,32 @@ def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weigh
         torch.set_num_threads(caller_threads)
 
 
-def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed, lr_schedule, progress, desc,
-         checkpoint_dir, checkpoint_every, params, time_budget, snapshot_times, on_snapshot, time_offset, threads,
-         clock):
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    gen = torch.Generator(device=device).manual_seed(seed)  # random numbers where training runs
+def _diverged(desc: str, why: str, ckpt, last_good: int, lr: float) -> TrainingDiverged:
+    if ckpt is None:
+        kept = "nothing was saved"
+    elif last_good:
+        kept = f"the last good checkpoint (step {last_good}) stays in {ckpt}"
+    else:
+        kept = f"no checkpoint was good enough to keep ({ckpt} was not written)"
+    return TrainingDiverged(f"{desc}: {why}; {kept}. Lower the learning rate (now {lr:g}) or check the data, "
+                            f"then train again")
+
+
+def _check_window(model, losses: list, window: list, step_end: int) -> str | None:
+    """Why training diverged in the window of losses since the last check (None: it did not); a good window
+    joins `losses` and is emptied."""
+    new = torch.stack(window).double().cpu().tolist() if window else []
+    why = _divergence(losses, new, step_end - len(new))
+    if why is None and not _params_finite(model):
+        why = f"the parameters stopped being finite by step {step_end}"
+    if why is None:
+        losses.extend(new)
+        window.clear()
+    return why
+
+
+def _optimiser(model, params, optimizer: str, lr: float, weight_decay: float, ema_decay: float):
+    """(optimiser, EMA copy or None, (EMA params, model params) or None)."""
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     # foreach: one kernel per op over all parameters (torch's default on CPU is a per-parameter loop;
     # the results are bit-identical, the small models here train up to 25% faster)
@@ -198,18 +219,48 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     ema_pairs = None if ema is None else list(zip(*[(pe, pm) for pe, pm in zip(ema.parameters(), model.parameters(),
                                                                                strict=True)], strict=True))
+    return opt, ema, ema_pairs
+
+
+def _first_threads(extra: dict, governor, threads) -> int:
+    """The intra-op threads of the first window: a resume continues with the count its checkpoint recorded."""
+    if "threads" in extra:
+        return int(extra["threads"])
+    if governor is not None:
+        return governor.start()
+    return int(threads or torch.get_num_threads())
+
+
+def _cosine_lr(opt, lr: float, frac: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * frac))
+
+
+def _train_step(model, loss_fn, gen, opt, ema_pairs, ema_decay: float) -> Tensor:
+    """One optimiser step (and the EMA update); returns the loss."""
+    loss = loss_fn(model, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if ema_pairs is not None:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema_pairs[0]), list(ema_pairs[1]), 1 - ema_decay)
+    return loss
+
+
+def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed, lr_schedule, progress, desc,
+         checkpoint_dir, checkpoint_every, params, time_budget, snapshot_times, on_snapshot, time_offset, threads,
+         clock):
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    gen = torch.Generator(device=device).manual_seed(seed)  # random numbers where training runs
+    opt, ema, ema_pairs = _optimiser(model, params, optimizer, lr, weight_decay, ema_decay)
     ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir else None
     start, losses, extra = 0, [], {}
     if ckpt is not None and ckpt.exists():  # a folder or other damage there is refused, naming the path
         start, losses, extra = load_checkpoint(ckpt, model, opt, ema, gen)
     elapsed0, snaps = float(extra.get("elapsed", time_offset)), int(extra.get("snapshots", 0))
     governor = threads if isinstance(threads, Threads) else None
-    if "threads" in extra:  # a resume continues with the count the checkpoint recorded
-        n_threads = int(extra["threads"])
-    elif governor is not None:
-        n_threads = governor.start()
-    else:
-        n_threads = int(threads or torch.get_num_threads())
+    n_threads = _first_threads(extra, governor, threads)
     torch.set_num_threads(n_threads)
     every = checkpoint_every if ckpt is not None and checkpoint_every else CHECK_EVERY
     last_good = start
@@ -225,24 +276,12 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
     bar = tqdm(total=None if time_budget else steps, initial=start, desc=desc, disable=not progress, leave=False)
 
     def diverged(why: str) -> TrainingDiverged:
-        if ckpt is None:
-            kept = "nothing was saved"
-        elif last_good:
-            kept = f"the last good checkpoint (step {last_good}) stays in {ckpt}"
-        else:
-            kept = f"no checkpoint was good enough to keep ({ckpt} was not written)"
-        return TrainingDiverged(f"{desc}: {why}; {kept}. Lower the learning rate (now {lr:g}) or check the data, "
-                                f"then train again")
+        return _diverged(desc, why, ckpt, last_good, lr)
 
     def check(step_end: int) -> None:
-        new = torch.stack(window).double().cpu().tolist() if window else []
-        why = _divergence(losses, new, step_end - len(new))
-        if why is None and not _params_finite(model):
-            why = f"the parameters stopped being finite by step {step_end}"
+        why = _check_window(model, losses, window, step_end)
         if why is not None:
             raise diverged(why)
-        losses.extend(new)
-        window.clear()
 
     def snapshot(step: int, now: float) -> None:
         nonlocal snaps
@@ -258,19 +297,11 @@ def _fit(model, loss_fn, *, steps, lr, optimizer, weight_decay, ema_decay, seed,
         if time_budget is not None and now >= time_budget:
             break
         if lr_schedule == "cosine":  # closed form (of the step, or of the elapsed fraction): no scheduler state
-            frac = min(now / time_budget, 1.0) if time_budget else step / steps
-            for group in opt.param_groups:
-                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * frac))
+            _cosine_lr(opt, lr, min(now / time_budget, 1.0) if time_budget else step / steps)
         try:
-            loss = loss_fn(model, gen)
+            loss = _train_step(model, loss_fn, gen, opt, ema_pairs, ema_decay)
         except NumericalError as e:  # the model's own parameters broke the closed form: divergence
             raise diverged(f"the closed-form maths broke down at step {step} ({e})") from None
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema_pairs[0]), list(ema_pairs[1]), 1 - ema_decay)
         window.append(loss.detach())
         step += 1
         bar.update()

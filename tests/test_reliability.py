@@ -171,13 +171,13 @@ def test_sample_out_may_be_a_folder_or_a_new_path(tmp_path, capsys, gaussian_run
 @pytest.mark.parametrize("args, message", [
     (["--latent", "1000000,4,4"], "latent channels 1000000 exceed 256"),
     (["--latent", "2,3,3"], "does not fit 8x8 images"),
-    (["--unet-steps", "0"], "--unet-steps must be [1,"),
-    (["--unet-steps", "-1"], "--unet-steps must be [1,"),
-    (["--vae-beta=-1e6"], "--vae-beta must be [0,"),
+    (["--unet-steps", "0"], "--unet-steps must lie in [1,"),
+    (["--unet-steps", "-1"], "--unet-steps must lie in [1,"),
+    (["--vae-beta=-1e6"], "--vae-beta must lie in [0,"),
     (["--vae-beta", "nan"], "--vae-beta must be a finite number"),
-    (["--mog-modes", "0"], "--mog-modes must be [1,"),
+    (["--mog-modes", "0"], "--mog-modes must lie in [1,"),
     (["--mog-rank", "64"], "rank 64 exceeds the latent dimension 32"),
-    (["--vae-width", "100000"], "--vae-width must be [1, 1024]"),
+    (["--vae-width", "100000"], "--vae-width must lie in [1, 1024]"),
     (["--experts", "mog,transformer"], "unknown value(s) ['transformer']"),
     (["--experts", "gaussian", "--mog-modes", "3"], "options were given for expert kind(s) ['mog']"),
     (["--dataset", "cifar"], "argument --dataset: unknown dataset 'cifar'"),
@@ -197,7 +197,7 @@ def test_bad_run_options_fail_before_any_file_is_written(tmp_path, capsys, monke
 
 def test_synth_refuses_sizes_it_cannot_hold(tmp_path, capsys):
     _one_line_error(capsys, main(["synth", "--samples", "100000000", "--out", str(tmp_path / "s")]),
-                    "--samples must be [2, 10000]")
+                    "--samples must lie in [2, 10000]")
     _one_line_error(capsys, main(["synth", "--D", "4", "--d", "9", "--out", str(tmp_path / "s")]), "must not exceed")
     assert not (tmp_path / "s").exists()
 
@@ -266,10 +266,10 @@ DAMAGE = {
                                 "run format 7"),
     # values read back from config.json are named by file and key, not by the flag that set them
     "a negative step count": (lambda r: _edit_json(r / "config.json", lambda c: {**c, "vae_steps": -1}),
-                              "config.json: vae_steps must be [1,"),
+                              "config.json: vae_steps must lie in [1,"),
     "a kind option out of range": (lambda r: _edit_json(r / "config.json", lambda c: {
         **c, "expert_options": {"gaussian": {**c["expert_options"]["gaussian"], "lr": -1}}}),
-        "config.json: expert_options.gaussian.lr must be"),
+        "config.json: expert_options.gaussian.lr must lie in"),
 }
 
 

@@ -41,12 +41,18 @@ def _imports(path: Path, module: str) -> set[str]:
     return out
 
 
-def test_no_import_cycles_in_the_package():
+def _graph() -> dict[str, set[str]]:
+    """molrmog module -> the molrmog modules it imports (function-level imports included)."""
     graph = {}
     for p in ROOT.rglob("*.py"):
         mod = ".".join(p.relative_to(ROOT.parent).with_suffix("").parts)
         mod = mod.removesuffix(".__init__")
         graph[mod] = {m for m in _imports(p, mod) if m != mod}
+    return graph
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _graph()
     assert "molrmog.pipeline" in graph and "molrmog.mixture" in graph["molrmog.experts"]
     state, stack, cycles = {}, [], []
 
@@ -145,3 +151,112 @@ def test_model_subclasses_are_known_by_name():
 
 def test_errors_are_typed():
     assert issubclass(ArtefactError, MolrmogError) and issubclass(MolrmogError, ValueError)
+
+
+# --- the layers, as the code has them ---------------------------------------------------------------------
+
+
+def _levels(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Each module's layer: 0 for modules importing nothing of molrmog, else 1 + the highest layer it imports
+    (so every import points down a layer or more; well defined because there are no cycles)."""
+    level: dict[str, int] = {}
+
+    def of(m: str) -> int:
+        if m not in level:
+            deps = [d for d in graph.get(m, ()) if d in graph and d != "molrmog"]
+            level[m] = 1 + max(map(of, deps)) if deps else 0
+        return level[m]
+
+    for m in graph:
+        of(m)
+    return level
+
+
+def layer_drawing() -> str:
+    """The README's drawing of the layers, generated from the imports."""
+    graph = _graph()
+    level = _levels(graph)
+    rows = []
+    for lv in range(max(level.values()) + 1):
+        mods = sorted(m.removeprefix("molrmog.") for m, v in level.items() if v == lv and m != "molrmog")
+        rows.append(f"    {lv:2d}  " + ", ".join(mods))
+    return "\n".join(rows) + "\n"
+
+
+def test_the_readme_layer_drawing_is_the_code_s():
+    """Every import points down (a module's layer is above everything it imports), and the README shows the
+    layers the imports make. After a change of imports: MOLRMOG_WRITE_README=1 pytest -k layer_drawing."""
+    import os
+    import re
+
+    graph, level = _graph(), _levels(_graph())
+    for m, deps in graph.items():
+        for d in deps:
+            if d in level and d != "molrmog":
+                assert level[d] < level[m], (m, d)
+    readme = ROOT.parent / "README.md"
+    text = readme.read_text()
+    pattern = re.compile(r"(<!-- layers: tests/test_structure.py -->\n```text\n)(.*?)(```)", re.S)
+    found = pattern.search(text)
+    assert found, "README.md lacks the generated layer drawing block"
+    drawing = layer_drawing()
+    if os.environ.get("MOLRMOG_WRITE_README") and found.group(2) != drawing:
+        readme.write_text(text[:found.start(2)] + drawing + text[found.end(2):])
+        return
+    assert found.group(2) == drawing, "the README's layer drawing is stale; regenerate it:\n" + drawing
+
+
+def _functions():
+    for p in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield p, node
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{p.relative_to(ROOT.parent)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p, n in _functions() if n.end_lineno - n.lineno + 1 > 80]
+    assert not long, "functions longer than 80 lines:\n" + "\n".join(long)
+
+
+def test_no_private_name_crosses_a_module():
+    """`from molrmog.x import _y` and `x._y` (x a molrmog module) are private names used outside their module."""
+    bad = []
+    for p in sorted(ROOT.rglob("*.py")):
+        tree = ast.parse(p.read_text())
+        modules = set()  # names bound to molrmog modules in this file
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("molrmog")):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{p.name}: from {node.module} import {a.name}")
+                    modules.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                modules |= {a.asname or a.name for a in node.names if a.name.startswith("molrmog")}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and (ROOT / f"{node.value.id}.py").is_file()):
+                bad.append(f"{p.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_the_command_line_is_declared_once():
+    """Flags come from declared options (no hand-written add_argument but --version), commands from one table,
+    and the parser is a short walk over it; every command's --help works."""
+    import contextlib
+    import io
+
+    from molrmog.cli import build_parser, commands, main
+
+    src = (ROOT / "cli.py").read_text()
+    assert src.count(".add_argument(") == 1 and '"--version"' in src
+    node = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == "build_parser")
+    assert node.end_lineno - node.lineno + 1 < 60
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for cmd in commands():
+        argv = [cmd.group, cmd.name] if cmd.group else [cmd.name]
+        assert (cmd.group or cmd.name) in sub.choices
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main([*argv, "--help"]) == 0
+        assert "usage: molrmog " + " ".join(argv) in out.getvalue()

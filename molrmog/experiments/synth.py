@@ -14,7 +14,7 @@ from ..metrics import energy_distance, mode_weight_error, sliced_w2
 from ..options import int_list, option
 from ..outputs import pyplot, save_figure, write_json
 from ..samplers import SAMPLERS, generate
-from ..schedules import GRIDS, make_grid
+from ..schedules import GRIDS, SCHEDULES, make_grid
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,9 @@ class SynthOptions:
     r: int | tuple[int, ...] | None = option(None, "rank r_k of each mode's factor (default d_k)", parse=int_list,
                                              low=1, high=100_000, flag="--r")
     separation: float = option(5.0, "typical norm of the latent means", low=0, high=1e6)
-    schedule: str = option("vp", "noise schedule", choices=("vp", "ve", "cosine"))
-    sampler: str = option("heun", "sampler", choices=tuple(SAMPLERS))
-    grid: str = option("karras", "time grid", choices=tuple(GRIDS))
+    schedule: str = option("vp", "noise schedule", choices=SCHEDULES.names)
+    sampler: str = option("heun", "sampler", choices=SAMPLERS.names)
+    grid: str = option("karras", "time grid", choices=GRIDS.names)
     steps: int = option(30, "sampler steps", low=1, high=10_000)
     samples: int = option(2000, "points to generate (and to draw from the truth, twice)", low=2, high=10_000)
     out: str = option("runs/synth", "output directory")
