@@ -11,6 +11,9 @@
   `save` / `load` are the checked, atomic versions the package itself uses -- `load` refuses an
   unknown class or format version, unknown or missing keys, wrong types and wrong shapes with
   one line that names the file, and keeps the saved dtype (bit-for-bit round trips).
+- One format for everything trained or saved: analytic distributions (`molrmog.distributions`) are
+  written the same way -- `config.json` starting with `header(obj)` (`_class_name`, `_molrmog_format`)
+  beside `diffusion_pytorch_model.safetensors` -- and read through the same `check_header`.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from safetensors.torch import load_file
 
 from .errors import ArtefactError, MolrmogError
 
-__all__ = ["FORMAT_VERSION", "WEIGHTS", "atomic_write", "write_json", "write_text", "read_json",
-           "read_safetensors", "clean_stale_tmp", "is_saved", "Model", "register_to_config", "inside"]
+__all__ = ["FORMAT_VERSION", "WEIGHTS", "header", "check_header", "check_tensors", "atomic_write", "write_json",
+           "write_text", "read_json", "read_safetensors", "clean_stale_tmp", "is_saved", "Model", "register_to_config",
+           "inside"]
 
 FORMAT_VERSION = 2  # 1: molrmog 0.1's own {"class", "config"} layout (no longer read)
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name
@@ -166,21 +170,33 @@ class Model(ModelMixin, ConfigMixin):
         return model if device is None else model.to(device)
 
 
-def build_from_config(cfg: Any, base: type, source: str | os.PathLike, what: str) -> Model:
-    """Construct the model a config dict describes (its `_class_name` must be `base` or a subclass)."""
+def header(obj) -> dict:
+    """The keys every artefact's config.json starts with: its class and the artefact format."""
+    return {"_class_name": type(obj).__name__, "_molrmog_format": FORMAT_VERSION}
+
+
+def check_header(cfg: Any, source: str | os.PathLike, what: str, classes: dict[str, type], base: type) -> type:
+    """The class an artefact's config.json names, after checking it is a JSON object of this format whose
+    `_class_name` is one of `classes` and `base` or a subclass of it; else one ArtefactError naming the file."""
     if not isinstance(cfg, dict):
         raise ArtefactError(f"{source}: a {what} config must be a JSON object, got {type(cfg).__name__}")
     if "class" in cfg and "_class_name" not in cfg:
         raise ArtefactError(f"{source} was written by molrmog 0.1 (artefact format 1), which this version "
                             f"(format {FORMAT_VERSION}) does not read; train it again")
     name = cfg.get("_class_name")
-    cls = Model._classes.get(name) if isinstance(name, str) else None
+    cls = classes.get(name) if isinstance(name, str) else None
     if cls is None or not issubclass(cls, base):
         raise ArtefactError(f"{source}: unknown {what} class {name!r} (expected {base.__name__} or a subclass)")
     version = cfg.get("_molrmog_format")
     if version != FORMAT_VERSION:
         raise ArtefactError(f"{source}: artefact format {version!r} is not the format this molrmog reads "
                             f"({FORMAT_VERSION}); train it again with this version")
+    return cls
+
+
+def build_from_config(cfg: Any, base: type, source: str | os.PathLike, what: str) -> Model:
+    """Construct the model a config dict describes (its `_class_name` must be `base` or a subclass)."""
+    cls = check_header(cfg, source, what, Model._classes, base)
     params = inspect.signature(cls.__init__).parameters
     known = set(params) - {"self"}
     keys = {k for k in cfg if not k.startswith("_")}

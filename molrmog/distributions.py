@@ -5,8 +5,10 @@
 `MoLRMoG` is the general class; `MoLRG` (one zero-mean Gaussian per subspace) and
 `GaussianMixture` (K = 1, A = I) are the same object built from fewer parameters.
 Every distribution has the verbs `sample`, `log_prob`, `score`, `denoise`,
-`responsibilities`, a `random` constructor, and `save` / `load` to a directory
-(`config.json` + `params.safetensors`).
+`responsibilities`, a `random` constructor, and `save` / `load` to a directory in the one artefact
+format of `molrmog.artefacts` (`config.json` with `_class_name` and `_molrmog_format`, and
+`diffusion_pytorch_model.safetensors`). Directories of molrmog 0.2 (distribution format 1: `class`,
+`format_version` and `params.safetensors`) are still read.
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from . import mixture as mx
-from .artefacts import atomic_write, read_json, read_safetensors, write_json
+from .artefacts import FORMAT_VERSION as ARTEFACT_FORMAT
+from .artefacts import (
+    WEIGHTS,
+    atomic_write,
+    check_header,
+    check_tensors,
+    header,
+    read_json,
+    read_safetensors,
+    write_json,
+)
 from .errors import ArtefactError, MolrmogError
 from .schedules import Schedule, get_schedule
 
 __all__ = ["MoLRMoG", "MoLRG", "GaussianMixture", "load_distribution", "random_orthonormal"]
 
-FORMAT_VERSION = 1  # of the distribution directory (config.json + params.safetensors)
+LEGACY_FORMAT = 1  # molrmog 0.2's distribution directory: config.json {"class", "format_version"} + params.safetensors
 _COMPUTE = (torch.float32, torch.float64)  # half-precision input is evaluated in float32 and returned as given
 
 
@@ -363,12 +375,13 @@ class MoLRMoG:
 
     # --- save / load ------------------------------------------------------------------
     def config(self) -> dict:
-        return {"class": type(self).__name__, "format_version": FORMAT_VERSION, "D": self.D, "K": self.K,
-                "d": self.d, "n": self.n, "r": self.r, "identity_A": self.mixture.A is None,
-                "dtype": str(self.dtype).removeprefix("torch."), "schedule": self.schedule.config()}
+        return {**header(self), "D": self.D, "K": self.K, "d": self.d, "n": self.n, "r": self.r,
+                "identity_A": self.mixture.A is None, "dtype": str(self.dtype).removeprefix("torch."),
+                "schedule": self.schedule.config()}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and params.safetensors into directory (created; files replaced atomically)."""
+        """Write config.json and the parameters (diffusion_pytorch_model.safetensors) into directory (created;
+        files replaced atomically, config.json last)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         m = self.mixture
@@ -376,7 +389,7 @@ class MoLRMoG:
         if m.A is not None:
             tensors["A"] = m.A
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        atomic_write(directory / "params.safetensors", lambda p: save_file(tensors, p))
+        atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, p))
         write_json(directory / "config.json", self.config())
         return directory
 
@@ -475,21 +488,28 @@ def _int_list(v, what: str, length: int | None = None) -> list:
     return v
 
 
+def _legacy(cfg, source: Path) -> tuple[dict, Path]:
+    """(config in today's keys, parameter file): molrmog 0.2's distribution format 1 is read as it was."""
+    if not isinstance(cfg, dict) or "_class_name" in cfg or "class" not in cfg:
+        return cfg, source.parent / WEIGHTS
+    if cfg.get("format_version") != LEGACY_FORMAT:
+        raise ArtefactError(f"{source}: distribution format {cfg.get('format_version')!r} is not one this molrmog "
+                            f"reads ({ARTEFACT_FORMAT}, or {LEGACY_FORMAT} of molrmog 0.2); save it again")
+    rest = {k: v for k, v in cfg.items() if k not in ("class", "format_version")}
+    params = source.parent / "params.safetensors"
+    return {"_class_name": cfg["class"], "_molrmog_format": ARTEFACT_FORMAT, **rest}, params
+
+
 def load_distribution(directory: str | os.PathLike) -> MoLRMoG:
     """Rebuild a distribution saved with `save` (its class comes from config.json). Any damage --
     unknown class or format version, missing keys, wrong types or shapes -- is one ArtefactError."""
     directory = Path(directory)
     source = directory / "config.json"
-    cfg = read_json(source, "distribution config")
-    t = read_safetensors(directory / "params.safetensors", "distribution parameters")
+    cfg, params = _legacy(read_json(source, "distribution config"), source)
+    cls = check_header(cfg, source, "distribution", _CLASSES, MoLRMoG)
+    t = read_safetensors(params, "distribution parameters")
+    check_tensors({k: v for k, v in t.items() if k != "log_pi"}, params, "distributions")  # log 0 pads ragged n_k
     try:
-        if not isinstance(cfg, dict):
-            raise MolrmogError(f"must be a JSON object, got {type(cfg).__name__}")
-        if cfg.get("class") not in _CLASSES:
-            raise MolrmogError(f"unknown class {cfg.get('class')!r} (known: {', '.join(_CLASSES)})")
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise MolrmogError(f"format version {cfg.get('format_version')!r} is not {FORMAT_VERSION}, the one this "
-                               f"molrmog reads")
         missing = [k for k in ("K", "d", "n", "r", "identity_A", "dtype", "schedule") if k not in cfg]
         if missing:
             raise MolrmogError(f"lacks the key(s) {missing}")
@@ -510,14 +530,14 @@ def load_distribution(directory: str | os.PathLike) -> MoLRMoG:
             shapes["A"] = (K, t["A"].shape[1] if "A" in t and t["A"].ndim == 3 else -1, dm)
         for key, shape in shapes.items():
             if key not in t or tuple(t[key].shape) != shape:
-                raise MolrmogError(f"params.safetensors: {key} must have shape {shape}, got "
+                raise MolrmogError(f"{params.name}: {key} must have shape {shape}, got "
                                    f"{tuple(t[key].shape) if key in t else 'nothing'}")
         A = None if cfg["identity_A"] else [t["A"][k, :, : d[k]] for k in range(K)]
         mu = [t["mu"][k, : n[k], : d[k]] for k in range(K)]
         U = [[t["U"][k, l, : d[k], : r[k][l]] for l in range(n[k])] for k in range(K)]
         w = t["log_w"].double().exp()
         pi = [t["log_pi"][k, : n[k]].double().exp() for k in range(K)]
-        obj = MoLRMoG.__new__(_CLASSES[cfg["class"]])
+        obj = MoLRMoG.__new__(cls)
         MoLRMoG.__init__(obj, A, mu, U, w=w, pi=pi, schedule=cfg["schedule"], normalize=True, dtype=dtype)
     except MolrmogError as e:
         raise ArtefactError(f"{source}: {e}; restore the files or save the distribution again") from None

@@ -29,14 +29,34 @@ def test_save_load_round_trip(tmp_path, make):
     x = torch.randn(5, dist.D, dtype=dist.dtype)
     assert torch.allclose(back.score(x, 0.3), dist.score(x, 0.3), rtol=1e-6)
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert cfg["class"] == type(dist).__name__
+    assert cfg["_class_name"] == type(dist).__name__ and cfg["_molrmog_format"] == 2  # the models' format
+
+
+def test_a_distribution_of_molrmog_0_2_still_loads_and_other_formats_are_refused(tmp_path):
+    """molrmog 0.2 wrote {"class", "format_version": 1} + params.safetensors; it reads as it was."""
+    dist = ragged_molrmog(0)
+    dist.save(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    old = {"class": cfg.pop("_class_name"), "format_version": 1, **{k: v for k, v in cfg.items()
+                                                                     if k != "_molrmog_format"}}
+    (tmp_path / "d" / "config.json").write_text(json.dumps(old))
+    (tmp_path / "d" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "d" / "params.safetensors")
+    back = load_distribution(tmp_path / "d")
+    x = torch.randn(4, dist.D, dtype=dist.dtype)
+    assert type(back) is type(dist) and torch.allclose(back.score(x, 0.3), dist.score(x, 0.3), rtol=1e-6)
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**old, "format_version": 7}))
+    with pytest.raises(ValueError, match="distribution format 7 is not one this molrmog reads"):
+        load_distribution(tmp_path / "d")
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**cfg, "_class_name": "MoLRMoG", "_molrmog_format": 9}))
+    with pytest.raises(ValueError, match="artefact format 9"):
+        load_distribution(tmp_path / "d")
 
 
 def test_load_reports_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         load_distribution(tmp_path)
     ragged_molrmog(0).save(tmp_path)
-    (tmp_path / "params.safetensors").write_bytes(b"garbage")
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot be read"):
         load_distribution(tmp_path)
 
@@ -112,7 +132,7 @@ def test_synth_command_writes_png_and_json_and_matches_truth(tmp_path):
     assert code == 0
     res = json.loads((out / "synth.json").read_text())
     assert (out / "synth.png").stat().st_size > 10_000
-    assert (out / "distribution" / "params.safetensors").is_file()
+    assert (out / "distribution" / "diffusion_pytorch_model.safetensors").is_file()
     # generated points are as close to the data as a second true sample is (up to a small factor)
     assert res["energy_distance"] < 3 * res["energy_distance_true_vs_true"] + 0.01
     assert res["mode_weights_generated"]["max_abs"] < 0.08

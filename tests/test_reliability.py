@@ -356,7 +356,7 @@ def test_library_inputs():
     lambda c: {k: v for k, v in c.items() if k != "d"},  # KeyError before
     lambda c: {**c, "schedule": 3},  # AttributeError before
     lambda c: {**c, "n": [1]},  # IndexError before
-    lambda c: {**c, "class": "Nothing"},
+    lambda c: {**c, "_class_name": "Nothing"},
     lambda c: [c],
 ])
 def test_damaged_distribution_configs_are_one_error(tmp_path, edit):
