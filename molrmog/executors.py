@@ -7,7 +7,9 @@ function with its arguments, which reads what it needs from disk and writes its 
 weights do not depend on the executor:
 
     local, --workers 1   sequential, in this process (default)
-    local, --workers N   concurrent.futures.ProcessPoolExecutor (spawn), N processes
+    local, --workers N   concurrent.futures.ProcessPoolExecutor (spawn), N processes, started once per
+                         process and reused by every later call (with `molrmog.run.Run.open`, a worker
+                         reads a run's data and each VAE once however many tasks it runs)
     ray                  one Ray task per Task (num_cpus=1, num_gpus=1 with --device cuda);
                          --ray-address joins a running cluster, else a local runtime with
                          --workers CPUs is started. `pip install molrmog[ray]`.
@@ -160,18 +162,54 @@ def _run_here(tasks, ex, progress, desc):
     return results, failures
 
 
-def _run_pool(tasks, ex, progress, desc):
+_WORKER_ENV = ("MOLRMOG_", "OMP_", "MKL_", "CUDA_", "TORCH", "HF_", "HOME", "XDG_", "TMPDIR", "PYTHON")
+_POOLS: dict = {}  # workers -> (this process's pool, where it started): spawned once, reused by later calls
+
+
+def _pool(workers: int):
+    """The process pool of `workers` processes, started once per process (spawning a worker imports torch: a few
+    seconds each) and reused by later calls; a broken pool (a worker that died) is replaced."""
+    import atexit
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
+
+    # a worker keeps the working folder and environment it was started with: a pool started under others is
+    # not reused (relative paths, $MOLRMOG_DATA, $MOLRMOG_THREADS read in the worker mean what they mean here)
+    key = (os.getcwd(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_WORKER_ENV))))
+    pool, started = _POOLS.get(workers, (None, None))
+    if pool is None or started != key or getattr(pool, "_broken", False):
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if not _POOLS:
+            atexit.register(_close_pools)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        _POOLS[workers] = (pool, key)
+    return pool
+
+
+def _close_pools(cancel: bool = False) -> None:
+    for pool, _ in _POOLS.values():
+        pool.shutdown(wait=not cancel, cancel_futures=True)
+    _POOLS.clear()
+
+
+def _run_pool(tasks, ex, progress, desc):
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     results, failures = {}, {}
     by_name = {t.name: t for t in tasks}
     attempts = dict.fromkeys(by_name, 0)
-    with ProcessPoolExecutor(max_workers=ex.workers, mp_context=mp.get_context("spawn")) as pool:
-        def submit(t):
-            attempts[t.name] += 1
-            return pool.submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads)
 
+    def submit(t):
+        attempts[t.name] += 1
+        try:
+            return _pool(ex.workers).submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads)
+        except BrokenProcessPool:  # a worker died since the pool was checked: a new pool
+            _POOLS.pop(ex.workers, None)
+            return _pool(ex.workers).submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads)
+
+    try:
         pending = {submit(t): t.name for t in tasks}
         bar = tqdm(total=len(tasks), desc=desc, disable=not progress, leave=False)
         while pending:
@@ -188,6 +226,9 @@ def _run_pool(tasks, ex, progress, desc):
                         failures[name] = f"{type(e).__name__}: {e}"
                         bar.update()
         bar.close()
+    except BaseException:  # interrupted: the workers stop with this call, not later
+        _close_pools(cancel=True)
+        raise
     return results, failures
 
 

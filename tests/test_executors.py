@@ -118,6 +118,21 @@ def test_run_tasks_local_and_pool_agree_retry_and_report(tmp_path):
         Executor(workers=0)
 
 
+def _pid(i):
+    return os.getpid()
+
+
+def test_the_pool_is_started_once_and_not_reused_under_another_environment(monkeypatch):
+    """Spawning a worker imports torch (seconds): the pool is reused by later calls, but not once the working
+    folder or a variable the workers read ($MOLRMOG_DATA, ...) changed."""
+    tasks = [Task(f"p-{i}", _pid, (i,)) for i in range(6)]
+    first = set(run_tasks(tasks, Executor(workers=2), progress=False).values())
+    again = set(run_tasks(tasks, Executor(workers=2), progress=False).values())
+    assert os.getpid() not in first and again <= first
+    monkeypatch.setenv("MOLRMOG_DATA", "/elsewhere")
+    assert not set(run_tasks(tasks, Executor(workers=2), progress=False).values()) & first
+
+
 def test_missing_ray_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ValueError, match=r"pip install 'molrmog\[ray\]'"):
