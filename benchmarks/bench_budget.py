@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from molrmog.distributions import MoLRMoG
-from molrmog.experts import MoGExpert
-from molrmog.train import train_score
+from molrmog.core.distributions import MoLRMoG
+from molrmog.models.experts import MoGExpert
+from molrmog.training.train import train_score
 
 
 def main():

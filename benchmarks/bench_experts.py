@@ -30,10 +30,10 @@ def _sync(device):
 
 def _latents(a) -> torch.Tensor:
     if a.run:
-        from molrmog.run import Run
+        from molrmog.pipeline.run import Run
 
         return Run.load(a.run, device="cpu").latents(0)
-    from molrmog.distributions import MoLRMoG
+    from molrmog.core.distributions import MoLRMoG
 
     d = math.prod(a.latent)
     return MoLRMoG.random(d, 1, d, n=10, r=4, seed=0, dtype=torch.float32).sample(
@@ -53,10 +53,10 @@ def _median_time(fn, device, repeats) -> float:
 
 
 def measure(kind: str, a, z: torch.Tensor, latent) -> dict:
-    from molrmog.kinds import LatentExpert, get_kind
-    from molrmog.losses import dsm_loss
-    from molrmog.samplers import generate
-    from molrmog.schedules import get_schedule, make_grid
+    from molrmog.core.losses import dsm_loss
+    from molrmog.core.samplers import generate
+    from molrmog.core.schedules import get_schedule, make_grid
+    from molrmog.models.kinds import LatentExpert, get_kind
 
     dev = a.device
     entry = get_kind(kind)
@@ -109,13 +109,13 @@ def _child(kind, a, z, latent, q):
 
 
 def _run_latent(run):
-    from molrmog.pipeline import load_config
+    from molrmog.pipeline.stages import load_config
 
     return tuple(load_config(run).latent)
 
 
 def main():
-    from molrmog.kinds import baseline_kinds, headline_kinds, kind_names
+    from molrmog.models.kinds import baseline_kinds, headline_kinds, kind_names
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latent", type=lambda v: tuple(int(x) for x in v.replace("x", ",").split(",")),

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from molrmog import mixture as mx
-from molrmog.distributions import MoLRMoG
+from molrmog.core import mixture as mx
+from molrmog.core.distributions import MoLRMoG
 
 CONFIGS = [dict(D=784, K=10, d=16, n=40, r=4), dict(D=64, K=1, d=64, n=40, r=8)]
 

@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from molrmog.config import RunConfig
-from molrmog.executors import Executor, Task, run_tasks
-from molrmog.kinds import get_kind, headline_kinds, kind_names
-from molrmog.pipeline import expert_task, train_run
+from molrmog.models.kinds import get_kind, headline_kinds, kind_names
+from molrmog.pipeline.config import RunConfig
+from molrmog.pipeline.stages import expert_task, train_run
+from molrmog.training.executors import Executor, Task, run_tasks
 
 
 def expert_stage(run: Path, kind: str, K: int, ex: Executor) -> float:

@@ -4,7 +4,7 @@ Workloads (the step of each stage of a run): a digits ConvVAE (batch 128), a MoG
 on 196-dim latents (Fashion-MNIST's 4x7x7, batch 128). Settings:
 - default: torch's own choice (one intra-op thread per core, OpenMP threads spin a while when they wait);
 - passive: the same threads with OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once);
-- molrmog: what a molrmog training task does -- `molrmog.threads.choose_threads()`, the cores other
+- molrmog: what a molrmog training task does -- `molrmog.training.threads.choose_threads()`, the cores other
   processes leave free (it looks again at every checkpoint).
 The busy process is a second torch process doing 512x512 matrix products on one thread (another
 experiment, a notebook). Every measurement is a fresh process (the wait policy is read when torch
@@ -25,21 +25,21 @@ import time
 
 CHILD = r"""
 import sys, time, torch
-from molrmog.threads import choose_threads
+from molrmog.training.threads import choose_threads
 setting, workload, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if setting == "molrmog":
     torch.set_num_threads(choose_threads())
 threads = torch.get_num_threads()
 g = torch.Generator().manual_seed(0)
 if workload == "vae":
-    from molrmog.vae import ConvVAE, vae_loss
+    from molrmog.models.vae import ConvVAE, vae_loss
     model = ConvVAE(image_shape=(1, 8, 8), latent=(2, 4, 4), width=32, seed=0)
     x = torch.rand(1000, 1, 8, 8, generator=g)
     loss = lambda: vae_loss(model, x[torch.randint(0, 1000, (128,), generator=g)], g)
 else:
-    from molrmog.kinds import LatentExpert, get_kind
-    from molrmog.losses import dsm_loss
-    from molrmog.schedules import get_schedule
+    from molrmog.models.kinds import LatentExpert, get_kind
+    from molrmog.core.losses import dsm_loss
+    from molrmog.core.schedules import get_schedule
     entry = get_kind(workload)
     net = entry.build((4, 7, 7), entry.options(), get_schedule("vp").config(), 0)
     model = LatentExpert.wrap(workload, (4, 7, 7), net)
@@ -66,13 +66,13 @@ while True:
 
 
 def _steps(workload: str) -> int:
-    from molrmog.kinds import baseline_kinds
+    from molrmog.models.kinds import baseline_kinds
 
     return 15 if workload in baseline_kinds() else 200  # the U-Net's steps are ~10x slower
 
 
 def _default_workloads() -> str:
-    from molrmog.kinds import baseline_kinds, headline_kinds
+    from molrmog.models.kinds import baseline_kinds, headline_kinds
 
     return ",".join(["vae", *headline_kinds(), *baseline_kinds()])
 

@@ -60,10 +60,10 @@ def sampling(device: str, quick: bool) -> list[dict]:
 
     import torch
 
-    from molrmog.distributions import MoLRMoG
-    from molrmog.kinds import LatentExpert, default_kinds, get_kind
-    from molrmog.samplers import generate
-    from molrmog.schedules import get_schedule, make_grid
+    from molrmog.core.distributions import MoLRMoG
+    from molrmog.core.samplers import generate
+    from molrmog.core.schedules import get_schedule, make_grid
+    from molrmog.models.kinds import LatentExpert, default_kinds, get_kind
 
     latent = (4, 7, 7)
     d = math.prod(latent)
@@ -106,11 +106,11 @@ def profile(device: str, quick: bool) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    from molrmog import mixture as mx
-    from molrmog.distributions import MoLRMoG
-    from molrmog.kinds import LatentExpert, get_kind, headline_kinds
-    from molrmog.losses import dsm_loss
-    from molrmog.schedules import get_schedule
+    from molrmog.core import mixture as mx
+    from molrmog.core.distributions import MoLRMoG
+    from molrmog.core.losses import dsm_loss
+    from molrmog.core.schedules import get_schedule
+    from molrmog.models.kinds import LatentExpert, get_kind, headline_kinds
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"

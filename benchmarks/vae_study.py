@@ -2,7 +2,7 @@
 today's defaults, per cluster, in one invocation on this machine.
 
 For each cluster and candidate, one dedicated VAE is trained as a run trains it (the dataset's defaults from
-`molrmog.config`, the candidate's overrides on top; same seed, same data) and measured:
+`molrmog.pipeline.config`, the candidate's overrides on top; same seed, same data) and measured:
 - seconds: wall-clock of the training (nothing else should run beside it: say so when quoting);
 - recon FID: the cluster's training images against their reconstructions (encoder mean, decoded) in the
   features of the dataset's own featurizer -- what sets the memorisation floor of the comparison;
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from molrmog import metrics as M
-from molrmog.config import RunConfig, resolve_config
-from molrmog.featurizer import get_featurizer
-from molrmog.outputs import pyplot, save_figure, write_csv, write_json
-from molrmog.pipeline import load_run_data
-from molrmog.train import fit
-from molrmog.vae import ConvVAE, roundtrip_ratio, vae_loss
+from molrmog.core import metrics as M
+from molrmog.core.outputs import pyplot, save_figure, write_csv, write_json
+from molrmog.evaluation.featurizer import get_featurizer
+from molrmog.models.vae import ConvVAE, roundtrip_ratio, vae_loss
+from molrmog.pipeline.config import RunConfig, resolve_config
+from molrmog.pipeline.stages import load_run_data
+from molrmog.training.train import fit
 
 
 def parse_candidate(text: str) -> tuple[str, dict]:

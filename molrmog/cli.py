@@ -1,13 +1,13 @@
 """The `molrmog` command line, declared as data.
 
-Every flag is an `option` field of a dataclass (`molrmog.options`), declared once: `RunConfig` gives the
+Every flag is an `option` field of a dataclass (`molrmog.core.options`), declared once: `RunConfig` gives the
 flags of `train` and `compare`, each registered expert kind its `--<kind>-<option>` flags, `CommonOptions`
 / `ExecutorOptions` the flags every command shares, and the small dataclasses below the flags of the
 other commands (`RunArg` is the positional RUN of every command that reads a run, `KindsArg` is --kinds,
 ...). A command is one `Command` entry in `commands()`: its function, its help and the option classes whose
 flags it takes; `build_parser` only walks that table (the registries of expert kinds and experiments add
 theirs). Choices, ranges and help texts come from the declarations (registries included), values are checked
-by `molrmog.options.check`.
+by `molrmog.core.options.check`.
 
 The library speaks of its parameters ("cluster must lie in 0..9"); `main` names the flag instead ("--class
 must lie in 0..9"): `MolrmogError.param`, translated with the command's `param_flags`.
@@ -31,15 +31,15 @@ from types import SimpleNamespace
 
 import torch
 
-from .config import RESUME_SAFE, CommonOptions, ExecutorOptions, RunConfig
-from .errors import MolrmogError, TrainingDiverged
-from .executors import TasksFailed
-from .kinds import get_kind, kind_names
-from .options import add_options, check, comma_list, flag_of, float_list, given, int_list, option
-from .samplers import SAMPLERS
-from .threads import ENV, choose_threads
-from .watermark import INVERT_STEPS
-from .watermark import METHODS as WATERMARK_METHODS
+from molrmog.applications.watermark import INVERT_STEPS
+from molrmog.applications.watermark import METHODS as WATERMARK_METHODS
+from molrmog.core.errors import MolrmogError, TrainingDiverged
+from molrmog.core.options import add_options, check, comma_list, flag_of, float_list, given, int_list, option
+from molrmog.core.samplers import SAMPLERS
+from molrmog.models.kinds import get_kind, kind_names
+from molrmog.pipeline.config import RESUME_SAFE, CommonOptions, ExecutorOptions, RunConfig
+from molrmog.training.executors import TasksFailed
+from molrmog.training.threads import ENV, choose_threads
 
 __all__ = ["main", "build_parser", "commands", "Command"]
 
@@ -221,7 +221,7 @@ def _values(a) -> SimpleNamespace:
 
 
 def _executor(a, device: str):
-    from .executors import Executor
+    from molrmog.training.executors import Executor
 
     o = dataclasses.replace(ExecutorOptions(), **given(a, ExecutorOptions))
     check(o)
@@ -232,7 +232,7 @@ def _executor(a, device: str):
 
 def _run_config(a) -> RunConfig:
     """The RunConfig the flags describe (common options included); kind flags fill expert_options."""
-    from .config import VAE_FIELDS
+    from molrmog.pipeline.config import VAE_FIELDS
 
     c = _common(a)
     g = given(a, RunConfig)
@@ -273,7 +273,7 @@ def _refuse_changes(a, saved: RunConfig, what: str, fix: str) -> None:
 
 def _run(o):
     """The trained run the command reads (RUN), on the command's device."""
-    from .run import Run
+    from molrmog.pipeline.run import Run
 
     return Run.load(o.run, device=o.common.device)
 
@@ -282,8 +282,8 @@ def _run(o):
 
 
 def _cmd_train(a) -> int:
-    from .pipeline import load_config, train_run
-    from .report import finish_run
+    from molrmog.pipeline.report import finish_run
+    from molrmog.pipeline.stages import load_config, train_run
 
     o = _values(a)
     if o.resume:
@@ -307,9 +307,9 @@ def _cmd_train(a) -> int:
 def _cmd_sample(a) -> int:
     import numpy as np
 
-    from .artefacts import atomic_write
-    from .outputs import save_grid
-    from .pipeline import sample_run
+    from molrmog.core.artefacts import atomic_write
+    from molrmog.core.outputs import save_grid
+    from molrmog.pipeline.stages import sample_run
 
     o = _values(a)
     c, run = o.common, _run(o)
@@ -332,7 +332,7 @@ def _cmd_sample(a) -> int:
 
 
 def _cmd_synth(a) -> int:
-    from .experiments.synth import check_size, run_synth
+    from molrmog.experiments.synth import check_size, run_synth
 
     o = _values(a)
     check_size(o)
@@ -348,7 +348,7 @@ def _cmd_synth(a) -> int:
 
 
 def _cmd_featurizer(a) -> int:
-    from .featurizer import featurizer_dir, train_featurizer
+    from molrmog.evaluation.featurizer import featurizer_dir, train_featurizer
 
     o = _values(a)
     c = o.common
@@ -361,7 +361,7 @@ def _cmd_featurizer(a) -> int:
 
 
 def _cmd_evaluate(a) -> int:
-    from .evaluation import evaluate_run
+    from molrmog.evaluation.evaluate import evaluate_run
 
     o = _values(a)
     c = o.common
@@ -374,7 +374,7 @@ def _cmd_evaluate(a) -> int:
 
 
 def _cmd_jacobian(a) -> int:
-    from .evaluation import jacobian_spectra
+    from molrmog.evaluation.evaluate import jacobian_spectra
 
     o = _values(a)
     res = jacobian_spectra(_run(o), kinds=o.kinds, ts=o.t, cluster=o.cluster, points=o.points, tol=o.tol,
@@ -386,7 +386,7 @@ def _cmd_jacobian(a) -> int:
 
 
 def _cmd_roundtrip(a) -> int:
-    from .evaluation import roundtrip
+    from molrmog.evaluation.evaluate import roundtrip
 
     o = _values(a)
     res = roundtrip(_run(o), kinds=o.kinds, samples=o.samples, seed=o.common.seed, out=o.out)
@@ -396,7 +396,7 @@ def _cmd_roundtrip(a) -> int:
 
 
 def _cmd_few_step(a) -> int:
-    from .evaluation import few_step_images
+    from molrmog.evaluation.evaluate import few_step_images
 
     o = _values(a)
     c = o.common
@@ -410,7 +410,7 @@ def _cmd_few_step(a) -> int:
 
 
 def _cmd_edit(a) -> int:
-    from .editing import edit_run
+    from molrmog.applications.editing import edit_run
 
     o = _values(a)
     if o.mask is not None and len(o.mask) != 4:
@@ -425,7 +425,7 @@ def _cmd_edit(a) -> int:
 
 
 def _cmd_watermark(a) -> int:
-    from . import watermark as wm
+    from molrmog.applications import watermark as wm
 
     o = _values(a)
     c, run = o.common, _run(o)
@@ -449,8 +449,8 @@ def _cmd_watermark(a) -> int:
 
 
 def _cmd_compare(a) -> int:
-    from .compare import compare
-    from .pipeline import load_config
+    from molrmog.evaluation.compare import compare
+    from molrmog.pipeline.stages import load_config
 
     o = _values(a)
     out = o.out or "runs/compare"
@@ -466,7 +466,7 @@ def _cmd_compare(a) -> int:
 
 
 def _cmd_experiment(a) -> int:
-    from .experiments.registry import EXPERIMENTS
+    from molrmog.experiments.registry import EXPERIMENTS
 
     o = _values(a)
     name = a.command_spec.name
@@ -509,8 +509,8 @@ GROUPS = {"analyze": ("analyses of trained runs (jacobian, few-step, roundtrip)"
 
 
 def commands() -> tuple[Command, ...]:
-    from .experiments.registry import EXPERIMENTS
-    from .experiments.synth import SynthOptions
+    from molrmog.experiments.registry import EXPERIMENTS
+    from molrmog.experiments.synth import SynthOptions
 
     data = (RunConfig, ("dataset", "data_dir", "size", "channels"))
     cmds = [
@@ -626,7 +626,7 @@ def _add_flags(p: argparse.ArgumentParser, cmd: Command, shared: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from molrmog import __version__
 
     shared = {"common": (CommonOptions, "common options"),
               "executor": (ExecutorOptions, "parallel execution (molrmog.executors)")}
@@ -667,7 +667,7 @@ def _setup_logging(debug: bool) -> None:
 
 def _set_threads() -> None:
     """The process's intra-op threads: MOLRMOG_THREADS, else OMP_NUM_THREADS (torch reads it itself), else the
-    cores other processes leave free (`molrmog.threads`); training tasks choose again when they start."""
+    cores other processes leave free (`molrmog.training.threads`); training tasks choose again when they start."""
     if os.environ.get(ENV) or not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(choose_threads())
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from molrmog.distributions import MoLRMoG, random_orthonormal
+from molrmog.core.distributions import MoLRMoG, random_orthonormal
 
 
 def ragged_molrmog(seed: int, D: int = 12, dtype=torch.float64, schedule="vp") -> MoLRMoG:
@@ -68,7 +68,7 @@ def tiny(experts=("mog", "gaussian", "unet"), vae: bool = True, **steps) -> list
 @pytest.fixture(scope="session")
 def featurizer_cache(tmp_path_factory):
     """A cache folder holding the digits featurizer, trained once per test session."""
-    from molrmog.featurizer import get_featurizer
+    from molrmog.evaluation.featurizer import get_featurizer
 
     cache = tmp_path_factory.mktemp("featurizer-cache")
     get_featurizer("digits", cache, progress=False)

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from molrmog import compare as cmp
 from molrmog.cli import main
-from molrmog.config import BUDGET_POINTS
-from molrmog.train import fit
+from molrmog.evaluation import compare as cmp
+from molrmog.pipeline.config import BUDGET_POINTS
+from molrmog.training.train import fit
 from tests.conftest import tiny
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from molrmog.data import DEBIAN_FASHION_DIR, load_dataset, load_digits, load_fashion_mnist, read_idx
+from molrmog.pipeline.data import DEBIAN_FASHION_DIR, load_dataset, load_digits, load_fashion_mnist, read_idx
 
 
 def test_digits_shape_range_and_labels():
@@ -176,7 +176,7 @@ def test_cifar10_reads_the_binary_version_planes_and_labels(tmp_path):
 
 
 def test_cifar10_bad_files_are_refused_naming_the_file(tmp_path):
-    from molrmog.data import read_cifar10_batch
+    from molrmog.pipeline.data import read_cifar10_batch
 
     _fake_cifar10(tmp_path)
     p = tmp_path / "test_batch.bin"
@@ -197,7 +197,7 @@ def test_cifar10_bad_files_are_refused_naming_the_file(tmp_path):
 
 
 def test_dataset_specs_are_checked_against_the_registry(tmp_path):
-    from molrmog.data import DATASETS, split_spec
+    from molrmog.pipeline.data import DATASETS, split_spec
 
     assert {"digits", "fashion-mnist", "mnist", "cifar10", "folder"} <= set(DATASETS)
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'; use digits, fashion-mnist, mnist, cifar10, "

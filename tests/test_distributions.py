@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from molrmog.cli import main
-from molrmog.distributions import GaussianMixture, MoLRG, MoLRMoG, load_distribution
+from molrmog.core.distributions import GaussianMixture, MoLRG, MoLRMoG, load_distribution
 
 from .conftest import ragged_molrmog
 

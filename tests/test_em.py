@@ -6,9 +6,9 @@ import itertools
 import pytest
 import torch
 
-from molrmog.distributions import GaussianMixture
-from molrmog.em import fit_mppca, mppca_parameters, select_mppca
-from molrmog.experts import GaussianExpert, MoGExpert
+from molrmog.core.distributions import GaussianMixture
+from molrmog.core.em import fit_mppca, mppca_parameters, select_mppca
+from molrmog.models.experts import GaussianExpert, MoGExpert
 
 
 def _truth():

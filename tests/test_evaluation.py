@@ -11,15 +11,15 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from molrmog import metrics as M
 from molrmog.cli import main
-from molrmog.data import DEBIAN_FASHION_DIR, load_dataset
-from molrmog.distributions import GaussianMixture
-from molrmog.evaluation import denoiser_jacobian, numerical_rank
-from molrmog.experts import GaussianExpert
-from molrmog.featurizer import get_featurizer
-from molrmog.samplers import generate
-from molrmog.schedules import make_grid
+from molrmog.core import metrics as M
+from molrmog.core.distributions import GaussianMixture
+from molrmog.core.samplers import generate
+from molrmog.core.schedules import make_grid
+from molrmog.evaluation.evaluate import denoiser_jacobian, numerical_rank
+from molrmog.evaluation.featurizer import get_featurizer
+from molrmog.models.experts import GaussianExpert
+from molrmog.pipeline.data import DEBIAN_FASHION_DIR, load_dataset
 from tests.conftest import tiny
 
 TINY = tiny()
@@ -228,14 +228,14 @@ def test_evaluate_and_jacobian_cli(digits_run, digits_featurizer, cache, capsys)
 def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache, monkeypatch):
     import collections
 
-    import molrmog.run
-    from molrmog.vae import ConvVAE
+    import molrmog.pipeline.run
+    from molrmog.models.vae import ConvVAE
 
     out = tmp_path / "cmp"
     args = ["compare", "--dataset", "digits", "--out", str(out), "--samples", "40", "--reference", "300",
             "--cache", str(cache), *TINY]
     vae_loads, data_reads = collections.Counter(), collections.Counter()
-    load_vae, read = ConvVAE.load.__func__, molrmog.run.load_dataset
+    load_vae, read = ConvVAE.load.__func__, molrmog.pipeline.run.load_dataset
 
     def counted_load(cls, path, *a, **k):
         vae_loads[str(path)] += 1
@@ -246,9 +246,9 @@ def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache, monkey
         return read(spec, **k)
 
     monkeypatch.setattr(ConvVAE, "load", classmethod(counted_load))
-    monkeypatch.setattr(molrmog.run, "load_dataset", counted_read)
-    monkeypatch.setattr(molrmog.run, "_DATA", collections.OrderedDict())  # nothing read by earlier tests
-    monkeypatch.setattr(molrmog.run, "_OPEN", collections.OrderedDict())
+    monkeypatch.setattr(molrmog.pipeline.run, "load_dataset", counted_read)
+    monkeypatch.setattr(molrmog.pipeline.run, "_DATA", collections.OrderedDict())  # nothing read by earlier tests
+    monkeypatch.setattr(molrmog.pipeline.run, "_OPEN", collections.OrderedDict())
     assert main(args) == 0
     # training (this process: workers 1), evaluation, the exact-sampler rows, reports and panels share one Run
     # per run directory: each VAE is read once, each split of the data once (for both runs)

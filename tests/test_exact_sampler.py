@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from molrmog import mixture as mx
-from molrmog.distributions import GaussianMixture
-from molrmog.experts import MoGExpert
-from molrmog.kinds import LatentExpert, get_kind
-from molrmog.metrics import energy_distance
-from molrmog.samplers import generate, sample_exact
-from molrmog.schedules import make_grid
+from molrmog.core import mixture as mx
+from molrmog.core.distributions import GaussianMixture
+from molrmog.core.metrics import energy_distance
+from molrmog.core.samplers import generate, sample_exact
+from molrmog.core.schedules import make_grid
+from molrmog.models.experts import MoGExpert
+from molrmog.models.kinds import LatentExpert, get_kind
 from tests.conftest import ragged_molrmog
 
 
@@ -75,7 +75,7 @@ def test_one_exact_step_between_two_times_gives_the_forward_marginal():
 def test_the_bridge_composes_with_the_forward_process(schedule):
     """x_t = s_t x_0 + g_t eps and x_s = a x_t + b x_0 + sqrt(v) xi give x_s | x_0 ~ N(s_s x_0, g_s^2):
     a s_t + b = s_s and a^2 g_t^2 + v = g_s^2; at s = 0 the step is the posterior itself (a = v = 0, b = 1)."""
-    from molrmog.schedules import get_schedule
+    from molrmog.core.schedules import get_schedule
 
     sch = get_schedule(schedule)
     for t, s in ((0.9, 0.3), (0.5, 0.49), (0.2, 0.01)):

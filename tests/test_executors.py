@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from molrmog import pipeline
 from molrmog.cli import main
-from molrmog.errors import MolrmogError
-from molrmog.executors import Executor, Task, TasksFailed, run_tasks
+from molrmog.core.errors import MolrmogError
 from molrmog.experiments.estimation import run_estimation
+from molrmog.pipeline import stages as pipeline
+from molrmog.training.executors import Executor, Task, TasksFailed, run_tasks
 from tests.conftest import tiny
 
 TINY = tiny(("mog", "gaussian"))

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from molrmog.distributions import GaussianMixture, MoLRMoG
-from molrmog.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, k_subspaces, load_model
-from molrmog.losses import dsm_loss
-from molrmog.schedules import get_schedule
-from molrmog.train import TrainingDiverged, fit, train_score
+from molrmog.core.distributions import GaussianMixture, MoLRMoG
+from molrmog.core.losses import dsm_loss
+from molrmog.core.schedules import get_schedule
+from molrmog.models.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, k_subspaces, load_model
+from molrmog.training.train import TrainingDiverged, fit, train_score
 
 
 def test_mog_expert_score_is_the_analytic_mixture_score():
@@ -162,7 +162,7 @@ def test_fit_resumes_bit_for_bit(tmp_path):
 
 
 def test_preconditioned_unet_is_exact_for_standard_normal_data_when_its_network_outputs_zero():
-    from molrmog.experts import UNetScore
+    from molrmog.models.experts import UNetScore
 
     m = UNetScore((2, 3, 3), width=8, precondition=True).double()  # odd size: padded inside
     last = m.unet.conv_out

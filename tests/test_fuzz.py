@@ -204,9 +204,9 @@ def test_commands_that_used_to_fail_on_valid_input_now_work(clean_run, tmp_path,
 
 
 def test_the_exact_sampler_keeps_half_precision():
-    from molrmog.distributions import MoLRMoG
-    from molrmog.samplers import generate
-    from molrmog.schedules import make_grid
+    from molrmog.core.distributions import MoLRMoG
+    from molrmog.core.samplers import generate
+    from molrmog.core.schedules import make_grid
 
     p = MoLRMoG.random(D=8, K=2, d=2, n=2, seed=0, dtype=torch.float32)
     x = generate(p.score, 16, 8, p.schedule, make_grid(p.schedule, 2, "karras"), "exact",
@@ -220,14 +220,14 @@ def test_library_refusals_and_half_precision(tmp_path):
     import gzip
     import struct
 
-    from molrmog.data import read_idx
-    from molrmog.em import select_mppca
-    from molrmog.errors import MolrmogError
-    from molrmog.experts import MoGExpert
-    from molrmog.kinds import LatentExpert
-    from molrmog.samplers import generate
-    from molrmog.schedules import make_grid
-    from molrmog.train import train_score
+    from molrmog.core.em import select_mppca
+    from molrmog.core.errors import MolrmogError
+    from molrmog.core.samplers import generate
+    from molrmog.core.schedules import make_grid
+    from molrmog.models.experts import MoGExpert
+    from molrmog.models.kinds import LatentExpert
+    from molrmog.pipeline.data import read_idx
+    from molrmog.training.train import train_score
 
     net = MoGExpert(6, n=2, r=2, seed=0)
     with pytest.raises(MolrmogError, match=r"6-dim points; give data of shape \(N, 6\)"):

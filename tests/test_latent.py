@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from molrmog.cli import main
-from molrmog.config import ADDED_KEYS
-from molrmog.data import load_dataset
-from molrmog.pipeline import load_config
-from molrmog.train import fit
-from molrmog.vae import ConvVAE, roundtrip_ratio, vae_loss
+from molrmog.models.vae import ConvVAE, roundtrip_ratio, vae_loss
+from molrmog.pipeline.config import ADDED_KEYS
+from molrmog.pipeline.data import load_dataset
+from molrmog.pipeline.stages import load_config
+from molrmog.training.train import fit
 from tests.conftest import tiny
 
 
@@ -101,7 +101,7 @@ def test_a_run_written_before_a_setting_existed_loads_as_it_was_trained(cycle_ru
 
 
 def test_the_ring_key_is_constant_on_rings_and_a_marked_latent_carries_it_exactly():
-    from molrmog.watermark import _inject_ring, ring_distance, ring_key
+    from molrmog.applications.watermark import _inject_ring, ring_distance, ring_key
 
     latent = (2, 8, 8)
     mask, values = ring_key("k", latent)
@@ -129,8 +129,8 @@ def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp
                  "--no-progress"]) == 0
     key = json.loads((out / "key.json").read_text())
     assert key["method"] == "ring"
-    from molrmog.run import Run
-    from molrmog.watermark import embed, latent_scores
+    from molrmog.applications.watermark import embed, latent_scores
+    from molrmog.pipeline.run import Run
 
     run = Run.load(cycle_run)
     vaes, experts = run.vaes(), run.experts("mog")
@@ -147,7 +147,7 @@ def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp
 
 
 def test_decoder_inversion_finds_a_latent_the_decoder_maps_to_the_image():
-    from molrmog.watermark import invert_decoder
+    from molrmog.applications.watermark import invert_decoder
 
     vae, x = _trained(10.0)
     with torch.no_grad():
@@ -166,8 +166,8 @@ def test_decoder_inversion_finds_a_latent_the_decoder_maps_to_the_image():
 
 
 def test_keys_written_before_a_setting_existed_keep_their_meaning_and_bad_values_are_refused():
-    from molrmog.errors import MolrmogError
-    from molrmog.watermark import check_key
+    from molrmog.applications.watermark import check_key
+    from molrmog.core.errors import MolrmogError
 
     old = {"key": "1", "kind": "mog", "cluster": 0, "t": 0.3, "threshold": 0.1}
     checked = check_key(dict(old), "key.json", "mog", 10)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from molrmog import watermark as wm
+from molrmog.applications import watermark as wm
+from molrmog.applications.editing import _pixel_map, edit_time, latent_jacobian, pixel_jacobian, top_directions
 from molrmog.cli import main
-from molrmog.editing import _pixel_map, edit_time, latent_jacobian, pixel_jacobian, top_directions
 from molrmog.experiments import generalisation as gen
-from molrmog.run import Run
+from molrmog.pipeline.run import Run
 from tests.conftest import tiny
 
 

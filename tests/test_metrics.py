@@ -2,8 +2,8 @@
 
 import torch
 
-from molrmog.distributions import GaussianMixture
-from molrmog.metrics import energy_distance, score_error, sliced_w2
+from molrmog.core.distributions import GaussianMixture
+from molrmog.core.metrics import energy_distance, score_error, sliced_w2
 
 
 def test_score_error_equals_a_per_sample_sum():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from molrmog import mixture as mx
-from molrmog.distributions import GaussianMixture, MoLRG, MoLRMoG, random_orthonormal
+from molrmog.core import mixture as mx
+from molrmog.core.distributions import GaussianMixture, MoLRG, MoLRMoG, random_orthonormal
 
 from .conftest import ragged_molrmog, torch_reference
 
@@ -214,7 +214,7 @@ def test_gradients_reach_parameters():
 
 
 def _fused_agrees(device):
-    from molrmog import mixture as mx
+    from molrmog.core import mixture as mx
 
     dist = ragged_molrmog(7, dtype=torch.float32)
     mix = dist.mixture.to(device)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from molrmog import kinds
 from molrmog.cli import build_parser, main
-from molrmog.config import CommonOptions, RunConfig
-from molrmog.data import DEBIAN_FASHION_DIR, load_dataset
-from molrmog.options import flag_of
+from molrmog.core.options import flag_of
+from molrmog.models import kinds
+from molrmog.pipeline.config import CommonOptions, RunConfig
+from molrmog.pipeline.data import DEBIAN_FASHION_DIR, load_dataset
 from tests.conftest import tiny
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -113,7 +113,7 @@ def test_unified_and_lora_vaes(tmp_path, vae):
     assert main(["train", "--dataset", "digits", "--vae", vae, "--out", str(run), *tiny(("gaussian",))]) == 0
     assert (run / "samples_gaussian.png").is_file()
     if vae == "lora":  # peft adapters, one per cluster, on the shared backbone; adapters differ after training
-        from molrmog.vae import LoRAVAE
+        from molrmog.models.vae import LoRAVAE
 
         v = LoRAVAE.load(run / "vae" / "lora")
         assert v.clusters == 10 and (run / "vae" / "backbone" / "config.json").is_file()
@@ -249,7 +249,7 @@ def test_training_leaves_the_global_rng_alone_and_logs_each_stage(tmp_path, caps
 
 
 def test_run_config_is_not_mutated_by_training(tmp_path):
-    from molrmog.pipeline import train_run
+    from molrmog.pipeline.stages import train_run
 
     cfg = RunConfig(experts=("gaussian",), vae_steps=4, checkpoint_every=2,
                     expert_options={"gaussian": kinds.get_kind("gaussian").options(steps=4)})

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from molrmog.cli import main
-from molrmog.data import DATASETS, load_dataset
-from molrmog.distributions import MoLRMoG
-from molrmog.metrics import energy_distance
-from molrmog.registry import Registry
-from molrmog.samplers import SAMPLERS, generate
-from molrmog.schedules import SCHEDULES, get_schedule, make_grid
+from molrmog.core.distributions import MoLRMoG
+from molrmog.core.metrics import energy_distance
+from molrmog.core.registry import Registry
+from molrmog.core.samplers import SAMPLERS, generate
+from molrmog.core.schedules import SCHEDULES, get_schedule, make_grid
+from molrmog.pipeline.data import DATASETS, load_dataset
 from tests.conftest import tiny
 
 

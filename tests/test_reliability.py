@@ -21,14 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from molrmog.artefacts import atomic_write
 from molrmog.cli import main
-from molrmog.data import load_dataset, read_idx
-from molrmog.distributions import GaussianMixture, MoLRG, load_distribution
-from molrmog.errors import MolrmogError, TrainingDiverged
-from molrmog.experts import MoGExpert
-from molrmog.losses import dsm_loss
-from molrmog.train import fit
+from molrmog.core.artefacts import atomic_write
+from molrmog.core.distributions import GaussianMixture, MoLRG, load_distribution
+from molrmog.core.errors import MolrmogError, TrainingDiverged
+from molrmog.core.losses import dsm_loss
+from molrmog.models.experts import MoGExpert
+from molrmog.pipeline.data import load_dataset, read_idx
+from molrmog.training.train import fit
 from tests.conftest import ragged_molrmog, tiny
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -185,7 +185,7 @@ def test_sample_out_may_be_a_folder_or_a_new_path(tmp_path, capsys, gaussian_run
     (["--mog-steps", "ten"], "invalid int value: 'ten'"),
 ])
 def test_bad_run_options_fail_before_any_file_is_written(tmp_path, capsys, monkeypatch, args, message):
-    from molrmog import pipeline
+    from molrmog.pipeline import stages as pipeline
 
     def no_work(*a, **k):
         raise AssertionError("training tasks started before the options were refused")
@@ -410,7 +410,7 @@ def test_vae_from_a_damaged_run_names_the_source_file_and_writes_nothing(gaussia
 def test_a_refused_compare_leaves_no_out_and_a_changed_one_is_refused(gaussian_run, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from molrmog import pipeline
+    from molrmog.pipeline import stages as pipeline
 
     def no_work(*a, **k):
         raise AssertionError("training tasks started before the comparison was refused")

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from molrmog.distributions import MoLRMoG
-from molrmog.metrics import energy_distance
-from molrmog.samplers import SAMPLERS, generate, sample_ddim, sample_dpmpp_2m
-from molrmog.schedules import Schedule, make_grid
+from molrmog.core.distributions import MoLRMoG
+from molrmog.core.metrics import energy_distance
+from molrmog.core.samplers import SAMPLERS, generate, sample_ddim, sample_dpmpp_2m
+from molrmog.core.schedules import Schedule, make_grid
 
 STEPS = {"euler": 200, "heun": 40, "ddim": 100, "dpmpp_2m": 40, "euler_maruyama": 400, "ddpm": 200, "exact": 3}
 
@@ -104,8 +104,8 @@ def test_flow_schedule_euler_agrees_with_diffusers_flow_match_euler():
     """The flow schedule's PF-ODE drift is the velocity E[eps - x0 | x_t]: our Euler steps with any velocity model
     (turned into a score) are diffusers' FlowMatchEulerDiscreteScheduler steps on the same sigmas (t = sigma)."""
     diffusers = pytest.importorskip("diffusers")
-    from molrmog.samplers import sample_euler
-    from molrmog.schedules import get_schedule
+    from molrmog.core.samplers import sample_euler
+    from molrmog.core.schedules import get_schedule
 
     ds = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     ds.set_timesteps(sigmas=np.linspace(0.999, 0.02, 20).tolist())  # shifted by diffusers, then 0 appended

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from molrmog.schedules import SCHEDULES, get_schedule, karras_grid, logsnr_grid, make_grid, uniform_grid
+from molrmog.core.schedules import SCHEDULES, get_schedule, karras_grid, logsnr_grid, make_grid, uniform_grid
 
 NAMES = list(SCHEDULES.names())  # every registered schedule is checked
 

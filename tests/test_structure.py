@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import ConfigMixin, ModelMixin
 
-from molrmog.artefacts import FORMAT_VERSION, WEIGHTS, Model
-from molrmog.errors import ArtefactError, MolrmogError
-from molrmog.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, UNetScore, load_model
-from molrmog.featurizer import Featurizer
-from molrmog.kinds import LatentExpert, get_kind, model_config
-from molrmog.smd import SMDMLPScore, SMDUNetScore
-from molrmog.vae import ConvVAE, LoRAVAE
+from molrmog.core.artefacts import FORMAT_VERSION, WEIGHTS, Model
+from molrmog.core.errors import ArtefactError, MolrmogError
+from molrmog.evaluation.featurizer import Featurizer
+from molrmog.models.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, UNetScore, load_model
+from molrmog.models.kinds import LatentExpert, get_kind, model_config
+from molrmog.models.smd import SMDMLPScore, SMDUNetScore
+from molrmog.models.vae import ConvVAE, LoRAVAE
 
 ROOT = Path(__file__).resolve().parents[1] / "molrmog"
 
@@ -53,7 +53,7 @@ def _graph() -> dict[str, set[str]]:
 
 def test_no_import_cycles_in_the_package():
     graph = _graph()
-    assert "molrmog.pipeline" in graph and "molrmog.mixture" in graph["molrmog.experts"]
+    assert "molrmog.pipeline.stages" in graph and "molrmog.core.mixture" in graph["molrmog.models.experts"]
     state, stack, cycles = {}, [], []
 
     def visit(m):
@@ -72,8 +72,43 @@ def test_no_import_cycles_in_the_package():
             visit(m)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
     # core maths imports nothing of the pipeline, plotting or CLI
-    for core in ("molrmog.mixture", "molrmog.schedules", "molrmog.errors", "molrmog.artefacts", "molrmog.registry"):
-        assert not graph[core] - {"molrmog.errors", "molrmog.registry"}, (core, graph[core])
+    for core in ("mixture", "schedules", "errors", "artefacts", "registry"):
+        core = f"molrmog.core.{core}"
+        assert not graph[core] - {"molrmog.core.errors", "molrmog.core.registry"}, (core, graph[core])
+
+
+LAYERS = ("core", "training", "models", "pipeline", "evaluation", "applications", "experiments", "cli", "__main__")
+
+
+def test_each_subpackage_imports_only_the_layers_below_it():
+    """The folder shows the layers: a module of molrmog/<layer>/ imports modules of its own layer or lower ones."""
+    def layer(m: str) -> int:
+        part = m.split(".")[1] if m.count(".") else ""
+        return LAYERS.index(part)
+
+    graph = _graph()
+    assert {m.split(".")[1] for m in graph if m.count(".")} == set(LAYERS)  # no module outside the layers
+    up = [f"{m} -> {d}" for m, deps in graph.items() if m.count(".") for d in deps
+          if d.count(".") and layer(d) > layer(m)]
+    assert not up, "imports pointing up a layer:\n" + "\n".join(up)
+
+
+def test_the_old_flat_module_names_still_import_the_same_modules():
+    import importlib
+
+    import molrmog
+    from molrmog.core.distributions import MoLRMoG
+    from molrmog.models import kinds
+
+    for old, new in molrmog.MOVED.items():
+        assert importlib.import_module(f"molrmog.{old}") is importlib.import_module(f"molrmog.{new}"), old
+    from molrmog.distributions import MoLRMoG as Old  # the README of molrmog 0.2
+    from molrmog.kinds import register
+    from molrmog.samplers import generate
+
+    from molrmog.pipeline import train_run
+
+    assert Old is MoLRMoG and register is kinds.register and callable(generate) and callable(train_run)
 
 
 def _models():
@@ -178,7 +213,8 @@ def layer_drawing() -> str:
     level = _levels(graph)
     rows = []
     for lv in range(max(level.values()) + 1):
-        mods = sorted(m.removeprefix("molrmog.") for m, v in level.items() if v == lv and m != "molrmog")
+        mods = sorted(m.removeprefix("molrmog.") for m, v in level.items() if v == lv and m != "molrmog"
+                      and not (ROOT.parent / m.replace(".", "/") / "__init__.py").is_file())  # modules, not packages
         rows.append(f"    {lv:2d}  " + ", ".join(mods))
     return "\n".join(rows) + "\n"
 
@@ -236,7 +272,7 @@ def test_no_private_name_crosses_a_module():
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
                     and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and (ROOT / f"{node.value.id}.py").is_file()):
+                    and any(ROOT.rglob(f"{node.value.id}.py"))):
                 bad.append(f"{p.name}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
 

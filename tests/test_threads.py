@@ -1,4 +1,4 @@
-"""Intra-op threads chosen from the load other processes put on the machine (molrmog.threads)."""
+"""Intra-op threads chosen from the load other processes put on the machine (molrmog.training.threads)."""
 
 import json
 
@@ -6,9 +6,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from molrmog.errors import MolrmogError
-from molrmog.threads import Threads, busy_between, choose_threads, cpu_times, fixed_threads, free_threads, usable_cpus
-from molrmog.train import fit
+from molrmog.core.errors import MolrmogError
+from molrmog.training.threads import (
+    Threads,
+    busy_between,
+    choose_threads,
+    cpu_times,
+    fixed_threads,
+    free_threads,
+    usable_cpus,
+)
+from molrmog.training.train import fit
 
 
 def test_cpu_counters_are_read_on_linux():

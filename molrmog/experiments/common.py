@@ -1,4 +1,5 @@
-"""Small helpers shared by the experiments: slopes, embedded synthetic truths (output writers: `molrmog.outputs`)."""
+"""Small helpers shared by the experiments: slopes, embedded synthetic truths (output writers:
+`molrmog.core.outputs`)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 import numpy as np
 import torch
 
-from ..distributions import MoLRMoG, random_orthonormal
-from ..outputs import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.core.distributions import MoLRMoG, random_orthonormal
+from molrmog.core.outputs import out_dir, pyplot, save_figure, write_csv, write_json
 
 __all__ = ["loglog_slope", "embedded_molrmog", "out_dir", "pyplot", "save_figure", "write_csv", "write_json"]
 

@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from .. import mixture as mx
-from ..distributions import GaussianMixture
-from ..executors import Task, run_tasks
-from ..losses import sample_times
-from .common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.core import mixture as mx
+from molrmog.core.distributions import GaussianMixture
+from molrmog.core.losses import sample_times
+from molrmog.experiments.common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.training.executors import Task, run_tasks
 
 PRESETS = {
     "quick": dict(d=6, separation=4.0, N=4000, steps=150, distances=[0.05, 0.2, 0.5], t_max=2.0),

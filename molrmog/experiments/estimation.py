@@ -6,12 +6,20 @@ import time
 
 import torch
 
-from .. import metrics
-from ..executors import Task, run_tasks
-from ..experts import MLPScore, MoEScore
-from ..losses import sample_times
-from ..train import train_score
-from .common import embedded_molrmog, loglog_slope, out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.core import metrics
+from molrmog.core.losses import sample_times
+from molrmog.experiments.common import (
+    embedded_molrmog,
+    loglog_slope,
+    out_dir,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_json,
+)
+from molrmog.models.experts import MLPScore, MoEScore
+from molrmog.training.executors import Task, run_tasks
+from molrmog.training.train import train_score
 
 PRESETS = {
     "quick": dict(Ds=[32, 128], ns=[64, 256, 1024], K=2, d=4, modes=2, steps=150, mlp_steps=300,

@@ -22,15 +22,15 @@ import time
 import numpy as np
 import torch
 
-from ..distributions import MoLRMoG
-from ..executors import Task, run_tasks
-from ..experts import MLPScore
-from ..metrics import energy_distance, sliced_w2
-from ..samplers import generate
-from ..schedules import make_grid
-from ..smd import SMDMLPScore
-from ..train import train_score
-from .common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.core.distributions import MoLRMoG
+from molrmog.core.metrics import energy_distance, sliced_w2
+from molrmog.core.samplers import generate
+from molrmog.core.schedules import make_grid
+from molrmog.experiments.common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.models.experts import MLPScore
+from molrmog.models.smd import SMDMLPScore
+from molrmog.training.executors import Task, run_tasks
+from molrmog.training.train import train_score
 
 METHODS = ("exact", "gaussian_exact_mean", "ode_exact", "vanilla", "smd")
 PRESETS = {

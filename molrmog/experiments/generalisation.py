@@ -29,14 +29,14 @@ import time
 
 import torch
 
-from .. import metrics as M
-from ..distributions import MoLRG
-from ..executors import Task, run_tasks
-from ..experts import MLPScore, MoGExpert
-from ..samplers import generate
-from ..schedules import make_grid
-from ..train import train_score
-from .common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.core import metrics as M
+from molrmog.core.distributions import MoLRG
+from molrmog.core.samplers import generate
+from molrmog.core.schedules import make_grid
+from molrmog.experiments.common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.models.experts import MLPScore, MoGExpert
+from molrmog.training.executors import Task, run_tasks
+from molrmog.training.train import train_score
 
 PRESETS = {
     "quick": dict(D=24, K=2, d=3, Ns=[2, 4, 8, 16, 32, 64, 128, 256], modes=16, steps=300, mlp_steps=400,
@@ -63,7 +63,7 @@ SYNTHETIC_MODELS = ("mixture", "mlp")  # a MoG score in R^D (EM start + DSM) and
 
 def _image_kinds() -> tuple[str, ...]:
     """The run's headline latent kind (MoG) and its baseline (U-Net), from the registry."""
-    from ..kinds import baseline_kinds, headline_kinds
+    from molrmog.models.kinds import baseline_kinds, headline_kinds
 
     return headline_kinds()[:1] + baseline_kinds()[:1]
 
@@ -211,8 +211,8 @@ def _plot(path, result) -> None:
 
 def _cluster_latents(run: str, cluster: int):
     """(run, VAE, images, latents) of one cluster; also checks that a featurizer can grade the run's images."""
-    from ..featurizer import check_featurizer
-    from ..run import Run
+    from molrmog.evaluation.featurizer import check_featurizer
+    from molrmog.pipeline.run import Run
 
     r = Run.load(run, device="cpu")  # the process's Run of this path: its data and VAE are read once
     check_featurizer(r.cfg.dataset, None, labelled=r.data.labels is not None)
@@ -221,8 +221,8 @@ def _cluster_latents(run: str, cluster: int):
 
 def image_task(run: str, cluster: int, kind: str, N: int, half: int, cfg: dict, seed: int) -> dict:
     """Train one latent expert of `kind` on N latents of the cluster (half 0 or 1; N = -1: all of them)."""
-    from ..kinds import LatentExpert, get_kind
-    from ..schedules import get_schedule
+    from molrmog.core.schedules import get_schedule
+    from molrmog.models.kinds import LatentExpert, get_kind
 
     r, _, _, z = _cluster_latents(run, cluster)
     perm = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -248,8 +248,8 @@ def image_task(run: str, cluster: int, kind: str, N: int, half: int, cfg: dict, 
 
 
 def image_sweep(run: str, cfg: dict, seed: int, progress: bool, executor, cluster: int = 0, latents=None) -> dict:
-    from ..featurizer import get_featurizer
-    from ..kinds import LatentExpert
+    from molrmog.evaluation.featurizer import get_featurizer
+    from molrmog.models.kinds import LatentExpert
 
     r, vae, imgs, z = latents or _cluster_latents(run, cluster)
     Ns = [n for n in cfg["image_Ns"] if 2 * n <= z.shape[0]]

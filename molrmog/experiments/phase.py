@@ -10,12 +10,12 @@ import math
 import numpy as np
 import torch
 
-from ..distributions import MoLRG
-from ..executors import Task, run_tasks
-from ..experts import MoEScore, k_subspaces
-from ..losses import dsm_loss
-from ..train import train_score
-from .common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.core.distributions import MoLRG
+from molrmog.core.losses import dsm_loss
+from molrmog.experiments.common import out_dir, pyplot, save_figure, write_csv, write_json
+from molrmog.models.experts import MoEScore, k_subspaces
+from molrmog.training.executors import Task, run_tasks
+from molrmog.training.train import train_score
 
 PRESETS = {
     "quick": dict(D=20, Ks=[1, 2], ds=[2, 4], Ns=[1, 2, 4, 8, 16], steps=300, lr=0.1, batch=256,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .convergence import run_convergence
-from .estimation import run_estimation
-from .few_step import run_few_step
-from .generalisation import run_generalisation
-from .phase import run_phase
+from molrmog.experiments.convergence import run_convergence
+from molrmog.experiments.estimation import run_estimation
+from molrmog.experiments.few_step import run_few_step
+from molrmog.experiments.generalisation import run_generalisation
+from molrmog.experiments.phase import run_phase
 
 EXPERIMENTS = {
     "estimation": (run_estimation, "claim 1: score estimation error vs samples n, for several ambient D",

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..distributions import MoLRMoG
-from ..errors import MolrmogError
-from ..metrics import energy_distance, mode_weight_error, sliced_w2
-from ..options import int_list, option
-from ..outputs import pyplot, save_figure, write_json
-from ..samplers import SAMPLERS, generate
-from ..schedules import GRIDS, SCHEDULES, make_grid
+from molrmog.core.distributions import MoLRMoG
+from molrmog.core.errors import MolrmogError
+from molrmog.core.metrics import energy_distance, mode_weight_error, sliced_w2
+from molrmog.core.options import int_list, option
+from molrmog.core.outputs import pyplot, save_figure, write_json
+from molrmog.core.samplers import SAMPLERS, generate
+from molrmog.core.schedules import GRIDS, SCHEDULES, make_grid
 
 
 @dataclass(frozen=True)

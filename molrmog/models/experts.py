@@ -1,0 +1,383 @@
+"""Learnable score models.
+
+- `MoGExpert`: a mixture of n low-rank Gaussians in a d-dim latent; its score at (z, t) is the
+  closed-form mixture score of its current parameters (`molrmog.core.mixture`, the same code as
+  the analytic distributions).
+- `GaussianExpert`: one zero-mean low-rank Gaussian (MoLRG): a linear score.
+- `MoEScore`: K experts on learnable orthonormal subspaces A_k (A_k = Q of a QR factorisation,
+  so A_k^T A_k = I exactly), gated by the closed-form responsibilities.
+- `MLPScore`: an unstructured MLP with a time embedding (baseline).
+
+Every model is called as `model(x, t) -> score` with t a scalar or (B,) tensor, has
+`denoise(x, t)`, and is a diffusers model (`molrmog.core.artefacts.Model`): the constructor arguments
+are its config, `save_pretrained` / `from_pretrained` (or the checked `save` / `load`) write and
+read `config.json` + `diffusion_pytorch_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from molrmog.core import mixture as mx
+from molrmog.core.artefacts import Model, register_to_config
+from molrmog.core.errors import MolrmogError
+from molrmog.core.schedules import get_schedule
+
+__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "load_model",
+           "k_subspaces", "precondition_eps"]
+
+
+class ScoreModel(Model):
+    """Base class of every score model: schedule handling and the Tweedie denoiser.
+
+    A subclass decorates its `__init__` with `@register_to_config` and calls `self._set_schedule`;
+    it is then a diffusers model: `save_pretrained` / `from_pretrained`, or the checked
+    `save` / `load` (`molrmog.core.artefacts`).
+    """
+
+    def _set_schedule(self, schedule) -> None:
+        self.schedule = get_schedule(schedule)
+        self.register_to_config(schedule=self.schedule.config())  # a JSON dict, whatever was passed
+
+    def st(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        """(s_t, gamma_t) in x's dtype and device, shape () or (B,) (`Schedule.s_gamma`)."""
+        return self.schedule.s_gamma(torch.as_tensor(t, dtype=torch.float64), x)
+
+    def score(self, x: Tensor, t) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t) -> Tensor:
+        return self.score(x, t)
+
+    def denoise(self, x: Tensor, t) -> Tensor:
+        """Tweedie: (x + gamma^2 score) / s."""
+        s, g = self.st(x, t)
+        s, g = (s, g) if s.ndim == 0 else (s[:, None], g[:, None])
+        return (x + g**2 * self.score(x, t)) / s
+
+
+def _check_expert_dims(d: int, n: int, r: int) -> None:
+    if int(d) < 1:
+        raise MolrmogError(f"latent dimension d must be >= 1, got {d}")
+    if int(n) < 1:
+        raise MolrmogError(f"number of modes n_k must be >= 1, got {n}")
+    if not 1 <= int(r) <= int(d):
+        raise MolrmogError(f"rank r must satisfy 1 <= r <= d = {d}, got r = {r}; lower --r or raise --d")
+
+
+class _MixtureExpert(ScoreModel):
+    """A mixture of n low-rank Gaussians in a d-dim latent (shared by `MoGExpert` and `GaussianExpert`):
+    means mu (n, d), factors U (n, d, r), mode logits (n,); its score is `mixture.score`."""
+
+    def _setup(self, d: int, n: int, r: int | None, schedule, init_scale: float, learn_means: bool,
+               learn_weights: bool, seed: int) -> None:
+        self._set_schedule(schedule)
+        r = d if r is None else r
+        _check_expert_dims(d, n, r)
+        self.d, self.n, self.r = int(d), int(n), int(r)
+        g = torch.Generator().manual_seed(seed)
+        mu = init_scale * torch.randn(n, d, generator=g) if learn_means else torch.zeros(n, d)
+        U = init_scale * torch.randn(n, d, r, generator=g) / math.sqrt(d)
+        self.U = nn.Parameter(U)
+        if learn_means:
+            self.mu = nn.Parameter(mu)
+        else:
+            self.register_buffer("mu", mu)
+        if learn_weights:
+            self.logit_pi = nn.Parameter(torch.zeros(n))
+        else:
+            self.register_buffer("logit_pi", torch.zeros(n))
+
+    @property
+    def pi(self) -> Tensor:
+        return torch.softmax(self.logit_pi, 0)
+
+    def mixture(self) -> mx.Mixture:
+        """The expert as a one-subspace `Mixture` (A = I) of its current parameters."""
+        log_pi = torch.log_softmax(self.logit_pi, 0)[None]
+        return mx.Mixture(torch.zeros(1, dtype=self.U.dtype, device=self.U.device), None, log_pi,
+                          self.mu[None], self.U[None])
+
+    def score(self, z: Tensor, t) -> Tensor:
+        if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
+            # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
+            # closed form -- as one compiled graph (`molrmog.core.mixture.FUSED`)
+            s, g = self.st(z, t)
+            return mx.compile_once(_mixture_expert_score)(self.logit_pi, self.mu, self.U, z, s, g)
+        return mx.score(self.mixture(), z, *self.st(z, t))
+
+    def mixture_for(self, x: Tensor) -> mx.Mixture:
+        """The expert's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with."""
+        return self.mixture().to(dtype=x.dtype, device=x.device)
+
+    @torch.no_grad()
+    def init_from_data(self, z: Tensor, seed: int = 0, max_iter: int = 100) -> _MixtureExpert:
+        """The closed-form start: EM for a mixture of PPCA (`molrmog.core.em`) -- means, rank-r factors W_l, weights;
+        U_l = W_l. The fit's floors s_l^2, log-likelihood and iterations are kept in `em_info`."""
+        from molrmog.core.em import fit_mppca
+
+        z = torch.as_tensor(z)
+        if z.ndim != 2 or z.shape[1] != self.d or z.shape[0] < 2:
+            raise MolrmogError(f"init data must have shape (N >= 2, d = {self.d}), got {tuple(z.shape)}")
+        learn_means = isinstance(self.mu, nn.Parameter)
+        fit = fit_mppca(z, self.n, self.r, zero_mean=not learn_means, seed=seed, max_iter=max_iter)
+        self.mu.copy_(fit.mu.to(self.mu.dtype))
+        if isinstance(self.U, nn.Parameter):
+            self.U.copy_(fit.W.to(self.U.dtype))
+        if isinstance(self.logit_pi, nn.Parameter):
+            self.logit_pi.copy_(torch.log(fit.pi).to(self.logit_pi.dtype))
+        self.em_info = {"loglik": fit.loglik, "iterations": fit.iterations, "floor_s2": fit.s2.tolist(),
+                        "floor_s2_median": float(fit.s2.median())}
+        return self
+
+
+def _mixture_expert_score(logit_pi: Tensor, mu: Tensor, U: Tensor, z: Tensor, s: Tensor, g: Tensor) -> Tensor:
+    """`_MixtureExpert.score` at one (s, gamma) as one function of tensors (what the fused path compiles)."""
+    log_w = torch.zeros(1, dtype=U.dtype, device=U.device)
+    log_p, R, m, ok = mx.scalar_terms_fused(log_w[:, None] + torch.log_softmax(logit_pi, 0)[None], None, mu[None],
+                                            U[None], z, s, g)
+    return (m - z) / g**2
+
+
+class MoGExpert(_MixtureExpert):
+    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,)."""
+
+    @register_to_config
+    def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
+                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0):
+        super().__init__()
+        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed)
+
+
+class GaussianExpert(_MixtureExpert):
+    """MoLRG expert: one zero-mean Gaussian N(0, U U^T) in the latent; its score is linear in z."""
+
+    @register_to_config
+    def __init__(self, d: int, r: int | None = None, schedule="vp", init_scale: float = 1.0, seed: int = 0,
+                 learn_factors: bool = True):
+        super().__init__()
+        self._setup(d, 1, r, schedule, init_scale, learn_means=False, learn_weights=False, seed=seed)
+        if not learn_factors:  # the MoLRG parameterisation of the theory: U = I_d, only A_k is learnt
+            if self.r != self.d:
+                raise MolrmogError(f"learn_factors=False fixes U = I and needs r = d, got r = {self.r}")
+            del self.U
+            self.register_buffer("U", torch.eye(self.d)[None])
+
+
+class MoEScore(ScoreModel):
+    """Mixture-of-experts score in R^D: K MoG experts (or, with gaussian=True, one zero-mean Gaussian each:
+    MoLRG) on orthonormal subspaces A_k.
+
+    A_k = Q(W_k) from a QR factorisation (sign-fixed), so A_k^T A_k = I holds exactly; the
+    subspace weights w_k are learnable logits. The score is `mixture.score` of the stacked
+    parameters: gating by closed-form responsibilities.
+    """
+
+    @register_to_config
+    def __init__(self, D: int, K: int, d: int, n: int = 2, r: int | None = None, schedule="vp",
+                 gaussian: bool = False, init_scale: float = 1.0, seed: int = 0, learn_factors: bool = True):
+        super().__init__()
+        self._set_schedule(schedule)
+        r = d if r is None else r
+        if int(K) < 1:
+            raise MolrmogError(f"K (number of experts) must be >= 1, got {K}")
+        if int(d) > int(D):
+            raise MolrmogError(f"latent d = {d} must not exceed the ambient D = {D}")
+        _check_expert_dims(d, n, r)
+        self.D, self.K, self.d = int(D), int(K), int(d)
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Parameter(torch.randn(K, D, d, generator=g))
+        self.logit_w = nn.Parameter(torch.zeros(K))
+        make = (lambda k: MoGExpert(d, n, r, schedule, init_scale, seed=seed + 1 + k)) if not gaussian \
+            else (lambda k: GaussianExpert(d, r, schedule, init_scale, seed=seed + 1 + k,
+                                           learn_factors=learn_factors))
+        self.experts = nn.ModuleList([make(k) for k in range(K)])
+
+    @property
+    def A(self) -> Tensor:
+        """(K, D, d) orthonormal bases."""
+        Q, R = torch.linalg.qr(self.W)
+        sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        return Q * sign[:, None, :]
+
+    def mixture(self) -> mx.Mixture:
+        e = self.experts
+        return mx.Mixture(
+            torch.log_softmax(self.logit_w, 0), self.A,
+            torch.stack([torch.log_softmax(x.logit_pi, 0) for x in e]),
+            torch.stack([x.mu for x in e]), torch.stack([x.U for x in e]))
+
+    def score(self, x: Tensor, t) -> Tensor:
+        return mx.score(self.mixture(), x, *self.st(x, t))
+
+    def mixture_for(self, x: Tensor) -> mx.Mixture:
+        return self.mixture().to(dtype=x.dtype, device=x.device)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, seed: int = 0, restarts: int = 5) -> MoEScore:
+        """Data-driven start: K-subspaces clustering for A_k, then each expert's own data-driven init."""
+        x = torch.as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.D or x.shape[0] < 1:
+            raise MolrmogError(f"init data must have shape (N >= 1, D = {self.D}), got {tuple(x.shape)}")
+        bases, labels = k_subspaces(x, self.K, self.d, seed=seed, restarts=restarts)
+        self.W.copy_(bases.to(self.W.dtype))
+        counts = torch.bincount(labels, minlength=self.K).double()
+        self.logit_w.copy_(torch.log((counts + 1) / (counts.sum() + self.K)).to(self.logit_w.dtype))
+        A = self.A
+        for k, e in enumerate(self.experts):
+            xk = x[labels == k]
+            if xk.shape[0] == 0:
+                xk = x
+            e.init_from_data((xk.to(A.dtype) @ A[k]), seed=seed + k)
+        return self
+
+
+def _aligned_neighbour_labels(x: Tensor, K: int, d: int, g: torch.Generator) -> Tensor:
+    """Start for K-subspaces: per seed point, PCA of its most aligned (|cos|) neighbours; each new
+    seed is drawn among the points the bases found so far explain worst."""
+    N, D = x.shape
+    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unexplained = torch.ones(N, dtype=x.dtype)
+    bases = []
+    for _ in range(K):
+        pool = unexplained.topk(max(1, N // (2 * K))).indices
+        i = pool[torch.randint(0, pool.numel(), (1,), generator=g)].item()
+        nb = (xn @ xn[i]).abs().topk(min(N, 4 * d + 4, max(d + 1, N // (2 * K)))).indices
+        V = torch.linalg.svd(x[nb], full_matrices=False)[2][:d].T  # (D, <= d)
+        bases.append(V)
+        unexplained = torch.minimum(unexplained, 1 - ((xn @ V) ** 2).sum(1))
+    resid = torch.stack([1 - ((xn @ V) ** 2).sum(1) for V in bases], 1)
+    return resid.argmin(1)
+
+
+def k_subspaces(x: Tensor, K: int, d: int, seed: int = 0, restarts: int = 5, iters: int = 50):
+    """K-subspaces clustering (alternate: assign to the subspace with the smallest residual,
+    refit each basis by PCA through the origin). Returns bases (K, D, d) and labels (N,)."""
+    x = torch.as_tensor(x).double()
+    N, D = x.shape
+    g = torch.Generator().manual_seed(seed)
+    best, best_cost = None, math.inf
+    for _ in range(max(1, restarts)):
+        labels = _aligned_neighbour_labels(x, K, d, g)
+        bases = torch.zeros(K, D, d, dtype=torch.float64)
+        for _ in range(iters):
+            for k in range(K):
+                xk = x[labels == k]
+                if xk.shape[0] < 1:
+                    xk = x[torch.randint(0, N, (d + 1,), generator=g)]
+                _, _, Vt = torch.linalg.svd(xk, full_matrices=True)
+                V = Vt[: min(d, Vt.shape[0])].T
+                if V.shape[1] < d:  # fewer points than d: complete with random orthogonal directions
+                    extra = torch.randn(D, d - V.shape[1], generator=g, dtype=torch.float64)
+                    V = torch.linalg.qr(torch.cat([V, extra], 1))[0]
+                bases[k] = V
+            resid = (x * x).sum(1)[:, None] - ((x @ bases.permute(1, 0, 2).reshape(D, K * d))
+                                                .view(N, K, d) ** 2).sum(-1)
+            new = resid.argmin(1)
+            if torch.equal(new, labels):
+                break
+            labels = new
+        cost = resid.min(1).values.sum().item()
+        if cost < best_cost:
+            best, best_cost = (bases.clone(), labels.clone()), cost
+    return best
+
+
+def precondition_eps(x_in: Tensor, out: Tensor, s: Tensor, g: Tensor, data_std: float) -> Tensor:
+    """EDM-style eps (Karras et al. 2022, Table 1, in eps form): eps = c_skip x_in + c_out F with n^2 = s^2
+    data_std^2 + gamma^2, x_in = x / n, c_skip = gamma / n (the exact E[eps | x] for N(0, data_std^2) data)
+    and c_out = s data_std / n (its posterior std): at large t the network's error is scaled away, so
+    Tweedie's x0 = (x - gamma eps) / s does not blow it up by gamma / s."""
+    n = torch.sqrt((s * data_std) ** 2 + g**2)[:, None]
+    return (g[:, None] / n) * x_in + (s[:, None] * data_std / n) * out
+
+
+class MLPScore(ScoreModel):
+    """Unstructured baseline: an MLP eps-predictor with a Fourier time embedding; score = -eps / gamma.
+    precondition=True wraps it as `precondition_eps` (as the U-Net expert)."""
+
+    @register_to_config
+    def __init__(self, D: int, hidden: int = 256, depth: int = 3, emb: int = 32, schedule="vp",
+                 data_std: float = 1.0, seed: int = 0, precondition: bool = False):
+        super().__init__()
+        self._set_schedule(schedule)
+        if int(D) < 1 or int(hidden) < 1 or int(depth) < 1:
+            raise MolrmogError(f"D, hidden and depth must be >= 1, got {D}, {hidden}, {depth}")
+        self.D, self.data_std, self.precondition = int(D), float(data_std), bool(precondition)
+        self.register_buffer("freqs", torch.randn(emb // 2, generator=torch.Generator().manual_seed(seed)))
+        with torch.random.fork_rng():  # seeded weights without touching the global RNG
+            torch.manual_seed(seed)
+            layers, width = [], D + 2 * (emb // 2)
+            for _ in range(depth):
+                layers += [nn.Linear(width, hidden), nn.SiLU()]
+                width = hidden
+            layers.append(nn.Linear(width, D))
+            self.net = nn.Sequential(*layers)
+
+    def score(self, x: Tensor, t) -> Tensor:
+        s, g = self.st(x, t)
+        s, g = s.expand(x.shape[0]), g.expand(x.shape[0])
+        c_noise = torch.log(g / s)[:, None] / 4  # log sigma, EDM-style
+        ang = 2 * math.pi * c_noise * self.freqs
+        c_in = 1 / torch.sqrt((s * self.data_std) ** 2 + g**2)[:, None]  # unit-variance input
+        eps = self.net(torch.cat([x * c_in, torch.sin(ang), torch.cos(ang)], 1))
+        if self.precondition:
+            eps = precondition_eps(x * c_in, eps, s, g, self.data_std)
+        return -eps / g[:, None]
+
+
+class UNetScore(ScoreModel):
+    """Latent U-Net baseline: diffusers' `UNet2DModel` (small) predicting eps on a (c, h, w) latent,
+    padded to an even size; score = -eps / gamma. Inputs and outputs are flat (B, c h w).
+
+    precondition=True (what the pipeline trains) writes eps = c_skip x_in + c_out F(x_in) with
+    x_in = u / sqrt(s^2 + gamma^2), c_skip = gamma / sqrt(s^2 + gamma^2) (the exact E[eps | x] for
+    standardised N(0, I) data) and c_out = s / sqrt(s^2 + gamma^2) (its posterior std), as in EDM:
+    at large t the network's error is scaled away, so the long VP horizon does not amplify it.
+    Without it (old runs) the raw network output is eps."""
+
+    @register_to_config
+    def __init__(self, latent=(2, 4, 4), width: int = 32, schedule="vp", seed: int = 0,
+                 precondition: bool = True):
+        super().__init__()
+        self._set_schedule(schedule)
+        from diffusers import UNet2DModel
+
+        self.precondition = bool(precondition)
+        self.latent = tuple(int(v) for v in latent)
+        c, h, w = self.latent
+        self.pad = (-h) % 2
+        groups = min(8, width)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.unet = UNet2DModel(
+                sample_size=h + self.pad, in_channels=c, out_channels=c, layers_per_block=1,
+                block_out_channels=(width, 2 * width), down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=groups)
+
+    def score(self, u: Tensor, t) -> Tensor:
+        s, g = self.st(u, t)
+        B = u.shape[0]
+        s, g = s.expand(B), g.expand(B)
+        c, h, w = self.latent
+        x = (u / torch.sqrt(s**2 + g**2)[:, None]).view(B, c, h, w)  # unit-variance input (u standardised)
+        x = F.pad(x, (0, self.pad, 0, self.pad))
+        timestep = self.schedule.timestep(torch.as_tensor(t, dtype=torch.float64), u, B)
+        out = self.unet(x, timestep).sample[:, :, :h, :w].reshape(B, -1)
+        if self.precondition:  # EDM-style: exact eps for N(0, I) data plus a correction scaled by its std
+            norm = torch.sqrt(s**2 + g**2)[:, None]
+            eps = (g[:, None] / norm) * x[:, :, :h, :w].reshape(B, -1) + (s[:, None] / norm) * out
+        else:
+            eps = out
+        return -eps / g[:, None]
+
+
+def load_model(directory: str | os.PathLike) -> ScoreModel:
+    """Rebuild any score model saved with `save` / `save_pretrained` (checked; see `molrmog.core.artefacts`)."""
+    return ScoreModel.load(directory, "score model")
