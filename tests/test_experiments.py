@@ -14,7 +14,7 @@ def _rows(path):
 
 
 def test_estimation_error_decays_like_inverse_sqrt_n(tmp_path):
-    assert main(["experiment", "estimation", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["experiment", "estimation", "--quick", "--out", str(tmp_path), "--no-progress", "--workers", "2"]) == 0
     res = json.loads((tmp_path / "estimation.json").read_text())
     moe = {k: v for k, v in res["slopes"].items() if k.startswith("moe-mog")}
     assert len(moe) >= 2 and all(v < -0.3 for v in moe.values()), moe
@@ -42,8 +42,10 @@ def test_gradient_descent_converges_linearly_with_positive_definite_hessian(tmp_
 
 def test_phase_transition_near_n_equals_d(tmp_path):
     from molrmog.experiments.phase import run_phase
+    from molrmog.training.executors import Executor
 
-    run_phase(tmp_path, "quick", progress=False, Ns=[1, 2, 8])  # the --quick preset, three sample sizes of five
+    # the --quick preset, three sample sizes of five; cells in 2 processes (the results do not depend on it)
+    run_phase(tmp_path, "quick", progress=False, Ns=[1, 2, 8], executor=Executor(workers=2))
     rows = _rows(tmp_path / "phase_transition.csv")
     for K in {r["K"] for r in rows}:
         for d in {r["d"] for r in rows}:

@@ -172,18 +172,17 @@ def toy_kind():
 
 
 def test_a_kind_registered_in_a_test_goes_through_train_sample_and_compare(toy_kind, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", "--out", str(run), *tiny(("mog", "widemlp")), "--widemlp-hidden", "4"]) == 0
+    out = tmp_path / "cmp"  # the unified-VAE ablation (the headline kind's) is test_compare_cli_writes_the_table's
+    assert main(["compare", "--out", str(out), "--samples", "30", "--reference", "200", "--cache",
+                 str(tmp_path / "cache"), "--no-unified", *tiny(("mog", "widemlp")), "--widemlp-hidden", "4"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert "Wide MLP expert" in rows and "MoG expert" in rows
+    run = out / "dedicated"  # compare trained it as `train` does
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["expert_options"]["widemlp"]["hidden"] == 4 and (run / "samples_widemlp.png").is_file()
     assert json.loads((run / "experts" / "widemlp" / "0" / "config.json").read_text())["net_config"]["hidden"] == 4
     assert main(["sample", str(run), "--kind", "widemlp", "--n", "4", "--steps", "3",
                  "--out", str(tmp_path / "t.png")]) == 0
-    out = tmp_path / "cmp"  # the unified-VAE ablation (the headline kind's) is test_compare_cli_writes_the_table's
-    assert main(["compare", "--out", str(out), "--samples", "30", "--reference", "200", "--cache",
-                 str(tmp_path / "cache"), "--no-unified", *tiny(("mog", "widemlp"))]) == 0
-    rows = json.loads((out / "comparison.json").read_text())["rows"]
-    assert "Wide MLP expert" in rows and "MoG expert" in rows
 
 
 def test_the_readme_library_snippet_runs_as_written(digits_run, tmp_path, monkeypatch):
@@ -207,7 +206,7 @@ def test_seeds_come_from_kind_names_not_positions(toy_kind):
 
 def test_kind_names_appear_only_in_the_registry_and_their_classes():
     root = Path(__file__).resolve().parents[1]
-    allowed = {"molrmog/kinds.py", "molrmog/experts.py"}  # the registry and the kinds' own classes
+    allowed = {"molrmog/models/kinds.py", "molrmog/models/experts.py"}  # the registry and the kinds' own classes
     hits = []
     for p in sorted(list((root / "molrmog").rglob("*.py")) + list((root / "benchmarks").glob("*.py"))):
         rel = str(p.relative_to(root))
