@@ -42,7 +42,9 @@ def test_a_budget_is_used_up_and_the_curve_has_its_points(tmp_path, featurizer_c
         pts = [r for r in res["rows"] if r["kind"] == kind]
         assert [r["point"] for r in pts] == list(range(len(BUDGET_POINTS))) and len(pts) >= 5
         secs = [r["seconds"] for r in pts]
-        assert secs == sorted(secs) and secs[-1] == pytest.approx(used, rel=0.02)  # log-spaced up to the budget
+        # log-spaced up to the budget: the last point is taken once every cluster has used its share (how long
+        # after it the run returns -- saving the snapshot, the last check -- is a timing, not asserted here)
+        assert secs == sorted(secs) and kept - 1e-6 <= secs[-1] <= used + 1e-6, (secs, kept, used)
         assert all(r["fid"] > 0 and 0 <= r["recall"] <= 1 for r in pts)
     for f in ("quality_vs_time.csv", "quality_vs_time.png", "comparison.md"):
         assert (out / f).is_file()

@@ -112,9 +112,9 @@ def test_run_tasks_local_and_pool_agree_retry_and_report(tmp_path):
         assert log.read_text() == "xx"
         marker = tmp_path / f"flaky-{ex.workers}"
         assert run_tasks([Task("flaky", _flaky, (str(marker),))], ex, progress=False) == {"flaky": "second attempt"}
-    with pytest.raises(ValueError, match="unknown --executor"):
+    with pytest.raises(ValueError, match="executor .dask. is unknown"):
         Executor("dask")
-    with pytest.raises(ValueError, match="--workers must be >= 1"):
+    with pytest.raises(ValueError, match="workers must be >= 1"):
         Executor(workers=0)
 
 
@@ -125,12 +125,16 @@ def _pid(i):
 def test_the_pool_is_started_once_and_not_reused_under_another_environment(monkeypatch):
     """Spawning a worker imports torch (seconds): the pool is reused by later calls, but not once the working
     folder or a variable the workers read ($MOLRMOG_DATA, ...) changed."""
+    from molrmog.training import executors
+
     tasks = [Task(f"p-{i}", _pid, (i,)) for i in range(6)]
-    first = set(run_tasks(tasks, Executor(workers=2), progress=False).values())
-    again = set(run_tasks(tasks, Executor(workers=2), progress=False).values())
-    assert os.getpid() not in first and again <= first
+    assert os.getpid() not in set(run_tasks(tasks, Executor(workers=2), progress=False).values())
+    pool = executors._POOLS[2][0]
+    run_tasks(tasks, Executor(workers=2), progress=False)
+    assert executors._POOLS[2][0] is pool  # the same pool, its workers already running
     monkeypatch.setenv("MOLRMOG_DATA", "/elsewhere")
-    assert not set(run_tasks(tasks, Executor(workers=2), progress=False).values()) & first
+    run_tasks(tasks, Executor(workers=2), progress=False)
+    assert executors._POOLS[2][0] is not pool
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch, capsys):

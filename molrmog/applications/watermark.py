@@ -175,22 +175,25 @@ def check_key(key: object, source, kind: str, clusters: int) -> dict:
     return key
 
 
+def _bad_images(path, why: str) -> MolrmogError:
+    return MolrmogError(f"images {path}: {why}", param="images")
+
+
 def read_images(path, shape: tuple[int, int, int]) -> Tensor:
     """Images (N, C, H, W) from an .npy file: real floats in [0, 1], finite, of the run's image shape."""
     if not path or not Path(path).is_file():
-        raise MolrmogError(f"--images {path}: no such file (an .npy array of images)")
+        raise _bad_images(path, "no such file (an .npy array of images)")
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise MolrmogError(f"--images {path}: cannot read it as a .npy array ({e})") from None
+        raise _bad_images(path, f"cannot read it as a .npy array ({e})") from None
     if not np.issubdtype(arr.dtype, np.floating):
         hint = "; uint8 images: divide by 255 first" if arr.dtype == np.uint8 else ""
-        raise MolrmogError(f"--images {path}: expected floating-point images in [0, 1], got dtype {arr.dtype}{hint}")
+        raise _bad_images(path, f"expected floating-point images in [0, 1], got dtype {arr.dtype}{hint}")
     if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape) or arr.shape[0] < 1:
-        raise MolrmogError(f"--images {path}: expected (N, {', '.join(map(str, shape))}) images, got shape "
-                           f"{tuple(arr.shape)}")
+        raise _bad_images(path, f"expected (N, {', '.join(map(str, shape))}) images, got shape {tuple(arr.shape)}")
     if not np.isfinite(arr).all() or arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
-        raise MolrmogError(f"--images {path}: values must be finite and lie in [0, 1]")
+        raise _bad_images(path, "values must be finite and lie in [0, 1]")
     return torch.from_numpy(arr.astype(np.float32)).clamp(0, 1)
 
 

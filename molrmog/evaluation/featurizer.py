@@ -128,7 +128,7 @@ def train_featurizer(dataset: str, *, cache: str | os.PathLike | None = None, st
         raise MolrmogError(f"{dataset} has no labels; a featurizer is a classifier and needs class sub-folders")
     steps = int(steps or get_dataset(dataset).featurizer_steps)
     if steps < 1 or batch < 1:
-        raise MolrmogError("featurizer --steps and --batch must be >= 1")
+        raise MolrmogError(f"steps and batch must be >= 1, got {steps} and {batch}", param="steps")
     x, y = train.images, train.labels
 
     def loss_fn(m, gen):

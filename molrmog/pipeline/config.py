@@ -184,7 +184,7 @@ def check_config(cfg: RunConfig, image_shape=None, source: str | None = None) ->
             raise MolrmogError(f"latent {'x'.join(map(str, latent))} has {math.prod(latent)} dimensions; at most "
                                f"65536 are supported")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MolrmogError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise MolrmogError("device cuda was asked for but no CUDA device is available; use cpu", param="device")
 
 
 def resolve_config(cfg: RunConfig, image_shape) -> RunConfig:

@@ -428,7 +428,7 @@ def load_dataset(spec: str, *, data_dir: str | None = None, limit: int | None = 
         data = entry.load(split, opts)
     if limit is not None:
         if limit < 1:
-            raise MolrmogError(f"--limit must be >= 1, got {limit}")
+            raise MolrmogError(f"limit must be >= 1, got {limit}", param="limit")
         g = torch.Generator().manual_seed(0)
         data = data.subset(torch.randperm(data.images.shape[0], generator=g)[:limit])
     return data

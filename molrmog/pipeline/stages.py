@@ -280,7 +280,7 @@ def prepare_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fa
     if cfg.vae_from is not None and not resume:  # the data, clusters and VAEs of another run
         source = Path(cfg.vae_from)
         if source.resolve() == out.resolve():
-            raise MolrmogError("--vae-from names the run itself; give another run")
+            raise MolrmogError("vae_from names the run itself; give another run", param="vae_from")
         src = load_config(source)
         cfg = dataclasses.replace(cfg, **{f: getattr(src, f) for f in VAE_FIELDS})
         _check_source(source, src)
@@ -365,11 +365,12 @@ def _check_source(source: Path, src: RunConfig) -> None:
     labels, weights, _ = run_labels(source)
     layout = get_layout(src.vae)
     if not layout.is_done(source, weights.numel()):
-        raise MolrmogError(f"--vae-from {source}: its VAEs are not all trained; finish it first (--resume {source})")
+        raise MolrmogError(f"vae_from {source}: its VAEs are not all trained; finish it first (--resume {source})",
+                           param="vae_from")
     try:
         layout.load(source, weights.numel(), "cpu")
     except MolrmogError as e:
-        raise MolrmogError(f"--vae-from {source}: {e}") from None
+        raise MolrmogError(f"vae_from {source}: {e}", param="vae_from") from None
 
 
 def _adopt_vaes(source: Path, out: Path, cfg: RunConfig) -> None:
@@ -413,7 +414,7 @@ def _clusters(run: Trainer) -> int:
 
         K = cfg.clusters or 10
         if K > data.images.shape[0]:
-            raise MolrmogError(f"--clusters {K} exceeds the {data.images.shape[0]} training images")
+            raise MolrmogError(f"clusters {K} exceeds the {data.images.shape[0]} training images", param="clusters")
         vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed, blocks=cfg.vae_blocks)
         run.fit_vae("features", vae, data.images, seed=cfg.seed)
         feats = run.encode(vae.to(run.device), data.images).numpy()

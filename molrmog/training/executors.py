@@ -72,9 +72,9 @@ class Executor:
 
     def __post_init__(self):
         if self.kind not in EXECUTORS:
-            raise MolrmogError(f"unknown --executor {self.kind!r}; choose local or ray")
+            raise MolrmogError(f"executor {self.kind!r} is unknown; choose local or ray", param="executor")
         if int(self.workers) < 1:
-            raise MolrmogError(f"--workers must be >= 1, got {self.workers}")
+            raise MolrmogError(f"workers must be >= 1, got {self.workers}", param="workers")
         if self.kind == "ray":
             _import_ray()
 
