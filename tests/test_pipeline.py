@@ -171,10 +171,11 @@ def toy_kind():
     kinds.unregister("widemlp")
 
 
-def test_a_kind_registered_in_a_test_goes_through_train_sample_and_compare(toy_kind, tmp_path, capsys):
+def test_a_kind_registered_in_a_test_goes_through_train_sample_and_compare(toy_kind, tmp_path, capsys,
+                                                                            featurizer_cache):
     out = tmp_path / "cmp"  # the unified-VAE ablation (the headline kind's) is test_compare_cli_writes_the_table's
     assert main(["compare", "--out", str(out), "--samples", "30", "--reference", "200", "--cache",
-                 str(tmp_path / "cache"), "--no-unified", *tiny(("mog", "widemlp")), "--widemlp-hidden", "4"]) == 0
+                 str(featurizer_cache), "--no-unified", *tiny(("mog", "widemlp")), "--widemlp-hidden", "4"]) == 0
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert "Wide MLP expert" in rows and "MoG expert" in rows
     run = out / "dedicated"  # compare trained it as `train` does
