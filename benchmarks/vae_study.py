@@ -12,9 +12,11 @@ For each cluster and candidate, one dedicated VAE is trained as a run trains it 
 
     python benchmarks/vae_study.py --dataset fashion-mnist --clusters 0,6 \
         --candidate default= --candidate cycle10=vae_cycle:10 [--out runs/vae_study]
+    python benchmarks/vae_study.py --dataset fashion-mnist --clusters 0 --candidate default= \
+        --candidate gauss=vae_recon:normal --candidate b32s3k=vae_batch:32,vae_steps:3000
 
 A candidate is NAME=key:value,... over RunConfig fields (vae_cycle, vae_steps, vae_lr, vae_width, vae_beta,
-vae_blocks, vae_batch, latent as c/h/w). Writes vae_study.csv/.json/.png into --out and prints a table.
+vae_blocks, vae_batch, vae_recon, latent as c/h/w). Writes vae_study.csv/.json/.png into --out and prints a table.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def parse_candidate(text: str) -> tuple[str, dict]:
         if key == "latent":
             over[key] = tuple(int(v) for v in value.split("/"))
         else:
-            over[key] = (float if "float" in str(field.type) else int)(value)
+            kind = str(field.type)
+            over[key] = (float if "float" in kind else str if "str" in kind else int)(value)
     return name, over
 
 
@@ -60,7 +63,7 @@ def study(dataset: str, clusters: list[int], candidates: list[tuple[str, dict]],
         for name, over in candidates:
             cfg = resolve_config(dataclasses.replace(base, **over), data.shape)
             vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed + k,
-                          blocks=cfg.vae_blocks)
+                          blocks=cfg.vae_blocks, recon=cfg.vae_recon)
 
             def loss_fn(m, gen, cfg=cfg, x=x):
                 idx = torch.randint(0, x.shape[0], (cfg.vae_batch,), generator=gen)

@@ -27,7 +27,7 @@ def test_a_budget_is_used_up_and_the_curve_has_its_points(tmp_path, featurizer_c
     """How close to the budget a run stops is a timing: benchmarks/bench_budget.py measures it. Here: every
     cluster uses at least its share, and the curve has its points."""
     out = tmp_path / "cmp"
-    budget = 6.0
+    budget = 4.0
     assert main(["compare", "--out", str(out), *tiny(("mog", "gaussian")), "--budget", str(budget), "--no-unified",
                  "--samples", "40", "--reference", "300", "--cache", str(featurizer_cache)]) == 0
     res = json.loads((out / "quality_vs_time.json").read_text())
@@ -97,6 +97,24 @@ def test_vaes_are_reused_not_retrained(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "c"), "--vae-from", str(a), "--vae-width", "8"]) == 2
     assert "drop --vae-width" in capsys.readouterr().err
+
+
+def test_a_kinds_learning_rate_schedule_reaches_its_training(digits_run, tmp_path, monkeypatch):
+    import molrmog.pipeline.stages as stages
+
+    seen, train = {}, stages.train_score
+
+    def spy(model, data, **kw):
+        seen[kw["desc"]] = kw["lr_schedule"]
+        return train(model, data, **kw)
+
+    monkeypatch.setattr(stages, "train_score", spy)
+    run = tmp_path / "cos"
+    assert main(["train", "--out", str(run), "--vae-from", str(digits_run), *tiny(("mog", "gaussian"), vae=False),
+                 "--mog-lr-schedule", "cosine"]) == 0
+    assert {d: s for d, s in seen.items() if d.startswith("mog")} == {f"mog-{k}": "cosine" for k in range(10)}
+    assert {s for d, s in seen.items() if d.startswith("gaussian")} == {"constant"}
+    assert json.loads((run / "config.json").read_text())["expert_options"]["mog"]["lr_schedule"] == "cosine"
 
 
 def test_auto_modes_and_rank_and_em_only_experts(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from molrmog.cli import main
-from molrmog.models.vae import ConvVAE, roundtrip_ratio, vae_loss
+from molrmog.models.vae import ConvVAE, recon_nll, roundtrip_ratio, vae_loss
 from molrmog.pipeline.config import ADDED_KEYS
 from molrmog.pipeline.data import load_dataset
 from molrmog.pipeline.stages import load_config
@@ -34,6 +34,41 @@ def test_the_cycle_term_is_the_elbo_plus_the_weighted_round_trip_of_the_posterio
     ratio = roundtrip_ratio(vae, z.detach(), mean.mean(0))
     expected = (back - z).flatten(1).norm(dim=1) / (z - mean.mean(0)).flatten(1).norm(dim=1)
     torch.testing.assert_close(ratio, expected.detach())
+
+
+@pytest.mark.parametrize("recon", ["bernoulli", "normal", "laplace"])
+def test_each_reconstruction_likelihood_is_the_log_density_torch_distributions_gives(recon):
+    from torch.distributions import Bernoulli, Laplace, Normal
+
+    x = load_dataset("digits").images[:6]
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 8, beta=0.1, seed=0, recon=recon)
+    logits = vae.decode(torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(1)))
+    if recon == "bernoulli":
+        law = Bernoulli(logits=logits, validate_args=False)  # grey pixels: the cross-entropy, as VAEs use it
+    else:
+        with torch.no_grad():  # a scale that differs per pixel, so a mix-up of pixels would show
+            vae.log_scale.copy_(torch.linspace(-3, 0.5, 64).view(1, 8, 8))
+        law = (Normal if recon == "normal" else Laplace)(torch.sigmoid(logits), vae.log_scale.exp())
+    torch.testing.assert_close(recon_nll(vae, logits, x), -law.log_prob(x).sum() / 6)
+
+
+def test_a_learned_pixel_scale_trains_saves_and_loads(tmp_path):
+    data = load_dataset("digits")
+    x = data.images[data.labels == 3]
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 16, beta=0.1, seed=0, recon="laplace")
+    before = vae.log_scale.detach().clone()
+
+    def loss_fn(m, gen):
+        return vae_loss(m, x[torch.randint(0, x.shape[0], (64,), generator=gen)], gen)
+
+    fit(vae, loss_fn, steps=150, lr=3e-3, seed=0, progress=False)
+    # the scale follows the pixel errors: smaller where the digit's pixels are predictable (the border)
+    err = (vae.eval().reconstruct(x) - x).abs().mean(0).detach()
+    assert not torch.equal(vae.log_scale.detach(), before)
+    assert torch.corrcoef(torch.stack([vae.log_scale.detach().flatten(), err.flatten().log()]))[0, 1] > 0.5
+    vae.save(tmp_path / "v")
+    back = ConvVAE.load(tmp_path / "v", "VAE")
+    assert back.recon == "laplace" and torch.equal(back.log_scale, vae.log_scale)
 
 
 def _trained(cycle: float) -> tuple[ConvVAE, torch.Tensor]:
@@ -68,12 +103,15 @@ def test_the_cycle_term_shrinks_the_round_trip_of_generated_latents():
 @pytest.fixture(scope="module")
 def cycle_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("latent") / "run"
-    assert main(["train", "--dataset", "digits", "--out", str(out), *tiny(("mog", "unet")), "--vae-cycle", "5"]) == 0
+    assert main(["train", "--dataset", "digits", "--out", str(out), *tiny(("mog", "unet")), "--vae-cycle", "5",
+                 "--vae-recon", "normal"]) == 0
     return out
 
 
 def test_analyze_roundtrip_reports_every_cluster_and_source(cycle_run, tmp_path, capsys):
-    assert load_config(cycle_run).vae_cycle == 5.0
+    from molrmog.pipeline.run import Run
+
+    assert load_config(cycle_run).vae_cycle == 5.0 and Run.load(cycle_run).vae(0).recon == "normal"
     out = tmp_path / "rt"
     assert main(["analyze", "roundtrip", str(cycle_run), "--samples", "16", "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "roundtrip.json").read_text())
@@ -95,6 +133,7 @@ def test_a_run_written_before_a_setting_existed_loads_as_it_was_trained(cycle_ru
     (run / "config.json").write_text(json.dumps(raw))
     cfg = load_config(run)
     assert all(getattr(cfg, k) == v for k, v in ADDED_KEYS.items()) and cfg.vae_cycle == 0.0
+    assert cfg.vae_recon == "bernoulli"
 
 
 # --- ring-key watermarks (Tree-Ring / Shallow Diffuse) -----------------------------------------------------

@@ -243,7 +243,7 @@ def image_task(run: str, cluster: int, kind: str, N: int, half: int, cfg: dict, 
         entry.init_from_data(e.net, u, opts, model_seed)
     steps = cfg["image_baseline_steps"] if get_kind(kind).baseline else cfg["image_steps"]
     train_score(e, u, steps=steps, batch_size=min(opts.batch, max(8, 4 * u.shape[0])), lr=opts.lr, seed=model_seed,
-                ema_decay=opts.ema_decay, progress=False)
+                ema_decay=opts.ema_decay, lr_schedule=opts.lr_schedule, progress=False)
     return {"config": dict(e.config), "state": {k: v.clone() for k, v in e.state_dict().items()}}
 
 

@@ -53,6 +53,8 @@ class KindOptions:
     lr: float = option(1e-2, "Adam learning rate", low=0, low_open=True, high=10.0)
     batch: int = option(128, "training batch size", low=1, high=2**16)
     ema_decay: float = option(0.99, "EMA decay of the weights; 0 turns EMA off", low=0, high=0.99999)
+    lr_schedule: str = option("constant", "learning-rate schedule: constant, or cosine (to 0 over the steps, or over "
+                              "the expert's share of --budget)", choices=("constant", "cosine"))
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ class VAELayout:
 
 def _new_vae(trainer, seed: int) -> ConvVAE:
     c = trainer.cfg
-    return ConvVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=seed, blocks=c.vae_blocks)
+    return ConvVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=seed, blocks=c.vae_blocks,
+                   recon=c.vae_recon)
 
 
 class Dedicated(VAELayout):
@@ -160,7 +161,7 @@ class LoRA(VAELayout):
             return
         backbone = ConvVAE.load(out / "backbone", "VAE backbone")
         vae = LoRAVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=c.seed, clusters=trainer.K,
-                      rank=c.lora_rank, blocks=c.vae_blocks)
+                      rank=c.lora_rank, blocks=c.vae_blocks, recon=c.vae_recon)
         vae.load_state_dict(_lora_state_from(backbone, vae), strict=True)
         parts = out / "lora-adapters"
         for k in range(trainer.K):

@@ -18,9 +18,14 @@ from torch import Tensor, nn
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
 
-__all__ = ["ConvVAE", "LoRAVAE", "check_latent_shape", "vae_loss", "roundtrip_ratio", "MAX_LATENT_CHANNELS"]
+__all__ = ["ConvVAE", "LoRAVAE", "check_latent_shape", "vae_loss", "roundtrip_ratio", "MAX_LATENT_CHANNELS",
+           "RECON_LOSSES"]
 
 MAX_LATENT_CHANNELS = 256
+# the reconstruction likelihood p(x | z) of a VAE, around the decoded image sigmoid(D(z)) in [0, 1]:
+# bernoulli (cross-entropy); normal and laplace with a learned per-pixel scale (log_scale, one per pixel)
+RECON_LOSSES = ("bernoulli", "normal", "laplace")
+INITIAL_LOG_SCALE = math.log(0.1)  # about the pixel error of a VAE early in training: the scale has little to travel
 
 
 def check_latent_shape(image_shape, latent) -> int:
@@ -57,10 +62,16 @@ class _VAE(Model):
     `blocks` residual blocks follow each of the two lowest-resolution stages (where they are cheap), in the
     encoder and the decoder."""
 
-    def _build(self, image_shape, latent, width: int, beta: float, seed: int, blocks: int = 0) -> None:
+    def _build(self, image_shape, latent, width: int, beta: float, seed: int, blocks: int = 0,
+               recon: str = "bernoulli") -> None:
         self.image_shape, self.latent = tuple(int(v) for v in image_shape), tuple(int(v) for v in latent)
         if not (beta >= 0 and math.isfinite(beta)):
             raise MolrmogError(f"the VAE's KL weight beta must be a finite number >= 0, got {beta}")
+        if recon not in RECON_LOSSES:
+            raise MolrmogError(f"the VAE's reconstruction loss must be one of {', '.join(RECON_LOSSES)}, got {recon!r}")
+        self.recon = recon
+        if recon != "bernoulli":  # a learned per-pixel scale (no random numbers: the weights below do not change)
+            self.log_scale = nn.Parameter(torch.full(self.image_shape, INITIAL_LOG_SCALE))
         if not 1 <= int(width) <= 1024:
             raise MolrmogError(f"the VAE width must lie in [1, 1024], got {width}")
         self.beta = float(beta)
@@ -111,13 +122,27 @@ class ConvVAE(_VAE):
 
     @register_to_config
     def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0,
-                 blocks: int = 0):
+                 blocks: int = 0, recon: str = "bernoulli"):
         super().__init__()
-        self._build(image_shape, latent, width, beta, seed, blocks)
+        self._build(image_shape, latent, width, beta, seed, blocks, recon)
+
+
+def recon_nll(vae: _VAE, logits: Tensor, x: Tensor) -> Tensor:
+    """-log p(x | z) summed over pixels, averaged over images, for the VAE's likelihood (`RECON_LOSSES`) around
+    sigmoid(logits); the normal and Laplace scales are the VAE's learned per-pixel `log_scale`."""
+    if vae.recon == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+    err, log_s = x - torch.sigmoid(logits), vae.log_scale
+    if vae.recon == "normal":
+        nll = 0.5 * (err * torch.exp(-log_s)).pow(2) + log_s + 0.5 * math.log(2 * math.pi)
+    else:
+        nll = err.abs() * torch.exp(-log_s) + log_s + math.log(2)
+    return nll.sum() / x.shape[0]
 
 
 def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None, cycle: float = 0.0) -> Tensor:
-    """Negative ELBO per image: Bernoulli reconstruction + beta KL(q(z|x) || N(0, I)).
+    """Negative ELBO per image: reconstruction (`recon_nll`: Bernoulli, or normal / Laplace with a learned
+    per-pixel scale) + beta KL(q(z|x) || N(0, I)).
 
     With `cycle` > 0, plus cycle * ||E(D(m)) - m||^2 per image for the encoder mean m (the latent the experts
     learn from; the target m is held fixed): the VAE must give back the latents it is asked to decode, and the
@@ -127,7 +152,7 @@ def vae_loss(vae: _VAE, x: Tensor, gen: torch.Generator | None = None, cycle: fl
     mean, logvar = vae.encode(x)
     eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype, device=gen.device if gen else None).to(mean.device)
     z = mean + torch.exp(0.5 * logvar) * eps
-    rec = F.binary_cross_entropy_with_logits(vae.decode(z), x, reduction="sum") / x.shape[0]
+    rec = recon_nll(vae, vae.decode(z), x)
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum() / x.shape[0]
     loss = rec + vae.beta * kl
     if cycle:
@@ -153,11 +178,11 @@ class LoRAVAE(_VAE):
 
     @register_to_config
     def __init__(self, image_shape=(1, 8, 8), latent=(2, 4, 4), width: int = 32, beta: float = 1.0, seed: int = 0,
-                 clusters: int = 10, rank: int = 4, blocks: int = 0):
+                 clusters: int = 10, rank: int = 4, blocks: int = 0, recon: str = "bernoulli"):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        self._build(image_shape, latent, width, beta, seed, blocks)
+        self._build(image_shape, latent, width, beta, seed, blocks, recon)
         if not 1 <= int(clusters) <= 10_000 or not 1 <= int(rank) <= 1024:
             raise MolrmogError(f"LoRA VAE needs 1 <= clusters <= 10000 and 1 <= rank <= 1024, got {clusters}, {rank}")
         self.clusters, self.rank = int(clusters), int(rank)

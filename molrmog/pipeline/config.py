@@ -25,6 +25,7 @@ from molrmog.core.samplers import any_model_samplers
 from molrmog.core.schedules import SCHEDULES
 from molrmog.models.kinds import KindOptions, default_kinds, get_kind, kind_names
 from molrmog.models.layouts import LAYOUTS
+from molrmog.models.vae import RECON_LOSSES
 from molrmog.pipeline.data import DATASETS, get_dataset, split_spec
 
 __all__ = ["RunConfig", "CommonOptions", "ExecutorOptions", "check_config", "resolve_config", "config_from_json",
@@ -35,13 +36,14 @@ RUN_FORMAT = 2
 # per-dataset defaults of the fields that are None in RunConfig come from the dataset's registry entry
 # (`molrmog.pipeline.data.DATASETS`); anything it leaves out: FALLBACK_DEFAULTS
 FALLBACK_DEFAULTS = {"vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr": 2e-3, "vae_blocks": 0,
-                     "vae_lr_schedule": "constant", "vae_cycle": 0.0}
+                     "vae_lr_schedule": "constant", "vae_cycle": 0.0, "vae_recon": "bernoulli",
+                     "vae_batch": 128}
 # the fields a run takes from --vae-from RUN (its data, clusters and VAEs)
 VAE_FIELDS = ("dataset", "data_dir", "limit", "size", "channels", "skip_bad", "clusters", "vae", "latent", "vae_width",
               "vae_beta", "vae_steps", "vae_lr", "vae_batch", "vae_blocks", "vae_lr_schedule", "lora_rank",
-              "vae_cycle")
+              "vae_cycle", "vae_recon")
 # settings added to format 2 later, each with the value that gives what a run without the key did (it still loads)
-ADDED_KEYS = {"vae_cycle": 0.0}
+ADDED_KEYS = {"vae_cycle": 0.0, "vae_recon": "bernoulli"}
 BUDGET_POINTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshots along a budget, as fractions of it
 MAX_IMAGES = 10**7
 
@@ -111,7 +113,10 @@ class RunConfig:
                                          choices=("constant", "cosine"))
     vae_blocks: int | None = option(None, "residual blocks after each of the VAE's two lowest-resolution stages "
                                     "(default per dataset)", low=0, high=16)
-    vae_batch: int = option(128, "VAE training batch size", low=1, high=2**16)
+    vae_batch: int | None = option(None, "VAE training batch size (default per dataset)", low=1, high=2**16)
+    vae_recon: str | None = option(None, "VAE reconstruction likelihood: bernoulli (cross-entropy), normal or "
+                                   "laplace (each with a learned per-pixel scale) (default per dataset)",
+                                   choices=RECON_LOSSES)
     vae_cycle: float | None = option(None, "weight of the VAEs' cycle term ||E(D(m)) - m||^2 at the encoder mean m "
                                      "(0: none; default per dataset): the VAE then inverts what the experts generate",
                                      low=0, high=1e4)

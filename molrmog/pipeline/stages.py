@@ -200,7 +200,8 @@ class Trainer:
                       "on_snapshot": lambda i, step, now, model: _save_snapshot(self.out, kind, k, i, step, now, model)}
             info["budget_share"] = share
         hist = train_score(e, u.to(self.device), steps=MAX_STEPS if c.budget else opts.steps, batch_size=opts.batch,
-                           lr=opts.lr, seed=seed, ema_decay=opts.ema_decay, progress=self.progress, desc=task,
+                           lr=opts.lr, seed=seed, ema_decay=opts.ema_decay, lr_schedule=opts.lr_schedule,
+                           progress=self.progress, desc=task,
                            checkpoint_dir=self.out / "checkpoints" / task, checkpoint_every=c.checkpoint_every,
                            threads=threads, **budget)
         if c.budget is not None:
@@ -415,7 +416,8 @@ def _clusters(run: Trainer) -> int:
         K = cfg.clusters or 10
         if K > data.images.shape[0]:
             raise MolrmogError(f"clusters {K} exceeds the {data.images.shape[0]} training images", param="clusters")
-        vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed, blocks=cfg.vae_blocks)
+        vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed, blocks=cfg.vae_blocks,
+                      recon=cfg.vae_recon)
         run.fit_vae("features", vae, data.images, seed=cfg.seed)
         feats = run.encode(vae.to(run.device), data.images).numpy()
         labels = torch.as_tensor(KMeans(K, n_init=4, random_state=cfg.seed).fit(feats).labels_, dtype=torch.int64)
