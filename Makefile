@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]' -c constraints.txt
+	@# --no-compile: Python compiles what is imported when it is first imported (43 s less install on 2 cores)
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
