@@ -32,7 +32,8 @@ import torch
 from molrmog.core import metrics as M
 from molrmog.core.outputs import pyplot, save_figure, write_csv, write_json
 from molrmog.evaluation.featurizer import get_featurizer
-from molrmog.models.vae import ConvVAE, roundtrip_ratio, vae_loss
+from molrmog.models.layouts import new_vae
+from molrmog.models.vae import roundtrip_ratio, vae_loss
 from molrmog.pipeline.config import RunConfig, resolve_config
 from molrmog.pipeline.stages import load_run_data
 from molrmog.training.train import fit
@@ -62,8 +63,7 @@ def study(dataset: str, clusters: list[int], candidates: list[tuple[str, dict]],
         f_data = feat.embed(x)[0]
         for name, over in candidates:
             cfg = resolve_config(dataclasses.replace(base, **over), data.shape)
-            vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed + k,
-                          blocks=cfg.vae_blocks, recon=cfg.vae_recon)
+            vae = new_vae(cfg, data.shape, cfg.seed + k)
 
             def loss_fn(m, gen, cfg=cfg, x=x):
                 idx = torch.randint(0, x.shape[0], (cfg.vae_batch,), generator=gen)

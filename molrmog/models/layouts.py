@@ -27,7 +27,7 @@ from molrmog.core.errors import ArtefactError, MolrmogError
 from molrmog.core.registry import Registry
 from molrmog.models.vae import ConvVAE, LoRAVAE
 
-__all__ = ["VAELayout", "Dedicated", "Unified", "LoRA", "LAYOUTS", "get_layout", "ClusterView"]
+__all__ = ["VAELayout", "Dedicated", "Unified", "LoRA", "LAYOUTS", "get_layout", "ClusterView", "new_vae"]
 
 
 class VAELayout:
@@ -74,10 +74,15 @@ class VAELayout:
                                    f"--resume {run_dir}")
 
 
+def new_vae(cfg, image_shape, seed: int) -> ConvVAE:
+    """An untrained ConvVAE with a resolved run configuration's VAE settings (latent, width, KL weight,
+    residual blocks, likelihood)."""
+    return ConvVAE(image_shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=seed, blocks=cfg.vae_blocks,
+                   recon=cfg.vae_recon)
+
+
 def _new_vae(trainer, seed: int) -> ConvVAE:
-    c = trainer.cfg
-    return ConvVAE(trainer.image_shape, c.latent, c.vae_width, c.vae_beta, seed=seed, blocks=c.vae_blocks,
-                   recon=c.vae_recon)
+    return new_vae(trainer.cfg, trainer.image_shape, seed)
 
 
 class Dedicated(VAELayout):

@@ -411,13 +411,12 @@ def _clusters(run: Trainer) -> int:
     else:
         from sklearn.cluster import KMeans
 
-        from molrmog.models.vae import ConvVAE
+        from molrmog.models.layouts import new_vae
 
         K = cfg.clusters or 10
         if K > data.images.shape[0]:
             raise MolrmogError(f"clusters {K} exceeds the {data.images.shape[0]} training images", param="clusters")
-        vae = ConvVAE(data.shape, cfg.latent, cfg.vae_width, cfg.vae_beta, seed=cfg.seed, blocks=cfg.vae_blocks,
-                      recon=cfg.vae_recon)
+        vae = new_vae(cfg, data.shape, cfg.seed)
         run.fit_vae("features", vae, data.images, seed=cfg.seed)
         feats = run.encode(vae.to(run.device), data.images).numpy()
         labels = torch.as_tensor(KMeans(K, n_init=4, random_state=cfg.seed).fit(feats).labels_, dtype=torch.int64)
