@@ -1,12 +1,14 @@
-"""The Fashion-MNIST VAE's training step on the CPU (issue 18's study): batch size, channels-last memory
-format and `torch.compile`, each against the plain step, in one run.
+"""A dataset's VAE training step on the CPU (issue 18's study): batch size, channels-last memory format and
+`torch.compile`, each against the plain step, in one run.
 
-The VAE is the dataset's default (`ConvVAE`, 28x28 -> 4x7x7, width 16, Bernoulli loss); the data are random
-images (the step's cost does not depend on them). For each setting, `--repeats` blocks of `--steps` Adam steps
-are timed after a warm-up (for `compile`, the warm-up holds the compilation, reported apart); the medians of
-the blocks are printed as ms per step and images per second, with the ratio to the plain step of that batch.
+The VAE is the dataset's default (`--dataset`: Fashion-MNIST's ConvVAE is 28x28 -> 4x7x7, width 16, Bernoulli
+loss; digits' 8x8 -> 2x4x4, width 32); the data are random images (the step's cost does not depend on them).
+For each setting, `--repeats` blocks of `--steps` Adam steps are timed after a warm-up (for `compile`, the
+warm-up holds the compilation, reported apart); the medians of the blocks are printed as ms per step and
+images per second, with the ratio to the plain step of that batch.
 
-    python benchmarks/bench_vae_step.py [--batches 32,128] [--steps 100] [--repeats 5] [--json out.json]
+    python benchmarks/bench_vae_step.py [--dataset fashion-mnist|digits|...] [--batches 32,128] [--steps 100]
+        [--repeats 5] [--threads N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ import time
 
 import torch
 
-from molrmog.models.vae import ConvVAE, vae_loss
+from molrmog.models.layouts import new_vae
+from molrmog.models.vae import vae_loss
+from molrmog.pipeline.config import RunConfig, resolve_config
+
+SHAPES = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
-def _model(fmt: str) -> torch.nn.Module:
-    model = ConvVAE((1, 28, 28), (4, 7, 7), 16, beta=0.001, seed=0)
-    return model.to(memory_format=torch.channels_last) if fmt == "channels_last" else model
-
-
-def measure(setting: str, batch: int, steps: int, repeats: int) -> dict:
-    model = _model("channels_last" if setting == "channels_last" else "contiguous")
+def measure(dataset: str, setting: str, batch: int, steps: int, repeats: int) -> dict:
+    shape = SHAPES[dataset]
+    model = new_vae(resolve_config(RunConfig(dataset=dataset), shape), shape, seed=0)
+    if setting == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(4096, 1, 28, 28, generator=g)
+    x = torch.rand(4096, *shape, generator=g)
     if setting == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     loss_fn = torch.compile(vae_loss) if setting == "compile" else vae_loss
@@ -58,18 +62,23 @@ def measure(setting: str, batch: int, steps: int, repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(SHAPES), help="whose default VAE")
     p.add_argument("--batches", default="32,128")
     p.add_argument("--settings", default="plain,channels_last,compile")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's; a run with "
+                   "--workers 2 gives each VAE 1 on 2 cores)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rows = []
     for batch in (int(b) for b in a.batches.split(",")):
         plain = None
         for setting in a.settings.split(","):
             try:
-                r = measure(setting, batch, a.steps, a.repeats)
+                r = measure(a.dataset, setting, batch, a.steps, a.repeats)
             except Exception as e:  # torch.compile needs a C++ compiler; say so and go on
                 print(f"batch {batch:4d} {setting:14s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                 continue

@@ -32,11 +32,10 @@ import torch
 from molrmog.core import metrics as M
 from molrmog.core.outputs import pyplot, save_figure, write_csv, write_json
 from molrmog.evaluation.featurizer import get_featurizer
-from molrmog.models.layouts import new_vae
-from molrmog.models.vae import roundtrip_ratio, vae_loss
+from molrmog.models.layouts import new_vae, train_vae
+from molrmog.models.vae import roundtrip_ratio
 from molrmog.pipeline.config import RunConfig, resolve_config
 from molrmog.pipeline.stages import load_run_data
-from molrmog.training.train import fit
 
 
 def parse_candidate(text: str) -> tuple[str, dict]:
@@ -65,13 +64,8 @@ def study(dataset: str, clusters: list[int], candidates: list[tuple[str, dict]],
             cfg = resolve_config(dataclasses.replace(base, **over), data.shape)
             vae = new_vae(cfg, data.shape, cfg.seed + k)
 
-            def loss_fn(m, gen, cfg=cfg, x=x):
-                idx = torch.randint(0, x.shape[0], (cfg.vae_batch,), generator=gen)
-                return vae_loss(m, x[idx], gen, cycle=cfg.vae_cycle)
-
             t0 = time.perf_counter()
-            fit(vae, loss_fn, steps=cfg.vae_steps, lr=cfg.vae_lr, lr_schedule=cfg.vae_lr_schedule, seed=cfg.seed,
-                progress=progress, desc=f"{name} cluster {k}")
+            train_vae(vae, x, cfg, seed=cfg.seed, progress=progress, desc=f"{name} cluster {k}")
             seconds = time.perf_counter() - t0
             vae.eval()
             with torch.no_grad():

@@ -110,15 +110,25 @@ def test_existing_run_is_not_overwritten(digits_run, capsys):
 @pytest.mark.parametrize("vae", ["unified", "lora"])
 def test_unified_and_lora_vaes(tmp_path, vae):
     run = tmp_path / vae
-    assert main(["train", "--dataset", "digits", "--vae", vae, "--out", str(run), *tiny(("gaussian",))]) == 0
+    lora = ["--lora-steps", "6", "--workers", "2"] if vae == "lora" else []  # the adapters: 10 tasks on a pool
+    assert main(["train", "--dataset", "digits", "--vae", vae, "--out", str(run), *tiny(("gaussian",)), *lora]) == 0
     assert (run / "samples_gaussian.png").is_file()
     if vae == "lora":  # peft adapters, one per cluster, on the shared backbone; adapters differ after training
-        from molrmog.models.vae import LoRAVAE
+        from molrmog.models.vae import ConvVAE, LoRAVAE
 
         v = LoRAVAE.load(run / "vae" / "lora")
         assert v.clusters == 10 and (run / "vae" / "backbone" / "config.json").is_file()
         b0, b1 = v.adapter_parameters(0)[1], v.adapter_parameters(1)[1]  # lora_B (zero at the start)
         assert b0.abs().sum() > 0 and not torch.equal(b0, b1)
+        steps = {f.stem: len(json.loads(f.read_text())["loss"]) for f in (run / "logs").glob("vae-*.json")}
+        assert steps == {"vae-backbone": 16, **{f"vae-lora-{k}": 6 for k in range(10)}}  # one backbone, 10 adapters
+        backbone = ConvVAE.load(run / "vae" / "backbone").state_dict()
+        for name, w in v.state_dict().items():  # the backbone, frozen under every adapter
+            if ".lora_" not in name and name.replace(".base_layer.", ".") in backbone:
+                assert torch.equal(w, backbone[name.replace(".base_layer.", ".")]), name
+        for k in range(10):  # each adapter task's file is what the assembled VAE holds
+            part = load_file(str(run / "vae" / "lora-adapters" / f"{k}.safetensors"))
+            assert part and all(torch.equal(v.state_dict()[n], w) for n, w in part.items())
 
 
 def test_unlabelled_folder_is_clustered(tmp_path):

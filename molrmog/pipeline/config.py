@@ -41,9 +41,9 @@ FALLBACK_DEFAULTS = {"vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr
 # the fields a run takes from --vae-from RUN (its data, clusters and VAEs)
 VAE_FIELDS = ("dataset", "data_dir", "limit", "size", "channels", "skip_bad", "clusters", "vae", "latent", "vae_width",
               "vae_beta", "vae_steps", "vae_lr", "vae_batch", "vae_blocks", "vae_lr_schedule", "lora_rank",
-              "vae_cycle", "vae_recon")
+              "vae_cycle", "vae_recon", "lora_steps")
 # settings added to format 2 later, each with the value that gives what a run without the key did (it still loads)
-ADDED_KEYS = {"vae_cycle": 0.0, "vae_recon": "bernoulli"}
+ADDED_KEYS = {"vae_cycle": 0.0, "vae_recon": "bernoulli", "lora_steps": None}
 BUDGET_POINTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshots along a budget, as fractions of it
 MAX_IMAGES = 10**7
 
@@ -126,6 +126,8 @@ class RunConfig:
                                   "included; each cluster gets an equal share; --<kind>-steps is ignored); "
                                   "snapshots are kept at 1/32 ... 1 of it", low=0, low_open=True, high=10**7)
     lora_rank: int = option(4, "rank of the per-cluster LoRA adapters (--vae lora)", low=1, high=1024)
+    lora_steps: int | None = option(None, "training steps per LoRA adapter (--vae lora; default: --vae-steps)",
+                                    low=1, high=10**7)
     schedule: str = option("vp", "noise schedule of the latent experts", choices=SCHEDULES.names)
     sampler: str = option("heun", "sampler for report grids and evaluation", choices=any_model_samplers)
     sample_steps: int = option(30, "sampler steps", low=1, high=10_000)

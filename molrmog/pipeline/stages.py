@@ -34,8 +34,7 @@ from molrmog.core.artefacts import atomic_write, clean_stale_tmp, is_saved, writ
 from molrmog.core.errors import MolrmogError
 from molrmog.core.schedules import get_schedule
 from molrmog.models.kinds import MAX_STEPS, LatentExpert, expert_seed, get_kind
-from molrmog.models.layouts import get_layout
-from molrmog.models.vae import vae_loss
+from molrmog.models.layouts import get_layout, new_vae, train_vae
 from molrmog.pipeline.config import BUDGET_POINTS, VAE_FIELDS, RunConfig, check_config, config_to_json, resolve_config
 from molrmog.pipeline.data import ImageData
 from molrmog.pipeline.run import (
@@ -52,7 +51,7 @@ from molrmog.pipeline.run import (
 )
 from molrmog.training.executors import Executor, Task, run_tasks
 from molrmog.training.threads import Threads, using_threads
-from molrmog.training.train import fit, train_score
+from molrmog.training.train import train_score
 
 __all__ = ["RunConfig", "Run", "Trainer", "train_run", "sample_run", "vae_task", "expert_task", "load_config",
            "run_lock", "encode_images", "cluster_seed", "expert_done", "load_run_data", "run_labels", "check_clusters",
@@ -142,25 +141,19 @@ class Trainer:
     def cluster_images(self, k: int) -> torch.Tensor:
         return self.run.cluster_images(k)
 
-    def fit_vae(self, name: str | None, vae, images: torch.Tensor, seed: int, params=None, task: str | None = None):
-        """Train a VAE (resumable); with a name, save it to RUN/vae/<name> (skipped when already there)."""
+    def fit_vae(self, name: str | None, vae, images: torch.Tensor, seed: int, params=None, task: str | None = None,
+                steps: int | None = None):
+        """Train a VAE (resumable; `steps` default: the run's vae_steps); with a name, save it to RUN/vae/<name>
+        (skipped when already there)."""
         task = task or f"vae-{name}"
         final = self.out / "vae" / name if name else None
         if final is not None and is_saved(final):
             return
         vae = vae.to(self.device)
         images = images.to(self.device)  # resident on the device for the whole task
-        B = self.cfg.vae_batch
-
-        def loss_fn(m, gen):
-            idx = torch.randint(0, images.shape[0], (B,), generator=gen, device=gen.device)
-            return vae_loss(m, images[idx], gen, cycle=self.cfg.vae_cycle)
-
-        hist = fit(vae, loss_fn, steps=self.cfg.vae_steps, lr=self.cfg.vae_lr, lr_schedule=self.cfg.vae_lr_schedule,
-                   seed=seed, progress=self.progress,
-                   desc=task, checkpoint_dir=self.out / "checkpoints" / task,
-                   checkpoint_every=self.cfg.checkpoint_every, params=params,
-                   threads=Threads(torch.get_num_threads()))
+        hist = train_vae(vae, images, self.cfg, seed=seed, steps=steps, progress=self.progress, desc=task,
+                         checkpoint_dir=self.out / "checkpoints" / task, checkpoint_every=self.cfg.checkpoint_every,
+                         params=params, threads=Threads(torch.get_num_threads()))
         if final is not None:
             vae.save(final)
         self._log(task, hist)
@@ -322,8 +315,12 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
         t0 = time.perf_counter()
         K = _clusters(run)
         layout = get_layout(cfg.vae)
-        vaes = [Task(f"vae-{part}", vae_task, (str(out), part, sub_progress)) for part in layout.missing(out, K)]
-        run_tasks(vaes, ex, progress=progress, desc="VAEs")
+        vaes = []
+        for phase in layout.phases(K):  # the tasks of a phase are independent; a phase waits for the one before
+            todo = [Task(f"vae-{p}", vae_task, (str(out), p, sub_progress)) for p in phase if not
+                    layout.part_done(out, p)]
+            run_tasks(todo, ex, progress=progress, desc="VAEs")
+            vaes += todo
         experts = [Task(f"{kind}-{k}", expert_task, (str(out), kind, k, sub_progress))
                    for kind in cfg.experts for k in range(K) if not expert_done(out, kind, k)]
         run_tasks(experts, ex, progress=progress, desc="experts")
@@ -410,8 +407,6 @@ def _clusters(run: Trainer) -> int:
         names = list(data.classes) or [str(k) for k in range(K)]
     else:
         from sklearn.cluster import KMeans
-
-        from molrmog.models.layouts import new_vae
 
         K = cfg.clusters or 10
         if K > data.images.shape[0]:
