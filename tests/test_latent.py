@@ -132,8 +132,9 @@ def test_a_run_written_before_a_setting_existed_loads_as_it_was_trained(cycle_ru
     run.mkdir()
     (run / "config.json").write_text(json.dumps(raw))
     cfg = load_config(run)
-    assert all(getattr(cfg, k) == v for k, v in ADDED_KEYS.items()) and cfg.vae_cycle == 0.0
-    assert cfg.vae_recon == "bernoulli"
+    assert all(getattr(cfg, k) == (v(raw) if callable(v) else v) for k, v in ADDED_KEYS.items())
+    assert cfg.vae_cycle == 0.0 and cfg.vae_recon == "bernoulli"
+    assert cfg.lora_steps == cfg.vae_steps == 16  # LoRA adapters trained as long as the VAEs before --lora-steps
 
 
 # --- ring-key watermarks (Tree-Ring / Shallow Diffuse) -----------------------------------------------------

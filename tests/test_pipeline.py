@@ -107,6 +107,14 @@ def test_existing_run_is_not_overwritten(digits_run, capsys):
     assert (digits_run / "config.json").read_text() == before
 
 
+def test_lora_adapters_default_to_a_quarter_of_the_vae_steps():
+    from molrmog.pipeline.config import RunConfig, resolve_config
+
+    assert resolve_config(RunConfig(dataset="digits", vae="lora"), (1, 8, 8)).lora_steps == 100  # 400 / 4
+    assert resolve_config(RunConfig(dataset="digits", vae="lora", vae_steps=2), (1, 8, 8)).lora_steps == 1
+    assert resolve_config(RunConfig(dataset="digits", vae="lora", lora_steps=7), (1, 8, 8)).lora_steps == 7
+
+
 @pytest.mark.parametrize("vae", ["unified", "lora"])
 def test_unified_and_lora_vaes(tmp_path, vae):
     run = tmp_path / vae

@@ -231,7 +231,7 @@ class LoRA(VAELayout):
         for p in params:
             p.requires_grad_(True)
         trainer.fit_vae(None, vae, trainer.cluster_images(k), seed=c.seed + 1 + k, params=params,
-                        task=f"vae-lora-{k}", steps=c.lora_steps or c.vae_steps)
+                        task=f"vae-lora-{k}", steps=c.lora_steps)
         state = {n: p.detach().contiguous().cpu() for n, p in vae.state_dict().items() if f".{vae.adapter(k)}." in n}
         atomic_write(path, lambda p, s=state: save_file(s, p))
 

@@ -42,8 +42,10 @@ FALLBACK_DEFAULTS = {"vae_width": 32, "vae_steps": 400, "vae_beta": 0.1, "vae_lr
 VAE_FIELDS = ("dataset", "data_dir", "limit", "size", "channels", "skip_bad", "clusters", "vae", "latent", "vae_width",
               "vae_beta", "vae_steps", "vae_lr", "vae_batch", "vae_blocks", "vae_lr_schedule", "lora_rank",
               "vae_cycle", "vae_recon", "lora_steps")
-# settings added to format 2 later, each with the value that gives what a run without the key did (it still loads)
-ADDED_KEYS = {"vae_cycle": 0.0, "vae_recon": "bernoulli", "lora_steps": None}
+# settings added to format 2 later, each with the value that gives what a run without the key did (it still loads):
+# a value, or a function of the file's other keys
+ADDED_KEYS = {"vae_cycle": 0.0, "vae_recon": "bernoulli", "lora_steps": lambda raw: raw.get("vae_steps")}
+LORA_STEPS_DIVISOR = 4  # default LoRA adapter steps: vae_steps / 4
 BUDGET_POINTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)  # snapshots along a budget, as fractions of it
 MAX_IMAGES = 10**7
 
@@ -126,8 +128,8 @@ class RunConfig:
                                   "included; each cluster gets an equal share; --<kind>-steps is ignored); "
                                   "snapshots are kept at 1/32 ... 1 of it", low=0, low_open=True, high=10**7)
     lora_rank: int = option(4, "rank of the per-cluster LoRA adapters (--vae lora)", low=1, high=1024)
-    lora_steps: int | None = option(None, "training steps per LoRA adapter (--vae lora; default: --vae-steps)",
-                                    low=1, high=10**7)
+    lora_steps: int | None = option(None, "training steps per LoRA adapter (--vae lora; default: a quarter of "
+                                    "--vae-steps)", low=1, high=10**7)
     schedule: str = option("vp", "noise schedule of the latent experts", choices=SCHEDULES.names)
     sampler: str = option("heun", "sampler for report grids and evaluation", choices=any_model_samplers)
     sample_steps: int = option(30, "sampler steps", low=1, high=10_000)
@@ -153,7 +155,10 @@ def dataset_defaults(cfg: RunConfig, image_shape) -> RunConfig:
     """A copy with every per-dataset default (fields left None) filled in."""
     defaults = {**FALLBACK_DEFAULTS, **get_dataset(cfg.dataset).defaults}
     defaults["latent"] = default_latent(cfg.dataset, image_shape[-1])
-    return dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.lora_steps is None:  # an adapter starts from a backbone trained on every image (README: the LoRA layout)
+        cfg = dataclasses.replace(cfg, lora_steps=max(1, cfg.vae_steps // LORA_STEPS_DIVISOR))
+    return cfg
 
 
 def check_config(cfg: RunConfig, image_shape=None, source: str | None = None) -> None:
@@ -222,7 +227,8 @@ def config_from_json(raw: Any, source: str) -> RunConfig:
         raise MolrmogError(f"{where}: run format {version!r} is not the format this molrmog reads ({RUN_FORMAT}); "
                            f"it was written by another version: train the run again")
     for key, before in ADDED_KEYS.items():  # keys added after format 2 was fixed: absent = what runs did before
-        raw.setdefault(key, before)
+        if key not in raw:
+            raw[key] = before(raw) if callable(before) else before
     missing = sorted({f.name for f in dataclasses.fields(RunConfig)} - set(raw))
     if missing:
         raise MolrmogError(f"{where} lacks the key(s) {missing}; a run's config.json holds every setting (it was "
