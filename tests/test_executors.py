@@ -122,6 +122,24 @@ def _pid(i):
     return os.getpid()
 
 
+def _threads():
+    return torch.get_num_threads()
+
+
+def test_a_call_narrower_than_the_pool_gives_its_tasks_the_idle_cpus(monkeypatch):
+    # a phase of one task (a LoRA backbone, a unified VAE) on two workers: the task gets both CPUs; the count
+    # follows the declared width, not the tasks left (a resumed phase trains with the threads it began with)
+    cpus = os.cpu_count() or 1
+    ex = Executor(workers=2)
+    one = [Task("t", _threads, ())]
+    assert run_tasks(one, ex, progress=False) == {"t": max(1, cpus // 2)} == {"t": ex.threads}
+    assert run_tasks(one, ex, progress=False, width=1) == {"t": cpus}
+    assert run_tasks(one, ex, progress=False, width=10) == {"t": max(1, cpus // 2)}
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [Executor(workers=4).threads_for(w) for w in (None, 1, 2, 3, 4, 40)] == [2, 8, 4, 2, 2, 2]
+    assert Executor().threads_for(1) == Executor().threads == 8
+
+
 def test_the_pool_is_started_once_and_not_reused_under_another_environment(monkeypatch):
     """Spawning a worker imports torch (seconds): the pool is reused by later calls, but not once the working
     folder or a variable the workers read ($MOLRMOG_DATA, ...) changed."""

@@ -319,7 +319,7 @@ def train_run(out: str | Path, cfg: RunConfig | None = None, resume: bool = Fals
         for phase in layout.phases(K):  # the tasks of a phase are independent; a phase waits for the one before
             todo = [Task(f"vae-{p}", vae_task, (str(out), p, sub_progress)) for p in phase if not
                     layout.part_done(out, p)]
-            run_tasks(todo, ex, progress=progress, desc="VAEs")
+            run_tasks(todo, ex, progress=progress, desc="VAEs", width=len(phase))  # a lone backbone: every CPU
             vaes += todo
         experts = [Task(f"{kind}-{k}", expert_task, (str(out), kind, k, sub_progress))
                    for kind in cfg.experts for k in range(K) if not expert_done(out, kind, k)]

@@ -14,8 +14,11 @@ weights do not depend on the executor:
                          --ray-address joins a running cluster, else a local runtime with
                          --workers CPUs is started. `pip install molrmog[ray]`.
 
-Every task runs with the same number of intra-op threads, max(1, cpus // workers), set inside
-the task, so a given --workers gives bit-identical weights under either executor. A failing task
+Every task of a call runs with the same number of intra-op threads, set inside the task: max(1, cpus //
+workers), or, for a call whose caller declares it `width` tasks wide (a phase of fewer tasks than workers,
+e.g. one VAE backbone), max(1, cpus // min(workers, width)), so no CPU idles while one task trains. The count
+depends only on the machine, --workers and the declared width (not on how many tasks are left after a
+resume), so a given --workers gives bit-identical weights under either executor. A failing task
 is retried once (Ray: `max_retries` / `retry_exceptions`; local: resubmitted) -- except on bad
 input (`MolrmogError`), which is deterministic and raised again naming the task; tasks that fail
 twice are reported by name in `TasksFailed` after every other task has finished, so their
@@ -80,7 +83,12 @@ class Executor:
 
     @property
     def threads(self) -> int:
-        return max(1, (os.cpu_count() or 1) // int(self.workers))
+        return self.threads_for(None)
+
+    def threads_for(self, width: int | None) -> int:
+        """Intra-op threads per task of a call that runs `width` tasks side by side (None: `workers`)."""
+        n = int(self.workers) if width is None else max(1, min(int(self.workers), int(width)))
+        return max(1, (os.cpu_count() or 1) // n)
 
     @property
     def parallel(self) -> bool:
@@ -117,20 +125,23 @@ def _invoke(name: str, fn: Callable, args: tuple, kwargs: dict, threads: int):
 
 
 def run_tasks(tasks: list[Task], ex: Executor | None = None, *, progress: bool = True,
-              desc: str = "tasks") -> dict[str, Any]:
-    """Run every task; returns {name: result}. Raises `TasksFailed` once all have been tried."""
+              desc: str = "tasks", width: int | None = None) -> dict[str, Any]:
+    """Run every task; returns {name: result}. Raises `TasksFailed` once all have been tried. `width`: how many
+    tasks the caller's unit of work has in all (a resume may pass fewer), when fewer than the workers: each
+    task then gets the threads of the idle workers (module docstring)."""
     ex = ex or Executor()
     if not tasks:
         return {}
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise MolrmogError(f"task names must be unique, got {names}")
+    threads = ex.threads_for(width)
     if ex.kind == "ray":
-        results, failures = _run_ray(tasks, ex, progress, desc)
+        results, failures = _run_ray(tasks, ex, progress, desc, threads)
     elif ex.workers > 1:
-        results, failures = _run_pool(tasks, ex, progress, desc)
+        results, failures = _run_pool(tasks, ex, progress, desc, threads)
     else:
-        results, failures = _run_here(tasks, ex, progress, desc)
+        results, failures = _run_here(tasks, ex, progress, desc, threads)
     final = {k: v for k, v in results.items() if isinstance(v, _Final)}
     bad = {k: v.message for k, v in final.items() if v.kind == "input"}
     if bad:  # bad input: the CLI's one-line error, exit 2 (finished tasks are kept all the same)
@@ -143,14 +154,14 @@ def run_tasks(tasks: list[Task], ex: Executor | None = None, *, progress: bool =
     return results
 
 
-def _run_here(tasks, ex, progress, desc):
+def _run_here(tasks, ex, progress, desc, threads):
     results, failures = {}, {}
     old = torch.get_num_threads()
     try:
         for t in tqdm(tasks, desc=desc, disable=not progress or len(tasks) < 2, leave=False):
             for attempt in range(ex.retries + 1):
                 try:
-                    results[t.name] = _invoke(t.name, t.fn, t.args, t.kwargs, ex.threads)
+                    results[t.name] = _invoke(t.name, t.fn, t.args, t.kwargs, threads)
                     break
                 except KeyboardInterrupt:
                     raise
@@ -193,7 +204,7 @@ def _close_pools(cancel: bool = False) -> None:
     _POOLS.clear()
 
 
-def _run_pool(tasks, ex, progress, desc):
+def _run_pool(tasks, ex, progress, desc, threads):
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -204,10 +215,10 @@ def _run_pool(tasks, ex, progress, desc):
     def submit(t):
         attempts[t.name] += 1
         try:
-            return _pool(ex.workers).submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads)
+            return _pool(ex.workers).submit(_invoke, t.name, t.fn, t.args, t.kwargs, threads)
         except BrokenProcessPool:  # a worker died since the pool was checked: a new pool
             _POOLS.pop(ex.workers, None)
-            return _pool(ex.workers).submit(_invoke, t.name, t.fn, t.args, t.kwargs, ex.threads)
+            return _pool(ex.workers).submit(_invoke, t.name, t.fn, t.args, t.kwargs, threads)
 
     try:
         pending = {submit(t): t.name for t in tasks}
@@ -232,7 +243,7 @@ def _run_pool(tasks, ex, progress, desc):
     return results, failures
 
 
-def _run_ray(tasks, ex, progress, desc):
+def _run_ray(tasks, ex, progress, desc, threads):
     ray = _import_ray()
     if not ray.is_initialized():
         kw = {"address": ex.ray_address} if ex.ray_address else {"num_cpus": int(ex.workers)}
@@ -240,7 +251,7 @@ def _run_ray(tasks, ex, progress, desc):
     gpus = 1 if str(ex.device).startswith("cuda") else 0
     remote = ray.remote(_invoke).options(num_cpus=1, num_gpus=gpus, max_retries=ex.retries,
                                          retry_exceptions=True)
-    refs = {remote.remote(t.name, t.fn, t.args, t.kwargs, ex.threads): t.name for t in tasks}
+    refs = {remote.remote(t.name, t.fn, t.args, t.kwargs, threads): t.name for t in tasks}
     results, failures = {}, {}
     bar = tqdm(total=len(tasks), desc=desc, disable=not progress, leave=False)
     pending = list(refs)
