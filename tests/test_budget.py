@@ -77,10 +77,13 @@ def test_a_budgeted_run_killed_midway_resumes_its_clock_and_keeps_its_snapshots(
     assert before
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     after = {p: p.stat().st_mtime_ns for p in run.glob("snapshots/mog/*/*/snapshot.json")}
+    # the killed cluster's clock went on from its checkpoint: a clock started again would take its early
+    # snapshots a second time (rewriting their files); how far past its share a cluster stops is a timing
+    # (benchmarks/bench_budget.py), so only the bound the logic guarantees is asserted: every share was used
     assert all(after[p] == t for p, t in before.items())  # no point was taken twice
     assert len(after) == 10 * len(BUDGET_POINTS)
     used = sum(lg["info"]["elapsed"] for lg in _logs(run, "mog").values())
-    assert used == pytest.approx(8.0, rel=0.1)  # the killed cluster's clock went on, it did not start again
+    assert used >= 8.0 - 1e-6
 
 
 def test_vaes_are_reused_not_retrained(tmp_path, capsys):
