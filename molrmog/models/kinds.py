@@ -37,6 +37,7 @@ from molrmog.core.errors import MolrmogError
 from molrmog.core.options import option
 from molrmog.models.experts import GaussianExpert, MLPScore, MoGExpert, ScoreModel, UNetScore
 from molrmog.models.smd import SMDMLPScore, SMDUNetScore
+from molrmog.training.train import LR_SCHEDULES
 
 __all__ = ["KindOptions", "ExpertKind", "register", "unregister", "get_kind", "kind_names", "headline_kinds",
            "baseline_kinds", "default_kinds",
@@ -54,7 +55,7 @@ class KindOptions:
     batch: int = option(128, "training batch size", low=1, high=2**16)
     ema_decay: float = option(0.99, "EMA decay of the weights; 0 turns EMA off", low=0, high=0.99999)
     lr_schedule: str = option("constant", "learning-rate schedule: constant, or cosine (to 0 over the steps, or over "
-                              "the expert's share of --budget)", choices=("constant", "cosine"))
+                              "the expert's share of --budget)", choices=LR_SCHEDULES)
 
 
 @dataclass(frozen=True)

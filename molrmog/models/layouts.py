@@ -69,15 +69,9 @@ class VAELayout:
     def is_done(self, run_dir: Path, K: int) -> bool:
         return all(is_saved(Path(run_dir) / "vae" / d) for d in self.dirs(K))
 
-    def missing(self, run_dir: Path, K: int) -> list[str]:
-        """The parts still to train (in phase order)."""
-        return [p for phase in self.phases(K) for p in phase if not self.part_done(run_dir, p)]
-
     def part_done(self, run_dir: Path, part: str) -> bool:
-        return all(is_saved(Path(run_dir) / "vae" / d) for d in self._dirs_of(part))
-
-    def _dirs_of(self, part: str) -> list[str]:
-        return [part]
+        """Whether a part is trained (a resumed run skips it): by default, RUN/vae/<part> is saved."""
+        return is_saved(Path(run_dir) / "vae" / part)
 
     def _check_done(self, run_dir: Path, K: int) -> None:
         for d in self.dirs(K):
@@ -198,7 +192,7 @@ class LoRA(VAELayout):
         vae = Path(run_dir) / "vae"
         if part.startswith("adapter-"):
             return is_saved(vae / "lora") or (vae / "lora-adapters" / f"{part[8:]}.safetensors").is_file()
-        return is_saved(vae / part)
+        return super().part_done(run_dir, part)
 
     def train(self, part, trainer):
         """"backbone", "adapter-<k>" or "lora" (which also trains whatever of the two before it is missing)."""

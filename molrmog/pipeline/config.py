@@ -27,6 +27,7 @@ from molrmog.models.kinds import KindOptions, default_kinds, get_kind, kind_name
 from molrmog.models.layouts import LAYOUTS
 from molrmog.models.vae import RECON_LOSSES
 from molrmog.pipeline.data import DATASETS, get_dataset, split_spec
+from molrmog.training.train import LR_SCHEDULES
 
 __all__ = ["RunConfig", "CommonOptions", "ExecutorOptions", "check_config", "resolve_config", "config_from_json",
            "config_to_json", "default_latent", "dataset_defaults", "RESUME_SAFE", "RUN_FORMAT", "parse_device",
@@ -112,7 +113,7 @@ class RunConfig:
     vae_steps: int | None = option(None, "training steps per VAE (default per dataset)", low=1, high=10**7)
     vae_lr: float | None = option(None, "VAE learning rate (default per dataset)", low=0, low_open=True, high=10.0)
     vae_lr_schedule: str | None = option(None, "VAE learning-rate schedule (default per dataset)",
-                                         choices=("constant", "cosine"))
+                                         choices=LR_SCHEDULES)
     vae_blocks: int | None = option(None, "residual blocks after each of the VAE's two lowest-resolution stages "
                                     "(default per dataset)", low=0, high=16)
     vae_batch: int | None = option(None, "VAE training batch size (default per dataset)", low=1, high=2**16)

@@ -35,9 +35,10 @@ from molrmog.core.losses import T_DISTRIBUTIONS, dsm_loss
 from molrmog.training.threads import Threads
 
 __all__ = ["TrainingDiverged", "fit", "train_score", "check_train_args", "save_checkpoint", "load_checkpoint",
-           "CHECKPOINT", "EXPLOSION_FACTOR", "CHECK_EVERY"]
+           "CHECKPOINT", "EXPLOSION_FACTOR", "CHECK_EVERY", "LR_SCHEDULES"]
 
 log = logging.getLogger(__name__)
+LR_SCHEDULES = ("constant", "cosine")  # fit's learning-rate schedules (the VAEs' and every expert kind's choices)
 
 CHECKPOINT = "checkpoint.safetensors"
 EXPLOSION_FACTOR = 100.0  # recent median loss / running median beyond which training has diverged
@@ -169,7 +170,7 @@ def fit(model, loss_fn, *, steps: int, lr: float, optimizer: str = "adam", weigh
     return. `clock` (seconds, monotonic) is what the budget and the timings read: injectable (tests)."""
     if snapshot_times and list(snapshot_times) != sorted(snapshot_times):
         raise MolrmogError("snapshot_times must be ascending")
-    if lr_schedule not in ("constant", "cosine"):
+    if lr_schedule not in LR_SCHEDULES:
         raise MolrmogError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
     caller_threads = torch.get_num_threads()
     try:
