@@ -9,8 +9,12 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@# --no-compile: Python compiles what is imported when it is first imported (43 s less install on 2 cores)
 	$(BIN)/python -m pip install -q --no-compile -e '.[dev]' -c constraints.txt
+	@# Byte-compile once, on every core, instead of pip's one-core pass. Without .pyc files every Python process
+	@# (each test's subprocess, each worker, each Ray worker) compiles torch, diffusers and ray again wherever
+	@# PYTHONDONTWRITEBYTECODE is set, as on CI. A file that does not compile (a Python 2 example inside a
+	@# dependency) is only imported from source, so compileall's status is not the install's.
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib molrmog || true
 	touch $(STAMP)
 
 demo: $(STAMP)
