@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-compile -e '.[dev]' -c constraints.txt
 	@# Byte-compile once, on every core, instead of pip's one-core pass. Without .pyc files every Python process
 	@# (each test's subprocess, each worker, each Ray worker) compiles torch, diffusers and ray again wherever
-	@# PYTHONDONTWRITEBYTECODE is set, as on CI. A file that does not compile (a Python 2 example inside a
+	@# PYTHONDONTWRITEBYTECODE is set (this machine sets it). A file that does not compile (a Python 2 example in a
 	@# dependency) is only imported from source, so compileall's status is not the install's.
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib molrmog || true
 	touch $(STAMP)
