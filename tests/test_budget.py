@@ -14,6 +14,7 @@ import torch
 
 from molrmog.cli import main
 from molrmog.evaluation import compare as cmp
+from molrmog.models.kinds import LatentExpert
 from molrmog.pipeline.config import BUDGET_POINTS
 from molrmog.training.train import fit
 from tests.conftest import tiny
@@ -29,8 +30,21 @@ def test_a_budget_is_used_up_and_the_curve_has_its_points(tmp_path, featurizer_c
     out = tmp_path / "cmp"
     budget = 4.0
     assert main(["compare", "--out", str(out), *tiny(("mog", "gaussian")), "--budget", str(budget), "--no-unified",
-                 "--samples", "40", "--reference", "300", "--cache", str(featurizer_cache)]) == 0
+                 "--samples", "40", "--reference", "300", "--cache", str(featurizer_cache),
+                 "--mog-floor", "match"]) == 0
     res = json.loads((out / "quality_vs_time.json").read_text())
+    # --mog-floor match: every MoG expert, final or snapshot, fills its law's variance up to the data's (or has
+    # no floor where the mixture already has more); the final floor is in the expert's log
+    logs = _logs(out / "dedicated", "mog")
+    experts = [out / "dedicated" / "experts" / "mog" / str(k) for k in range(10)]
+    snaps = sorted((out / "dedicated" / "snapshots" / "mog").glob("*/*"))
+    assert len(experts) == 10 and len(snaps) >= 50
+    for d in experts + snaps:
+        net = LatentExpert.load(d, "expert").net
+        assert net.config["floor"] == net.floor >= 0 and net.variance_gap() <= 1e-9
+        assert net.floor == 0 or net.variance_gap() == pytest.approx(0, abs=1e-9)
+    assert [logs[f"mog-{k}"]["info"]["floor"] for k in range(10)] == [LatentExpert.load(d, "expert").net.floor
+                                                                      for d in experts]
     for kind in ("mog", "gaussian"):
         logs = list(_logs(out / "dedicated", kind).values())
         used = sum(lg["info"]["elapsed"] for lg in logs)

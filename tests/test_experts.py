@@ -7,9 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from molrmog.core import mixture as mx
 from molrmog.core.distributions import GaussianMixture, MoLRMoG
+from molrmog.core.errors import MolrmogError
 from molrmog.core.losses import dsm_loss
-from molrmog.core.schedules import get_schedule
+from molrmog.core.samplers import generate
+from molrmog.core.schedules import get_schedule, make_grid
 from molrmog.models.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, k_subspaces, load_model
 from molrmog.training.train import TrainingDiverged, fit, train_score
 
@@ -177,3 +180,56 @@ def test_preconditioned_unet_is_exact_for_standard_normal_data_when_its_network_
     torch.nn.init.zeros_(plain.unet.conv_out.weight)
     torch.nn.init.zeros_(plain.unet.conv_out.bias)
     assert plain(x, torch.tensor(0.5)).abs().max() == 0  # the old parameterisation: raw eps
+
+
+def _floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.MixtureSameFamily:
+    """The floored expert noised to (s, gamma) with torch.distributions: modes N(s mu, s^2 U U^T + (gamma^2 +
+    s^2 floor) I)."""
+    mu, U = e.mu.detach(), e.U.detach()
+    diag = torch.full(mu.shape, g**2 + s**2 * e.floor, dtype=mu.dtype)
+    comp = torch.distributions.LowRankMultivariateNormal(s * mu, s * U, diag)
+    return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=e.pi.detach()), comp)
+
+
+def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_save(tmp_path, monkeypatch):
+    e = MoGExpert(5, n=3, r=2, seed=3, floor=0.3).double()
+    with torch.no_grad():
+        e.logit_pi.copy_(torch.tensor([0.2, -0.5, 1.0]))
+        e.mu.mul_(2)
+    z = torch.randn(16, 5, dtype=torch.float64)
+    for t in (0.05, 0.7):
+        s, g = (float(v) for v in e.st(z, t))
+        zz = z.clone().requires_grad_(True)
+        auto, = torch.autograd.grad(_floored_law(e, s, g).log_prob(zz).sum(), zz)
+        assert torch.allclose(e(z, t), auto, rtol=1e-8, atol=1e-10)
+        # the law the exact sampler steps with (full-rank Cholesky factors) has the same score
+        assert torch.allclose(mx.score(e.mixture_for(z), z, *e.st(z, t)), auto, rtol=1e-8, atol=1e-10)
+        with monkeypatch.context() as m, torch.no_grad():  # the fused one-t path (its graph run eagerly here)
+            m.setattr(mx, "FUSED", True)
+            m.setattr(mx, "compile_once", lambda fn: fn)
+            assert torch.allclose(e(z, t), auto, rtol=1e-8, atol=1e-10)
+        # Tweedie keeps the schedule's gamma: E[x0 | x_t] of the floored law
+        assert torch.allclose(e.denoise(z, t), (z + g**2 * auto) / s, rtol=1e-8, atol=1e-10)
+    e.save_pretrained(tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.floor == 0.3 and torch.allclose(back(z, 0.4), e(z, 0.4), rtol=1e-10, atol=1e-12)
+    with pytest.raises(MolrmogError, match="floor"):
+        MoGExpert(5, floor=-1.0)
+
+
+def test_matching_the_variance_gives_the_law_the_data_s_total_variance():
+    e = MoGExpert(8, n=4, r=2, seed=5).double()
+    with torch.no_grad():
+        e.U.mul_(0.5)  # a law with less variance than standardised data
+    gap = e.variance_gap()
+    assert gap > 0
+    floor = e.match_variance()
+    assert floor == pytest.approx(gap) and e.config["floor"] == floor
+    assert e.variance_gap() == pytest.approx(0, abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x = generate(e, 40000, 8, e.schedule, make_grid(e.schedule, 1, "karras"), "exact", generator=g)
+    assert float(x.var(0).mean()) == pytest.approx(1.0, rel=0.03)  # Monte Carlo of the exact sampler's draws
+    with torch.no_grad():
+        e.U.mul_(4)  # a law with more variance than the data: no floor
+    assert e.match_variance() == 0.0

@@ -75,11 +75,14 @@ class _MixtureExpert(ScoreModel):
     means mu (n, d), factors U (n, d, r), mode logits (n,); its score is `mixture.score`."""
 
     def _setup(self, d: int, n: int, r: int | None, schedule, init_scale: float, learn_means: bool,
-               learn_weights: bool, seed: int) -> None:
+               learn_weights: bool, seed: int, floor: float = 0.0) -> None:
         self._set_schedule(schedule)
         r = d if r is None else r
         _check_expert_dims(d, n, r)
+        if not (math.isfinite(floor) and floor >= 0):
+            raise MolrmogError(f"floor must be a finite variance >= 0, got {floor}")
         self.d, self.n, self.r = int(d), int(n), int(r)
+        self.floor = float(floor)
         g = torch.Generator().manual_seed(seed)
         mu = init_scale * torch.randn(n, d, generator=g) if learn_means else torch.zeros(n, d)
         U = init_scale * torch.randn(n, d, r, generator=g) / math.sqrt(d)
@@ -98,22 +101,52 @@ class _MixtureExpert(ScoreModel):
         return torch.softmax(self.logit_pi, 0)
 
     def mixture(self) -> mx.Mixture:
-        """The expert as a one-subspace `Mixture` (A = I) of its current parameters."""
+        """The expert's low-rank part as a one-subspace `Mixture` (A = I) of its current parameters (without
+        the floor: `mixture_for` is the whole law)."""
         log_pi = torch.log_softmax(self.logit_pi, 0)[None]
         return mx.Mixture(torch.zeros(1, dtype=self.U.dtype, device=self.U.device), None, log_pi,
                           self.mu[None], self.U[None])
+
+    def _st_floored(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        """(s_t, gamma') with the floor folded into the noise: a mode N(mu, U U^T + floor I) noised to t is
+        N(s mu, s^2 U U^T + (gamma^2 + s^2 floor) I), the low-rank mode at gamma' = sqrt(gamma^2 + s^2 floor).
+        (`denoise` keeps the schedule's own gamma: Tweedie's formula uses the noise actually added.)"""
+        s, g = self.st(x, t)
+        return (s, g) if self.floor == 0 else (s, torch.sqrt(g**2 + s**2 * self.floor))
 
     def score(self, z: Tensor, t) -> Tensor:
         if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
             # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
             # closed form -- as one compiled graph (`molrmog.core.mixture.FUSED`)
-            s, g = self.st(z, t)
+            s, g = self._st_floored(z, t)
             return mx.compile_once(_mixture_expert_score)(self.logit_pi, self.mu, self.U, z, s, g)
-        return mx.score(self.mixture(), z, *self.st(z, t))
+        return mx.score(self.mixture(), z, *self._st_floored(z, t))
 
     def mixture_for(self, x: Tensor) -> mx.Mixture:
-        """The expert's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with."""
-        return self.mixture().to(dtype=x.dtype, device=x.device)
+        """The expert's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with. With a
+        floor every mode's factor is the full-rank Cholesky factor of U U^T + floor I."""
+        m = self.mixture().to(dtype=x.dtype, device=x.device)
+        if self.floor == 0:
+            return m
+        cov = m.U @ m.U.transpose(-1, -2) + self.floor * torch.eye(self.d, dtype=x.dtype, device=x.device)
+        return mx.Mixture(m.log_w, None, m.log_pi, m.mu, torch.linalg.cholesky(cov))
+
+    def variance_gap(self) -> float:
+        """1 - the law's mean variance per coordinate, sum_l pi_l (||U_l||^2 + ||mu_l - mean||^2) / d + floor:
+        what an isotropic floor must add for the expert's total variance to match standardised data's
+        (unit variance in every coordinate)."""
+        with torch.no_grad():
+            pi = self.pi
+            mean = (pi[:, None] * self.mu).sum(0)
+            var = (pi * (self.U.pow(2).sum((1, 2)) + (self.mu - mean).pow(2).sum(1))).sum() / self.d
+        return 1.0 - float(var) - self.floor
+
+    def match_variance(self) -> float:
+        """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the
+        mixture already has it) and record it in the config; returns the floor."""
+        self.floor = max(0.0, self.floor + self.variance_gap())
+        self.register_to_config(floor=self.floor)
+        return self.floor
 
     @torch.no_grad()
     def init_from_data(self, z: Tensor, seed: int = 0, max_iter: int = 100) -> _MixtureExpert:
@@ -145,13 +178,15 @@ def _mixture_expert_score(logit_pi: Tensor, mu: Tensor, U: Tensor, z: Tensor, s:
 
 
 class MoGExpert(_MixtureExpert):
-    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,)."""
+    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,); an optional
+    isotropic floor (a variance, config `floor`, not trained) makes every mode N(mu_l, U_l U_l^T + floor I), a
+    mixture of probabilistic PCA (`match_variance` sets it so that the law's variance is the data's)."""
 
     @register_to_config
     def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
-                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0):
+                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0, floor: float = 0.0):
         super().__init__()
-        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed)
+        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed, floor)
 
 
 class GaussianExpert(_MixtureExpert):

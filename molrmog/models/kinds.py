@@ -70,6 +70,7 @@ class ExpertKind:
     init_from_data: Callable[[Any, Tensor, Any, int], None] | None = None  # (net, u (N, d), options, seed)
     check: Callable[[Any, tuple], None] | None = None  # (options, latent) -> raise MolrmogError when they clash
     resolve: Callable[[Any, Tensor, int], tuple[Any, dict]] | None = None  # (options, u, seed) -> (options, info)
+    finish: Callable[[Any, Any], dict] | None = None  # (net, options) -> info: after training, and on each snapshot
     seed_salt: int | None = None
     default: bool = True  # trained when --experts is not given
     headline: bool = False  # the project's own model: compare also trains it on a unified VAE
@@ -82,6 +83,14 @@ class ExpertKind:
 
     def build(self, latent, options, schedule: dict, seed: int) -> ScoreModel:
         return self.net_class(**self.net_config(tuple(latent), options, schedule, seed))
+
+    def finished(self, expert: LatentExpert, options) -> dict:
+        """Apply the kind's `finish` to a trained expert (its config follows); returns what it reports."""
+        if self.finish is None:
+            return {}
+        info = self.finish(expert.net, options)
+        expert.register_to_config(net_config=model_config(expert.net))
+        return info
 
 
 _REGISTRY: dict[str, ExpertKind] = {}
@@ -208,6 +217,7 @@ def _int_or_auto(text: str) -> int | str:
 
 
 AUTO_MODES, AUTO_RANKS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
+FLOORS = ("none", "match")  # the MoG expert's floor option
 
 
 @dataclass(frozen=True)
@@ -219,6 +229,9 @@ class MoGOptions(KindOptions):
     rank: int | str = option(4, "rank r of each mode's covariance factor, or auto (among "
                              f"{','.join(map(str, AUTO_RANKS))})", low=1, high=4096, parse=_int_or_auto)
     param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
+    floor: str = option("none", "isotropic variance floor set after training: none, or match (the floor that gives "
+                        "the expert's law the data's total variance; every mode becomes N(mu, U U^T + floor I))",
+                        choices=FLOORS)
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,14 @@ def _mixture_init(net, u: Tensor, o, seed: int) -> None:
     net.init_from_data(u, seed=seed)
 
 
+def _mog_finish(net, o) -> dict:
+    """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's."""
+    if o.floor == "none":
+        return {}
+    gap = net.variance_gap()
+    return {"variance_gap": gap, "floor": net.match_variance()}
+
+
 def _mog_resolve(o, u: Tensor, seed: int):
     """modes / rank 'auto': the EM fit with the best held-out log-likelihood under the parameter cap."""
     if o.modes != "auto" and o.rank != "auto":
@@ -267,7 +288,7 @@ register(ExpertKind(
     "mog", "MoG expert", MoGExpert, MoGOptions, seed_salt=1, headline=True,
     net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "n": o.modes, "r": o.rank,
                                                   "schedule": schedule, "seed": seed},
-    init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve,
+    init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve, finish=_mog_finish,
     description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
 register(ExpertKind(
     "gaussian", "Gaussian expert", GaussianExpert, GaussianOptions, seed_salt=2,
