@@ -186,13 +186,15 @@ def _floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.Mixtur
     """The floored expert noised to (s, gamma) with torch.distributions: modes N(s mu, s^2 U U^T + (gamma^2 +
     s^2 floor) I)."""
     mu, U = e.mu.detach(), e.U.detach()
-    diag = torch.full(mu.shape, g**2 + s**2 * e.floor, dtype=mu.dtype)
+    c = e.floor_variance()
+    diag = torch.full(mu.shape, g**2 + s**2 * (c if isinstance(c, float) else float(c.detach())), dtype=mu.dtype)
     comp = torch.distributions.LowRankMultivariateNormal(s * mu, s * U, diag)
     return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=e.pi.detach()), comp)
 
 
-def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_save(tmp_path, monkeypatch):
-    e = MoGExpert(5, n=3, r=2, seed=3, floor=0.3).double()
+@pytest.mark.parametrize("learn", [False, True])
+def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_save(tmp_path, monkeypatch, learn):
+    e = MoGExpert(5, n=3, r=2, seed=3, floor=0.3, learn_floor=learn).double()
     with torch.no_grad():
         e.logit_pi.copy_(torch.tensor([0.2, -0.5, 1.0]))
         e.mu.mul_(2)
@@ -212,7 +214,20 @@ def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_sa
         assert torch.allclose(e.denoise(z, t), (z + g**2 * auto) / s, rtol=1e-8, atol=1e-10)
     e.save_pretrained(tmp_path / "m")
     back = load_model(tmp_path / "m")
-    assert back.floor == 0.3 and torch.allclose(back(z, 0.4), e(z, 0.4), rtol=1e-10, atol=1e-12)
+    c = back.floor_variance()
+    assert float(c.detach() if learn else c) == pytest.approx(0.3, rel=1e-6)  # (float32 when built, then .double())
+    assert torch.allclose(back(z, 0.4), e(z, 0.4), rtol=1e-10, atol=1e-12)
+    if learn:  # the floor is a parameter: DSM moves it, and the EM start sets it from the fit's floors
+        x0 = torch.randn(64, 5, dtype=torch.float64)
+        loss = dsm_loss(e, x0, e.schedule, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        assert e.log_floor.grad is not None and float(e.log_floor.grad.abs()) > 0
+        with torch.no_grad():
+            e.init_from_data(torch.randn(200, 5, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 1, 1]), seed=0)
+        em_floor = float((e.pi.detach() * torch.tensor(e.em_info["floor_s2"])).sum())
+        assert float(e.floor_variance().detach()) == pytest.approx(em_floor, rel=1e-6)
+        with pytest.raises(MolrmogError, match="trains its floor"):
+            e.match_variance()
     with pytest.raises(MolrmogError, match="floor"):
         MoGExpert(5, floor=-1.0)
 

@@ -75,7 +75,7 @@ class _MixtureExpert(ScoreModel):
     means mu (n, d), factors U (n, d, r), mode logits (n,); its score is `mixture.score`."""
 
     def _setup(self, d: int, n: int, r: int | None, schedule, init_scale: float, learn_means: bool,
-               learn_weights: bool, seed: int, floor: float = 0.0) -> None:
+               learn_weights: bool, seed: int, floor: float = 0.0, learn_floor: bool = False) -> None:
         self._set_schedule(schedule)
         r = d if r is None else r
         _check_expert_dims(d, n, r)
@@ -83,6 +83,8 @@ class _MixtureExpert(ScoreModel):
             raise MolrmogError(f"floor must be a finite variance >= 0, got {floor}")
         self.d, self.n, self.r = int(d), int(n), int(r)
         self.floor = float(floor)
+        if learn_floor:  # a trained floor: exp(log_floor), started at `floor` (or the EM fit's, `init_from_data`)
+            self.log_floor = nn.Parameter(torch.tensor(math.log(max(self.floor, 1e-4))))
         g = torch.Generator().manual_seed(seed)
         mu = init_scale * torch.randn(n, d, generator=g) if learn_means else torch.zeros(n, d)
         U = init_scale * torch.randn(n, d, r, generator=g) / math.sqrt(d)
@@ -112,7 +114,14 @@ class _MixtureExpert(ScoreModel):
         N(s mu, s^2 U U^T + (gamma^2 + s^2 floor) I), the low-rank mode at gamma' = sqrt(gamma^2 + s^2 floor).
         (`denoise` keeps the schedule's own gamma: Tweedie's formula uses the noise actually added.)"""
         s, g = self.st(x, t)
-        return (s, g) if self.floor == 0 else (s, torch.sqrt(g**2 + s**2 * self.floor))
+        c = self.floor_variance()
+        return (s, g) if c is None else (s, torch.sqrt(g**2 + s**2 * c))
+
+    def floor_variance(self) -> Tensor | float | None:
+        """The floor in use: the trained exp(log_floor), the fixed `floor`, or None (no floor)."""
+        if hasattr(self, "log_floor"):
+            return self.log_floor.exp()
+        return self.floor if self.floor > 0 else None
 
     def score(self, z: Tensor, t) -> Tensor:
         if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
@@ -126,9 +135,11 @@ class _MixtureExpert(ScoreModel):
         """The expert's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with. With a
         floor every mode's factor is the full-rank Cholesky factor of U U^T + floor I."""
         m = self.mixture().to(dtype=x.dtype, device=x.device)
-        if self.floor == 0:
+        c = self.floor_variance()
+        if c is None:
             return m
-        cov = m.U @ m.U.transpose(-1, -2) + self.floor * torch.eye(self.d, dtype=x.dtype, device=x.device)
+        cov = m.U @ m.U.transpose(-1, -2) + torch.as_tensor(c, dtype=x.dtype, device=x.device) * torch.eye(
+            self.d, dtype=x.dtype, device=x.device)
         return mx.Mixture(m.log_w, None, m.log_pi, m.mu, torch.linalg.cholesky(cov))
 
     def variance_gap(self) -> float:
@@ -139,11 +150,14 @@ class _MixtureExpert(ScoreModel):
             pi = self.pi
             mean = (pi[:, None] * self.mu).sum(0)
             var = (pi * (self.U.pow(2).sum((1, 2)) + (self.mu - mean).pow(2).sum(1))).sum() / self.d
-        return 1.0 - float(var) - self.floor
+        c = self.floor_variance()
+        return 1.0 - float(var) - (0.0 if c is None else c if isinstance(c, float) else float(c.detach()))
 
     def match_variance(self) -> float:
         """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the
         mixture already has it) and record it in the config; returns the floor."""
+        if hasattr(self, "log_floor"):
+            raise MolrmogError("this expert trains its floor (learn_floor=True); it is not set by matching")
         self.floor = max(0.0, self.floor + self.variance_gap())
         self.register_to_config(floor=self.floor)
         return self.floor
@@ -164,6 +178,8 @@ class _MixtureExpert(ScoreModel):
             self.U.copy_(fit.W.to(self.U.dtype))
         if isinstance(self.logit_pi, nn.Parameter):
             self.logit_pi.copy_(torch.log(fit.pi).to(self.logit_pi.dtype))
+        if hasattr(self, "log_floor"):  # the fit's floors s_l^2, weighted by the modes' weights
+            self.log_floor.copy_(torch.log((fit.pi * fit.s2).sum().clamp_min(1e-4)).to(self.log_floor.dtype))
         self.em_info = {"loglik": fit.loglik, "iterations": fit.iterations, "floor_s2": fit.s2.tolist(),
                         "floor_s2_median": float(fit.s2.median())}
         return self
@@ -179,14 +195,16 @@ def _mixture_expert_score(logit_pi: Tensor, mu: Tensor, U: Tensor, z: Tensor, s:
 
 class MoGExpert(_MixtureExpert):
     """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,); an optional
-    isotropic floor (a variance, config `floor`, not trained) makes every mode N(mu_l, U_l U_l^T + floor I), a
-    mixture of probabilistic PCA (`match_variance` sets it so that the law's variance is the data's)."""
+    isotropic floor (a variance: config `floor`, or trained with `learn_floor`) makes every mode
+    N(mu_l, U_l U_l^T + floor I), a mixture of probabilistic PCA (`match_variance` sets a fixed floor so that the
+    law's variance is the data's)."""
 
     @register_to_config
     def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
-                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0, floor: float = 0.0):
+                 learn_means: bool = True, learn_weights: bool = True, seed: int = 0, floor: float = 0.0,
+                 learn_floor: bool = False):
         super().__init__()
-        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed, floor)
+        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed, floor, learn_floor)
 
 
 class GaussianExpert(_MixtureExpert):

@@ -217,7 +217,7 @@ def _int_or_auto(text: str) -> int | str:
 
 
 AUTO_MODES, AUTO_RANKS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
-FLOORS = ("none", "match")  # the MoG expert's floor option
+FLOORS = ("none", "match", "learn")  # the MoG expert's floor option
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,9 @@ class MoGOptions(KindOptions):
     rank: int | str = option(4, "rank r of each mode's covariance factor, or auto (among "
                              f"{','.join(map(str, AUTO_RANKS))})", low=1, high=4096, parse=_int_or_auto)
     param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
-    floor: str = option("none", "isotropic variance floor set after training: none, or match (the floor that gives "
-                        "the expert's law the data's total variance; every mode becomes N(mu, U U^T + floor I))",
+    floor: str = option("none", "isotropic variance floor of every mode, N(mu, U U^T + floor I): none; match (set "
+                        "after training: the floor that gives the expert's law the data's total variance); or learn "
+                        "(one more parameter, started at the EM fit's floor and trained with the rest)",
                         choices=FLOORS)
 
 
@@ -267,6 +268,8 @@ def _mog_finish(net, o) -> dict:
     """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's."""
     if o.floor == "none":
         return {}
+    if o.floor == "learn":
+        return {"floor": float(net.floor_variance().detach()), "variance_gap": net.variance_gap()}
     gap = net.variance_gap()
     return {"variance_gap": gap, "floor": net.match_variance()}
 
@@ -287,7 +290,8 @@ def _mog_resolve(o, u: Tensor, seed: int):
 register(ExpertKind(
     "mog", "MoG expert", MoGExpert, MoGOptions, seed_salt=1, headline=True,
     net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "n": o.modes, "r": o.rank,
-                                                  "schedule": schedule, "seed": seed},
+                                                  "schedule": schedule, "seed": seed,
+                                                  "learn_floor": o.floor == "learn"},
     init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve, finish=_mog_finish,
     description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
 register(ExpertKind(
