@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@# Byte-compile once, on every core, instead of pip's one-core pass. Without .pyc files every Python process
 	@# (each test's subprocess, each worker, each Ray worker) compiles torch, diffusers and ray again wherever
 	@# PYTHONDONTWRITEBYTECODE is set (this machine sets it). A file that does not compile (a Python 2 example in a
-	@# dependency) is only imported from source, so compileall's status is not the install's.
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib molrmog || true
+	@# dependency) is only imported from source, so compileall's status is not the install's. Skipped: what no
+	@# molrmog process imports (pip, setuptools, networkx, transformers' model zoo, test
+	@# folders): 11,800 files instead of 17,500, 23 s instead of 32 s on 2 cores.
+	$(BIN)/python -m compileall -qq -j 0 \
+		-x '/(pip|setuptools|networkx)/|/transformers/models/|/tests?/' \
+		$(VENV)/lib molrmog || true
 	touch $(STAMP)
 
 demo: $(STAMP)
