@@ -123,6 +123,11 @@ class _MixtureExpert(ScoreModel):
             return self.log_floor.exp()
         return self.floor if self.floor > 0 else None
 
+    def floor_value(self) -> float:
+        """The floor in use as a number (0 without one)."""
+        c = self.floor_variance()
+        return 0.0 if c is None else c if isinstance(c, float) else float(c.detach())
+
     def score(self, z: Tensor, t) -> Tensor:
         if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
             # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
@@ -150,8 +155,7 @@ class _MixtureExpert(ScoreModel):
             pi = self.pi
             mean = (pi[:, None] * self.mu).sum(0)
             var = (pi * (self.U.pow(2).sum((1, 2)) + (self.mu - mean).pow(2).sum(1))).sum() / self.d
-        c = self.floor_variance()
-        return 1.0 - float(var) - (0.0 if c is None else c if isinstance(c, float) else float(c.detach()))
+        return 1.0 - float(var) - self.floor_value()
 
     def match_variance(self) -> float:
         """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the

@@ -269,7 +269,7 @@ def _mog_finish(net, o) -> dict:
     if o.floor == "none":
         return {}
     if o.floor == "learn":
-        return {"floor": float(net.floor_variance().detach()), "variance_gap": net.variance_gap()}
+        return {"floor": net.floor_value(), "variance_gap": net.variance_gap()}
     gap = net.variance_gap()
     return {"variance_gap": gap, "floor": net.match_variance()}
 
