@@ -246,3 +246,80 @@ def test_matching_the_variance_gives_the_law_the_data_s_total_variance():
     with torch.no_grad():
         e.U.mul_(4)  # a law with more variance than the data: no floor
     assert e.match_variance() == 0.0
+
+
+def _floored_molr_law(m: MoEScore, s: float, g: float) -> torch.distributions.MixtureSameFamily:
+    """A floored MoEScore noised to (s, gamma), built independently with torch.distributions: K n modes in R^D,
+    N(s A_k mu_kl, s^2 (A_k U_kl U_kl^T A_k^T + floor I) + gamma^2 I), weights w_k pi_kl."""
+    A = m.A.detach()
+    mus, covs, ws = [], [], []
+    w = torch.softmax(m.logit_w.detach(), 0)
+    for k, e in enumerate(m.experts):
+        for l in range(e.n):
+            F = A[k] @ e.U.detach()[l]
+            mus.append(s * A[k] @ e.mu.detach()[l])
+            covs.append(s**2 * (F @ F.T + m.floor_value() * torch.eye(m.D, dtype=F.dtype)) +
+                        g**2 * torch.eye(m.D, dtype=F.dtype))
+            ws.append(w[k] * e.pi.detach()[l])
+    comp = torch.distributions.MultivariateNormal(torch.stack(mus), torch.stack(covs))
+    return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=torch.stack(ws)), comp)
+
+
+def test_a_floored_full_covariance_moe_has_the_score_of_its_law_and_saves(tmp_path):
+    m = MoEScore(9, 2, 3, n=2, full_cov=True, floor=0.2, seed=4).double()
+    # full covariances are packed lower-triangular factors: d (d + 1) / 2 numbers per mode
+    sizes = {n: p.shape for n, p in m.named_parameters()}
+    assert sizes["experts.0.parametrizations.U.original"] == (2, 6)
+    assert torch.equal(m.experts[0].U, m.experts[0].U.tril())
+    with torch.no_grad():
+        m.logit_w.copy_(torch.tensor([0.3, -0.2]))
+        m.experts[1].mu.mul_(3)
+    x = torch.randn(12, 9, dtype=torch.float64)
+    for t in (0.05, 0.8):
+        s, g = (float(v) for v in m.st(x, t))
+        xx = x.clone().requires_grad_(True)
+        auto, = torch.autograd.grad(_floored_molr_law(m, s, g).log_prob(xx).sum(), xx)
+        assert torch.allclose(m(x, t), auto, rtol=1e-8, atol=1e-10)
+        assert torch.allclose(mx.score(m.mixture_for(x), x, *m.st(x, t)), auto, rtol=1e-8, atol=1e-10)
+    m.save_pretrained(tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert back.floor_value() == pytest.approx(0.2, rel=1e-6)
+    assert torch.allclose(back.double()(x, 0.4), m(x, 0.4), rtol=1e-6, atol=1e-8)
+    with pytest.raises(MolrmogError, match="r = d"):
+        MoEScore(9, 1, 3, n=2, r=2, full_cov=True)
+    # assigning any factor keeps its covariance, a singular one included (a mode with fewer points than d)
+    W = torch.randn(2, 3, 3, dtype=torch.float64)
+    W[1, :, 2] = 0
+    with torch.no_grad():
+        m.experts[0].U = W
+    U = m.experts[0].U.detach()
+    assert torch.equal(U, U.tril()) and (U.diagonal(dim1=-2, dim2=-1) >= 0).all()
+    assert torch.allclose(U @ U.transpose(-1, -2), W @ W.transpose(-1, -2), rtol=1e-10, atol=1e-12)
+
+
+def test_a_full_covariance_moe_starts_at_the_em_fit_and_matches_the_data_variance():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(10, 4, generator=g, dtype=torch.float64))[0]
+    y = torch.cat([torch.randn(300, 4, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5, 0.3]) + 2,
+                   torch.randn(300, 4, generator=g, dtype=torch.float64) - 2])
+    x = y @ basis.T + 0.1 * torch.randn(600, 10, generator=g, dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std()  # centred, unit variance per coordinate on average (as the latent experts' data)
+    m = MoEScore(10, 1, 4, n=2, full_cov=True, seed=0).double()
+    m.init_from_data(x)
+    A = m.A.detach()[0]
+    assert (A.T @ basis).svd()[1].min() > 0.95  # the subspace is found
+    from molrmog.core.em import fit_mppca
+
+    fit = fit_mppca(x @ A, 2, 4, seed=0)
+    e = m.experts[0]
+    order = torch.argsort(fit.pi), torch.argsort(e.pi.detach())
+    for a, b in zip(*order):  # each mode's covariance is the fit's W W^T (stored as a Cholesky factor)
+        U = e.U.detach()[b]
+        assert torch.allclose(U @ U.T, fit.W[a] @ fit.W[a].T, rtol=1e-6, atol=1e-8)
+    gap = m.variance_gap()
+    assert gap > 0  # the law lacks the variance off its subspace
+    assert m.match_variance() == pytest.approx(gap)
+    with torch.no_grad():
+        draws = generate(m, 40000, 10, m.schedule, make_grid(m.schedule, 1, "karras"), "exact",
+                         generator=torch.Generator().manual_seed(1))
+    assert float(draws.var(0).mean()) == pytest.approx(1.0, rel=0.03)

@@ -274,3 +274,27 @@ def test_run_config_is_not_mutated_by_training(tmp_path):
     before = dataclasses.asdict(cfg)
     train_run(tmp_path / "r", cfg, progress=False)
     assert dataclasses.asdict(cfg) == before and cfg.latent is None
+
+
+def test_the_molr_kind_trains_with_a_matched_floor_and_samples_exactly(tmp_path, capsys):
+    """The MoLR-MoG expert: a learnable q-dim subspace of the latent with full-covariance modes in it, packed
+    Cholesky factors, and the floor off the subspace matched to the data's variance after training."""
+    run = tmp_path / "r"
+    assert main(["train", "--out", str(run), *tiny(("molr",)), "--molr-dim", "6", "--molr-modes", "3"]) == 0
+    D, q, n = 32, 6, 3
+    report = json.loads((run / "report.json").read_text())["experts"]["molr"]
+    assert report["parameters_per_expert"] == D * q + 1 + n * (q + q * (q + 1) // 2 + 1)
+    for k in range(10):
+        net = kinds.LatentExpert.load(run / "experts" / "molr" / str(k), "expert").net
+        assert type(net).__name__ == "MoEScore" and net.config["full_cov"] and net.floor > 0
+        assert net.variance_gap() == pytest.approx(0, abs=1e-9)  # the law has the data's variance
+        assert torch.equal(net.experts[0].U, net.experts[0].U.tril())
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "--kind", "molr", "--sampler", "exact", "--steps", "1", "--n", "6", "--npy",
+                 "--out", str(out)]) == 0
+    imgs = np.load(out.with_suffix(".npy"))
+    assert imgs.shape[0] == 6 and np.isfinite(imgs).all()
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "bad"), *tiny(("molr",)), "--molr-dim", "40"]) == 2
+    assert "--molr-dim 40 exceeds the latent dimension 32" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -5,7 +5,8 @@
   the analytic distributions).
 - `GaussianExpert`: one zero-mean low-rank Gaussian (MoLRG): a linear score.
 - `MoEScore`: K experts on learnable orthonormal subspaces A_k (A_k = Q of a QR factorisation,
-  so A_k^T A_k = I exactly), gated by the closed-form responsibilities.
+  so A_k^T A_k = I exactly), gated by the closed-form responsibilities; optionally full covariances in the
+  subspaces (packed Cholesky factors) and an isotropic floor off them (the latent `molr` kind).
 - `MLPScore`: an unstructured MLP with a time embedding (baseline).
 
 Every model is called as `model(x, t) -> score` with t a scalar or (B,) tensor, has
@@ -22,13 +23,14 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from molrmog.core import mixture as mx
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
 from molrmog.core.schedules import get_schedule
 
-__all__ = ["ScoreModel", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "load_model",
+__all__ = ["ScoreModel", "PackedTril", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "load_model",
            "k_subspaces", "precondition_eps"]
 
 
@@ -61,6 +63,31 @@ class ScoreModel(Model):
         return (x + g**2 * self.score(x, t)) / s
 
 
+class PackedTril(nn.Module):
+    """Parametrisation of square factors (..., q, q) as lower-triangular Cholesky factors stored packed
+    (..., q (q + 1) / 2): a full covariance U U^T at its q (q + 1) / 2 free numbers. Assigning a square factor W
+    stores a lower-triangular L with L L^T = W W^T (the same covariance; from a QR factorisation of W^T)."""
+
+    def __init__(self, q: int):
+        super().__init__()
+        self.q = int(q)
+        i, j = torch.tril_indices(self.q, self.q)
+        self.register_buffer("i", i, persistent=False)
+        self.register_buffer("j", j, persistent=False)
+
+    def forward(self, packed: Tensor) -> Tensor:
+        U = packed.new_zeros(*packed.shape[:-1], self.q, self.q)
+        U[..., self.i, self.j] = packed
+        return U
+
+    def right_inverse(self, W: Tensor) -> Tensor:
+        # W^T = Q R gives W W^T = R^T R: L = R^T is a lower-triangular factor of the same covariance, defined
+        # for a singular W too (no Cholesky of W W^T); flipping columns to a non-negative diagonal keeps L L^T
+        R = torch.linalg.qr(W.transpose(-1, -2), mode="r")[1]
+        sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)
+        return (R.transpose(-1, -2) * sign[..., None, :])[..., self.i, self.j]
+
+
 def _check_expert_dims(d: int, n: int, r: int) -> None:
     if int(d) < 1:
         raise MolrmogError(f"latent dimension d must be >= 1, got {d}")
@@ -70,7 +97,70 @@ def _check_expert_dims(d: int, n: int, r: int) -> None:
         raise MolrmogError(f"rank r must satisfy 1 <= r <= d = {d}, got r = {r}; lower --r or raise --d")
 
 
-class _MixtureExpert(ScoreModel):
+class _FloorMixin:
+    """An isotropic variance floor c on a closed-form mixture law (`self.mixture()`): every mode becomes
+    N(m, S + c I). Shared by the MoG / Gaussian experts and `MoEScore`."""
+
+    def _st_floored(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        """(s_t, gamma') with the floor folded into the noise: a mode N(m, S + c I) noised to t is
+        N(s m, s^2 S + (gamma^2 + s^2 c) I), the floorless mode at gamma' = sqrt(gamma^2 + s^2 c).
+        (`denoise` keeps the schedule's own gamma: Tweedie's formula uses the noise actually added.)"""
+        s, g = self.st(x, t)
+        c = self.floor_variance()
+        return (s, g) if c is None else (s, torch.sqrt(g**2 + s**2 * c))
+
+    def floor_variance(self) -> Tensor | float | None:
+        """The floor in use: the trained exp(log_floor), the fixed `floor`, or None (no floor)."""
+        if hasattr(self, "log_floor"):
+            return self.log_floor.exp()
+        return self.floor if self.floor > 0 else None
+
+    def floor_value(self) -> float:
+        """The floor in use as a number (0 without one)."""
+        c = self.floor_variance()
+        return 0.0 if c is None else c if isinstance(c, float) else float(c.detach())
+
+    def mixture_for(self, x: Tensor) -> mx.Mixture:
+        """The model's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with. With a
+        floor every mode is written in the ambient space (A = I) with the full-rank Cholesky factor of its
+        covariance A U U^T A^T + floor I."""
+        m = self.mixture().to(dtype=x.dtype, device=x.device)
+        c = self.floor_variance()
+        if c is None:
+            return m
+        mu, F = m.mu, m.U
+        if m.A is not None:
+            mu, F = torch.einsum("kDd,kld->klD", m.A, mu), torch.einsum("kDd,kldr->klDr", m.A, F)
+        D = mu.shape[-1]
+        cov = F @ F.transpose(-1, -2) + torch.as_tensor(c, dtype=x.dtype, device=x.device) * torch.eye(
+            D, dtype=x.dtype, device=x.device)
+        return mx.Mixture(torch.zeros(1, dtype=x.dtype, device=x.device), None, m.log_weights.reshape(1, -1),
+                          mu.reshape(1, -1, D), torch.linalg.cholesky(cov).reshape(1, -1, D, D))
+
+    def variance_gap(self) -> float:
+        """1 - the law's mean variance per coordinate (sum over modes of weight x (||U||^2 + ||mean - overall
+        mean||^2) / D, plus the floor): what an isotropic floor must add for the law's total variance to match
+        standardised data's (unit variance in every coordinate)."""
+        with torch.no_grad():
+            m = self.mixture()
+            w = m.log_weights.exp()  # (K, L); padded modes weigh 0
+            mu = m.mu if m.A is None else torch.einsum("kDd,kld->klD", m.A, m.mu)
+            mean = (w[..., None] * mu).sum((0, 1))
+            # ||A U||_F = ||U||_F: A has orthonormal (or zero-padded) columns
+            var = (w * (m.U.pow(2).sum((-1, -2)) + (mu - mean).pow(2).sum(-1))).sum() / mu.shape[-1]
+        return 1.0 - float(var) - self.floor_value()
+
+    def match_variance(self) -> float:
+        """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the
+        mixture already has it) and record it in the config; returns the floor."""
+        if hasattr(self, "log_floor"):
+            raise MolrmogError("this expert trains its floor (learn_floor=True); it is not set by matching")
+        self.floor = max(0.0, self.floor + self.variance_gap())
+        self.register_to_config(floor=self.floor)
+        return self.floor
+
+
+class _MixtureExpert(_FloorMixin, ScoreModel):
     """A mixture of n low-rank Gaussians in a d-dim latent (shared by `MoGExpert` and `GaussianExpert`):
     means mu (n, d), factors U (n, d, r), mode logits (n,); its score is `mixture.score`."""
 
@@ -109,25 +199,6 @@ class _MixtureExpert(ScoreModel):
         return mx.Mixture(torch.zeros(1, dtype=self.U.dtype, device=self.U.device), None, log_pi,
                           self.mu[None], self.U[None])
 
-    def _st_floored(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
-        """(s_t, gamma') with the floor folded into the noise: a mode N(mu, U U^T + floor I) noised to t is
-        N(s mu, s^2 U U^T + (gamma^2 + s^2 floor) I), the low-rank mode at gamma' = sqrt(gamma^2 + s^2 floor).
-        (`denoise` keeps the schedule's own gamma: Tweedie's formula uses the noise actually added.)"""
-        s, g = self.st(x, t)
-        c = self.floor_variance()
-        return (s, g) if c is None else (s, torch.sqrt(g**2 + s**2 * c))
-
-    def floor_variance(self) -> Tensor | float | None:
-        """The floor in use: the trained exp(log_floor), the fixed `floor`, or None (no floor)."""
-        if hasattr(self, "log_floor"):
-            return self.log_floor.exp()
-        return self.floor if self.floor > 0 else None
-
-    def floor_value(self) -> float:
-        """The floor in use as a number (0 without one)."""
-        c = self.floor_variance()
-        return 0.0 if c is None else c if isinstance(c, float) else float(c.detach())
-
     def score(self, z: Tensor, t) -> Tensor:
         if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
             # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
@@ -135,36 +206,6 @@ class _MixtureExpert(ScoreModel):
             s, g = self._st_floored(z, t)
             return mx.compile_once(_mixture_expert_score)(self.logit_pi, self.mu, self.U, z, s, g)
         return mx.score(self.mixture(), z, *self._st_floored(z, t))
-
-    def mixture_for(self, x: Tensor) -> mx.Mixture:
-        """The expert's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with. With a
-        floor every mode's factor is the full-rank Cholesky factor of U U^T + floor I."""
-        m = self.mixture().to(dtype=x.dtype, device=x.device)
-        c = self.floor_variance()
-        if c is None:
-            return m
-        cov = m.U @ m.U.transpose(-1, -2) + torch.as_tensor(c, dtype=x.dtype, device=x.device) * torch.eye(
-            self.d, dtype=x.dtype, device=x.device)
-        return mx.Mixture(m.log_w, None, m.log_pi, m.mu, torch.linalg.cholesky(cov))
-
-    def variance_gap(self) -> float:
-        """1 - the law's mean variance per coordinate, sum_l pi_l (||U_l||^2 + ||mu_l - mean||^2) / d + floor:
-        what an isotropic floor must add for the expert's total variance to match standardised data's
-        (unit variance in every coordinate)."""
-        with torch.no_grad():
-            pi = self.pi
-            mean = (pi[:, None] * self.mu).sum(0)
-            var = (pi * (self.U.pow(2).sum((1, 2)) + (self.mu - mean).pow(2).sum(1))).sum() / self.d
-        return 1.0 - float(var) - self.floor_value()
-
-    def match_variance(self) -> float:
-        """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the
-        mixture already has it) and record it in the config; returns the floor."""
-        if hasattr(self, "log_floor"):
-            raise MolrmogError("this expert trains its floor (learn_floor=True); it is not set by matching")
-        self.floor = max(0.0, self.floor + self.variance_gap())
-        self.register_to_config(floor=self.floor)
-        return self.floor
 
     @torch.no_grad()
     def init_from_data(self, z: Tensor, seed: int = 0, max_iter: int = 100) -> _MixtureExpert:
@@ -180,6 +221,8 @@ class _MixtureExpert(ScoreModel):
         self.mu.copy_(fit.mu.to(self.mu.dtype))
         if isinstance(self.U, nn.Parameter):
             self.U.copy_(fit.W.to(self.U.dtype))
+        elif parametrize.is_parametrized(self, "U"):  # a packed Cholesky factor (`PackedTril`): U U^T = W W^T
+            self.U = fit.W.to(self.U.dtype)
         if isinstance(self.logit_pi, nn.Parameter):
             self.logit_pi.copy_(torch.log(fit.pi).to(self.logit_pi.dtype))
         if hasattr(self, "log_floor"):  # the fit's floors s_l^2, weighted by the modes' weights
@@ -226,18 +269,22 @@ class GaussianExpert(_MixtureExpert):
             self.register_buffer("U", torch.eye(self.d)[None])
 
 
-class MoEScore(ScoreModel):
+class MoEScore(_FloorMixin, ScoreModel):
     """Mixture-of-experts score in R^D: K MoG experts (or, with gaussian=True, one zero-mean Gaussian each:
-    MoLRG) on orthonormal subspaces A_k.
+    MoLRG) on orthonormal subspaces A_k -- the MoLR-MoG law as a learnable model.
 
     A_k = Q(W_k) from a QR factorisation (sign-fixed), so A_k^T A_k = I holds exactly; the
     subspace weights w_k are learnable logits. The score is `mixture.score` of the stacked
-    parameters: gating by closed-form responsibilities.
+    parameters: gating by closed-form responsibilities. full_cov=True gives every mode a full covariance in
+    its subspace (r = d, a packed Cholesky factor: d (d + 1) / 2 numbers, `PackedTril`); `floor` (a variance)
+    adds floor * I in R^D to every mode (folded into the noise, as for the MoG expert), so the law has
+    density off the subspaces (`match_variance` sets it to the data's total variance).
     """
 
     @register_to_config
     def __init__(self, D: int, K: int, d: int, n: int = 2, r: int | None = None, schedule="vp",
-                 gaussian: bool = False, init_scale: float = 1.0, seed: int = 0, learn_factors: bool = True):
+                 gaussian: bool = False, init_scale: float = 1.0, seed: int = 0, learn_factors: bool = True,
+                 full_cov: bool = False, floor: float = 0.0):
         super().__init__()
         self._set_schedule(schedule)
         r = d if r is None else r
@@ -246,7 +293,13 @@ class MoEScore(ScoreModel):
         if int(d) > int(D):
             raise MolrmogError(f"latent d = {d} must not exceed the ambient D = {D}")
         _check_expert_dims(d, n, r)
+        if full_cov and int(r) != int(d):
+            raise MolrmogError(f"full_cov gives every mode a full covariance in its subspace: it needs r = d = {d}, "
+                               f"got r = {r}")
+        if not (math.isfinite(floor) and floor >= 0):
+            raise MolrmogError(f"floor must be a finite variance >= 0, got {floor}")
         self.D, self.K, self.d = int(D), int(K), int(d)
+        self.floor = float(floor)
         g = torch.Generator().manual_seed(seed)
         self.W = nn.Parameter(torch.randn(K, D, d, generator=g))
         self.logit_w = nn.Parameter(torch.zeros(K))
@@ -254,6 +307,9 @@ class MoEScore(ScoreModel):
             else (lambda k: GaussianExpert(d, r, schedule, init_scale, seed=seed + 1 + k,
                                            learn_factors=learn_factors))
         self.experts = nn.ModuleList([make(k) for k in range(K)])
+        if full_cov:
+            for e in self.experts:
+                parametrize.register_parametrization(e, "U", PackedTril(d))
 
     @property
     def A(self) -> Tensor:
@@ -264,6 +320,7 @@ class MoEScore(ScoreModel):
         return Q * sign[:, None, :]
 
     def mixture(self) -> mx.Mixture:
+        """The law without the floor (`mixture_for` is the whole law)."""
         e = self.experts
         return mx.Mixture(
             torch.log_softmax(self.logit_w, 0), self.A,
@@ -271,27 +328,33 @@ class MoEScore(ScoreModel):
             torch.stack([x.mu for x in e]), torch.stack([x.U for x in e]))
 
     def score(self, x: Tensor, t) -> Tensor:
-        return mx.score(self.mixture(), x, *self.st(x, t))
-
-    def mixture_for(self, x: Tensor) -> mx.Mixture:
-        return self.mixture().to(dtype=x.dtype, device=x.device)
+        return mx.score(self.mixture(), x, *self._st_floored(x, t))
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor, seed: int = 0, restarts: int = 5) -> MoEScore:
-        """Data-driven start: K-subspaces clustering for A_k, then each expert's own data-driven init."""
+    def init_from_data(self, x: Tensor, seed: int = 0, restarts: int = 5, basis_scale: float = 1.0) -> MoEScore:
+        """Data-driven start: K-subspaces clustering for A_k, then each expert's own data-driven init.
+        W_k = basis_scale x the found orthonormal basis: A_k is the same for any scale (QR), but the scale sets
+        how far one optimiser step turns it (sqrt(D) gives W's entries the size of the random start's)."""
         x = torch.as_tensor(x)
         if x.ndim != 2 or x.shape[1] != self.D or x.shape[0] < 1:
             raise MolrmogError(f"init data must have shape (N >= 1, D = {self.D}), got {tuple(x.shape)}")
         bases, labels = k_subspaces(x, self.K, self.d, seed=seed, restarts=restarts)
-        self.W.copy_(bases.to(self.W.dtype))
+        self.W.copy_((basis_scale * bases).to(self.W.dtype))
         counts = torch.bincount(labels, minlength=self.K).double()
         self.logit_w.copy_(torch.log((counts + 1) / (counts.sum() + self.K)).to(self.logit_w.dtype))
         A = self.A
+        off = 0.0
         for k, e in enumerate(self.experts):
             xk = x[labels == k]
             if xk.shape[0] == 0:
                 xk = x
-            e.init_from_data((xk.to(A.dtype) @ A[k]), seed=seed + k)
+            xk = xk.to(A.dtype)
+            e.init_from_data((xk @ A[k]), seed=seed + k)
+            off += float((xk - (xk @ A[k]) @ A[k].T).pow(2).sum()) / (x.shape[0] * self.D)
+        s2 = [v for e in self.experts for v in e.em_info["floor_s2"]]
+        # the fits' in-subspace floors, and the data's variance per coordinate off the subspaces
+        self.em_info = {"floor_s2": s2, "floor_s2_median": float(torch.tensor(s2).median()),
+                        "off_subspace_variance": off}
         return self
 
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from molrmog.core.artefacts import FORMAT_VERSION, Model, build_from_config, register_to_config
 from molrmog.core.errors import MolrmogError
 from molrmog.core.options import option
-from molrmog.models.experts import GaussianExpert, MLPScore, MoGExpert, ScoreModel, UNetScore
+from molrmog.models.experts import GaussianExpert, MLPScore, MoEScore, MoGExpert, ScoreModel, UNetScore
 from molrmog.models.smd import SMDMLPScore, SMDUNetScore
 from molrmog.training.train import LR_SCHEDULES
 
@@ -235,6 +235,28 @@ class MoGOptions(KindOptions):
                         choices=FLOORS)
 
 
+def _int_or_full(text: str) -> int | str:
+    if str(text).strip().lower() == "full":
+        return "full"
+    try:
+        return int(text)
+    except ValueError:
+        raise MolrmogError(f"expected an integer or full, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class MoLROptions(KindOptions):
+    steps: int = option(400, "DSM steps after the closed-form start (PCA / K-subspaces, then EM in each subspace; 0: "
+                        "the start alone)", low=0, high=MAX_STEPS)
+    subspaces: int = option(1, "subspaces K of the expert's law", low=1, high=64)
+    dim: int = option(30, "dimension q of each subspace", low=1, high=4096)
+    modes: int = option(4, "Gaussian modes n in each subspace", low=1, high=4096)
+    rank: int | str = option("full", "rank r of each mode's covariance factor in its subspace, or full (a Cholesky "
+                             "factor: q (q + 1) / 2 numbers per mode)", low=1, high=4096, parse=_int_or_full)
+    floor: str = option("match", "isotropic variance floor off the subspaces: match (set after training: the floor "
+                        "that gives the law the data's total variance) or none", choices=("match", "none"))
+
+
 @dataclass(frozen=True)
 class GaussianOptions(KindOptions):
     steps: int = option(400, "DSM steps after the closed-form PPCA start (0: the PCA fit alone)", low=0,
@@ -258,6 +280,26 @@ def _check_rank(o, latent) -> None:
     if isinstance(o.rank, int) and o.rank > d:
         raise MolrmogError(f"rank {o.rank} exceeds the latent dimension {d} ({'x'.join(map(str, latent))}); "
                            f"lower --mog-rank / --gaussian-rank or use a larger --latent")
+
+
+def _check_molr(o, latent) -> None:
+    D = math.prod(latent)
+    if isinstance(o.rank, str) and o.rank != "full":
+        raise MolrmogError(f"--molr-rank must be an integer or full, got {o.rank!r}")
+    if o.dim > D:
+        raise MolrmogError(f"--molr-dim {o.dim} exceeds the latent dimension {D} ({'x'.join(map(str, latent))}); "
+                           f"lower --molr-dim")
+    if isinstance(o.rank, int) and o.rank > o.dim:
+        raise MolrmogError(f"--molr-rank {o.rank} exceeds the subspace dimension --molr-dim {o.dim}; lower "
+                           f"--molr-rank or use full")
+
+
+def _molr_init(net, u: Tensor, o, seed: int) -> None:
+    """PCA / K-subspaces and EM in each subspace; with floor 'match' DSM then trains the law with the floor of
+    that start (the data's variance off the subspaces), matched again after training (`_mog_finish`)."""
+    net.init_from_data(u, seed=seed, basis_scale=math.sqrt(net.D))
+    if o.floor == "match":
+        net.match_variance()
 
 
 def _mixture_init(net, u: Tensor, o, seed: int) -> None:
@@ -294,6 +336,14 @@ register(ExpertKind(
                                                   "learn_floor": o.floor == "learn"},
     init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve, finish=_mog_finish,
     description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
+register(ExpertKind(
+    "molr", "MoLR-MoG expert", MoEScore, MoLROptions, seed_salt=7, default=False,
+    net_config=lambda latent, o, schedule, seed: {"D": math.prod(latent), "K": o.subspaces, "d": o.dim,
+                                                  "n": o.modes, "r": None if o.rank == "full" else o.rank,
+                                                  "full_cov": o.rank == "full", "schedule": schedule, "seed": seed},
+    init_from_data=_molr_init, check=_check_molr, finish=_mog_finish,
+    description="MoLR-MoG in the latent: K learnable subspaces of dimension q, a mixture of n Gaussians in each "
+                "(full covariances by default), an isotropic floor off them matched to the data's variance"))
 register(ExpertKind(
     "gaussian", "Gaussian expert", GaussianExpert, GaussianOptions, seed_salt=2,
     net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "r": o.rank, "schedule": schedule,

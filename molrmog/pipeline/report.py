@@ -106,11 +106,15 @@ def _report_md(report: dict, cfg) -> str:
         if rows and "n" in rows[0]:
             lines += ["", f"{kind} experts per cluster (modes n, rank r, parameters, EM floor s^2):", "",
                       "| cluster | n | r | parameters | EM floor s^2 (median) |", "|---:|---:|---:|---:|---:|"]
-            lines += [f"| {c['cluster']} | {c.get('n', '-')} | {c.get('r', '-')} | {c['parameters']:,} | "
-                      f"{c.get('em_floor_s2_median', float('nan')):.3g} |" for c in rows]
+            lines += [f"| {c['cluster']} | {c.get('n', '-')} | {c.get('r') or 'full'} | {c['parameters']:,} | "
+                      f"{_num(c.get('em_floor_s2_median'))} |" for c in rows]
     lines += ["", "Samples: " + ", ".join(f"`samples_{k}.png`" for k in report["experts"]) +
               " (one row per cluster); real images: `samples_data.png`; losses: `loss_curves.png`.", ""]
     return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _loss_plot(path: Path, logs: dict, kinds) -> None:
