@@ -207,13 +207,19 @@ class LatentExpert(Model):
 # --- the built-in kinds ---------------------------------------------------------------------------
 
 
-def _int_or_auto(text: str) -> int | str:
-    if str(text).strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise MolrmogError(f"expected an integer or auto, got {text!r}") from None
+def _int_or(word: str):
+    """A flag parser for an integer or one word (auto, full)."""
+    def parse(text: str) -> int | str:
+        if str(text).strip().lower() == word:
+            return word
+        try:
+            return int(text)
+        except ValueError:
+            raise MolrmogError(f"expected an integer or {word}, got {text!r}") from None
+    return parse
+
+
+_int_or_auto, _int_or_full = _int_or("auto"), _int_or("full")
 
 
 AUTO_MODES, AUTO_RANKS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
@@ -233,15 +239,6 @@ class MoGOptions(KindOptions):
                         "after training: the floor that gives the expert's law the data's total variance); or learn "
                         "(one more parameter, started at the EM fit's floor and trained with the rest)",
                         choices=FLOORS)
-
-
-def _int_or_full(text: str) -> int | str:
-    if str(text).strip().lower() == "full":
-        return "full"
-    try:
-        return int(text)
-    except ValueError:
-        raise MolrmogError(f"expected an integer or full, got {text!r}") from None
 
 
 @dataclass(frozen=True)
