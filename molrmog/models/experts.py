@@ -30,8 +30,8 @@ from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
 from molrmog.core.schedules import get_schedule
 
-__all__ = ["ScoreModel", "PackedTril", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore", "load_model",
-           "k_subspaces", "precondition_eps"]
+__all__ = ["ScoreModel", "PackedTril", "MoGExpert", "GaussianExpert", "MoEScore", "MLPScore", "UNetScore",
+           "load_model", "k_subspaces", "precondition_eps"]
 
 
 class ScoreModel(Model):

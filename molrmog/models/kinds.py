@@ -250,8 +250,9 @@ class MoLROptions(KindOptions):
     modes: int = option(4, "Gaussian modes n in each subspace", low=1, high=4096)
     rank: int | str = option("full", "rank r of each mode's covariance factor in its subspace, or full (a Cholesky "
                              "factor: q (q + 1) / 2 numbers per mode)", low=1, high=4096, parse=_int_or_full)
-    floor: str = option("match", "isotropic variance floor off the subspaces: match (set after training: the floor "
-                        "that gives the law the data's total variance) or none", choices=("match", "none"))
+    floor: str = option("match", "isotropic variance floor off the subspaces: match (the floor that gives the law "
+                        "the data's total variance, set at the closed-form start, trained with, and set again after "
+                        "training) or none", choices=("match", "none"))
 
 
 @dataclass(frozen=True)
