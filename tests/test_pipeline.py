@@ -294,6 +294,17 @@ def test_the_molr_kind_trains_with_a_matched_floor_and_samples_exactly(tmp_path,
                  "--out", str(out)]) == 0
     imgs = np.load(out.with_suffix(".npy"))
     assert imgs.shape[0] == 6 and np.isfinite(imgs).all()
+    # the kind's start: with floor 'match' DSM trains a law that already has the data's variance
+    entry, g = kinds.get_kind("molr"), torch.Generator().manual_seed(0)
+    u = torch.randn(300, 4, generator=g) @ torch.randn(4, D, generator=g) + 0.5 * torch.randn(300, D, generator=g)
+    u = (u - u.mean(0)) / u.std(0)
+    for floor in ("match", "none"):
+        net = entry.build((2, 4, 4), entry.options(dim=q, modes=n, floor=floor), "vp", 0).double()
+        entry.init_from_data(net, u.double(), entry.options(dim=q, modes=n, floor=floor), 0)
+        if floor == "match":
+            assert net.floor > 0 and net.variance_gap() == pytest.approx(0, abs=1e-9)
+        else:
+            assert net.floor == 0 and net.variance_gap() > 0
     capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "bad"), *tiny(("molr",)), "--molr-dim", "40"]) == 2
     assert "--molr-dim 40 exceeds the latent dimension 32" in capsys.readouterr().err
