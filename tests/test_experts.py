@@ -191,6 +191,17 @@ def _floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.Mixtur
     return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=e.pi.detach()), comp)
 
 
+def _check_score_of_law(model, law, x, t):
+    """The model's score at t, and the score of the law the exact sampler steps with (`mixture_for`), against
+    autograd of `law(model, s, gamma).log_prob` (torch.distributions); returns (s, gamma, that score)."""
+    s, g = (float(v) for v in model.st(x, t))
+    xx = x.clone().requires_grad_(True)
+    auto, = torch.autograd.grad(law(model, s, g).log_prob(xx).sum(), xx)
+    assert torch.allclose(model(x, t), auto, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(mx.score(model.mixture_for(x), x, *model.st(x, t)), auto, rtol=1e-8, atol=1e-10)
+    return s, g, auto
+
+
 @pytest.mark.parametrize("learn", [False, True])
 def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_save(tmp_path, monkeypatch, learn):
     e = MoGExpert(5, n=3, r=2, seed=3, floor=0.3, learn_floor=learn).double()
@@ -199,12 +210,7 @@ def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_sa
         e.mu.mul_(2)
     z = torch.randn(16, 5, dtype=torch.float64)
     for t in (0.05, 0.7):
-        s, g = (float(v) for v in e.st(z, t))
-        zz = z.clone().requires_grad_(True)
-        auto, = torch.autograd.grad(_floored_law(e, s, g).log_prob(zz).sum(), zz)
-        assert torch.allclose(e(z, t), auto, rtol=1e-8, atol=1e-10)
-        # the law the exact sampler steps with (full-rank Cholesky factors) has the same score
-        assert torch.allclose(mx.score(e.mixture_for(z), z, *e.st(z, t)), auto, rtol=1e-8, atol=1e-10)
+        s, g, auto = _check_score_of_law(e, _floored_law, z, t)
         with monkeypatch.context() as m, torch.no_grad():  # the fused one-t path (its graph run eagerly here)
             m.setattr(mx, "FUSED", True)
             m.setattr(mx, "compile_once", lambda fn: fn)
@@ -276,11 +282,7 @@ def test_a_floored_full_covariance_moe_has_the_score_of_its_law_and_saves(tmp_pa
         m.experts[1].mu.mul_(3)
     x = torch.randn(12, 9, dtype=torch.float64)
     for t in (0.05, 0.8):
-        s, g = (float(v) for v in m.st(x, t))
-        xx = x.clone().requires_grad_(True)
-        auto, = torch.autograd.grad(_floored_molr_law(m, s, g).log_prob(xx).sum(), xx)
-        assert torch.allclose(m(x, t), auto, rtol=1e-8, atol=1e-10)
-        assert torch.allclose(mx.score(m.mixture_for(x), x, *m.st(x, t)), auto, rtol=1e-8, atol=1e-10)
+        _check_score_of_law(m, _floored_molr_law, x, t)
     m.save_pretrained(tmp_path / "m")
     back = load_model(tmp_path / "m")
     assert back.floor_value() == pytest.approx(0.2, rel=1e-6)
