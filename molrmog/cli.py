@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from molrmog.applications.watermark import INVERT_STEPS
+from molrmog.applications.watermark import INVERT_SIGMA, INVERT_STEPS
 from molrmog.applications.watermark import METHODS as WATERMARK_METHODS
 from molrmog.core.errors import MolrmogError, TrainingDiverged
 from molrmog.core.options import add_options, check, comma_list, flag_of, float_list, given, int_list, option
@@ -170,10 +170,12 @@ class WatermarkOptions:
     action: str = option(None, "embed, detect or evaluate", positional=True, choices=("embed", "detect", "evaluate"))
     n: int = option(64, "images to embed / evaluate", low=2, high=100_000)
     key: str = option("12345", "the secret key (any string)")
-    method: str = option("null", "null: null-space pattern, cosine statistic; ring: ring key, L1 statistic",
+    method: str = option("ring", "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic",
                          choices=WATERMARK_METHODS)
     invert_steps: int = option(INVERT_STEPS, "embed / evaluate: Adam steps of decoder inversion before detection "
                                "(0: the encoder's mean)", low=0, high=100_000)
+    invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
+                                 "latent under the expert's law (0: least squares without a prior)", low=0, high=1)
     strength: float = option(0.3, "pattern norm / noise norm at t", low=0, low_open=True, high=10)
     t: float = option(0.3, "time as a fraction of the horizon sigma_t = 1", low=0, low_open=True, high=1)
     images: str | None = option(None, "detect: an .npy file of images (N, C, H, W) in [0, 1]")
@@ -429,7 +431,8 @@ def _cmd_watermark(a) -> int:
 
     o = _values(a)
     c, run = o.common, _run(o)
-    how = {"kind": o.kind, "key": o.key, "fraction": o.t, "method": o.method, "invert_steps": o.invert_steps}
+    how = {"kind": o.kind, "key": o.key, "fraction": o.t, "method": o.method, "invert_steps": o.invert_steps,
+           "invert_sigma": o.invert_sigma}
     if o.action == "evaluate":
         res = wm.evaluate_watermark(run, n=o.n, strength=o.strength, seed=c.seed, cache=o.cache, out=o.out,
                                     progress=c.progress, **how)
@@ -588,10 +591,11 @@ EDIT_HELP = (
     "back and decode. Writes edit.png (rows: directions, columns: lambdas) and edit.json (singular values, locality, "
     "linearity, transferability and composability on the image and on held-out test images).")
 WATERMARK_HELP = (
-    "embed: generate --n watermarked images of --cluster (at the small time --t, a keyed pattern in the null space of "
-    "the denoiser's Jacobian, or with --method ring the ring key of Tree-Ring / Shallow Diffuse on latent channel 0's "
-    "spectrum) into watermarked.npy/.png and key.json (with the detection threshold: 1%% false positives on clean "
-    "images); detect: a score and a decision per image of an .npy file; evaluate: AUC and TPR at 1%% FPR over --n "
+    "embed: generate --n watermarked images of --cluster (at the small time --t, the ring key of Tree-Ring / Shallow "
+    "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
+    "denoiser's Jacobian) into watermarked.npy/.png and key.json (with the detection threshold: 1%% false positives "
+    "on clean images); detect: a score and a decision per image of an .npy file (encoder mean, MAP decoder inversion "
+    "under the expert's law, ODE back to --t, statistic); evaluate: AUC and TPR at 1%% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR and FID of watermarked vs clean images: watermark.json/.md/.png.")
 COMPARE_HELP = (

@@ -160,6 +160,8 @@ BOUNDS = [
     ["watermark", "detect", "{run}"], ["watermark", "detect", "{run}", "--images", "{file}"],
     ["watermark", "embed", "{run}", "--invert-steps", "-1"], ["watermark", "embed", "{run}", "--method", "rings"],
     ["watermark", "embed", "{run}", "--method", "ring", "--n", "2", "--invert-steps", "0"],
+    ["watermark", "embed", "{run}", "--invert-sigma", "-0.01"], ["watermark", "embed", "{run}", "--invert-sigma", "nan"],
+    ["watermark", "evaluate", "{run}", "--invert-sigma", "2"],
     ["analyze", "roundtrip", "{run}", "--samples", "1"], ["analyze", "roundtrip", "{run}", "--samples", "100001"],
     ["analyze", "roundtrip", "{run}", "--kinds", "unet"], ["analyze", "roundtrip", "{run}", "--out", "{file}"],
     ["analyze", "jacobian", "{run}", "--tol", "-1"], ["analyze", "jacobian", "{run}", "--tol", "nan"],

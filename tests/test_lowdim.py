@@ -89,14 +89,14 @@ def test_null_projector_is_an_orthogonal_projector_onto_the_jacobians_null_space
 
 def test_the_mark_is_found_in_the_latents_and_the_key_matters(cluster0):
     expert, vae = cluster0
-    marked, clean, info, um, uc = wm.embed(expert, vae, 12, "k1", strength=1.0, seed=0, latents=True)
+    marked, clean, info, um, uc = wm.embed(expert, vae, 12, "k1", strength=1.0, seed=0, latents=True, method="null")
     assert marked.shape == clean.shape == (12, 1, 8, 8) and 0 < info["mean_rank"] < um.shape[1]
-    right = wm.latent_scores(expert, um, "k1")
-    wrong = wm.latent_scores(expert, um, "another key")
-    none = wm.latent_scores(expert, uc, "k1")
+    right = wm.latent_scores(expert, um, "k1", method="null")
+    wrong = wm.latent_scores(expert, um, "another key", method="null")
+    none = wm.latent_scores(expert, uc, "k1", method="null")
     assert right.mean() > wrong.mean() + 0.2 and right.mean() > none.mean() + 0.2
     assert wm.roc(none, right)["auc"] > 0.9
-    scores = wm.detection_scores(expert, vae, marked, "k1")  # through the VAE: reported, not promised
+    scores = wm.detection_scores(expert, vae, marked, "k1", method="null")  # through the VAE: reported, not promised
     assert scores.shape == (12,) and torch.isfinite(scores).all()
 
 
