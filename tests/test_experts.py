@@ -315,7 +315,7 @@ def test_a_full_covariance_moe_starts_at_the_em_fit_and_matches_the_data_varianc
     fit = fit_mppca(x @ A, 2, 4, seed=0)
     e = m.experts[0]
     order = torch.argsort(fit.pi), torch.argsort(e.pi.detach())
-    for a, b in zip(*order):  # each mode's covariance is the fit's W W^T (stored as a Cholesky factor)
+    for a, b in zip(*order, strict=True):  # each mode's covariance is the fit's W W^T (stored as a Cholesky factor)
         U = e.U.detach()[b]
         assert torch.allclose(U @ U.T, fit.W[a] @ fit.W[a].T, rtol=1e-6, atol=1e-8)
     gap = m.variance_gap()

@@ -224,7 +224,8 @@ def test_map_decoder_inversion_is_the_map_latent_and_the_prior_decides_the_blind
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(8, 3, generator=g, dtype=torch.float64)
-    shift, scale = torch.randn(6, generator=g, dtype=torch.float64), 0.5 + torch.rand(6, generator=g, dtype=torch.float64)
+    shift = torch.randn(6, generator=g, dtype=torch.float64)
+    scale = 0.5 + torch.rand(6, generator=g, dtype=torch.float64)
 
     class Decoder(torch.nn.Module):  # logits of 8 "pixels" from the first 3 latent dims only
         def __init__(self):
@@ -258,7 +259,7 @@ def test_map_decoder_inversion_is_the_map_latent_and_the_prior_decides_the_blind
     for i in range(4):  # the same MAP objective, solved by SciPy from the truth
         x = images[i].numpy()
 
-        def f(z):
+        def f(z, x=x):
             r = 1 / (1 + np.exp(-(W.numpy() @ z[:3]))) - x
             return (r @ r) / (2 * sigma**2) + 0.5 * (((z - shift.numpy()) / scale.numpy()) ** 2).sum()
 
