@@ -593,9 +593,9 @@ EDIT_HELP = (
 WATERMARK_HELP = (
     "embed: generate --n watermarked images of --cluster (at the small time --t, the ring key of Tree-Ring / Shallow "
     "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
-    "denoiser's Jacobian) into watermarked.npy/.png and key.json (with the detection threshold: 1%% false positives "
+    "denoiser's Jacobian) into watermarked.npy/.png and key.json (with the detection threshold: 1% false positives "
     "on clean images); detect: a score and a decision per image of an .npy file (encoder mean, MAP decoder inversion "
-    "under the expert's law, ODE back to --t, statistic); evaluate: AUC and TPR at 1%% FPR over --n "
+    "under the expert's law, ODE back to --t, statistic); evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR and FID of watermarked vs clean images: watermark.json/.md/.png.")
 COMPARE_HELP = (
