@@ -236,6 +236,51 @@ def test_a_floored_mog_expert_has_the_score_of_its_law_and_keeps_the_floor_on_sa
         MoGExpert(5, floor=-1.0)
 
 
+def _diag_floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.MixtureSameFamily:
+    """The expert with a per-coordinate floor c noised to (s, gamma), with torch.distributions: modes
+    N(s mu, s^2 U U^T + diag(gamma^2 + s^2 c))."""
+    mu, U = e.mu.detach(), e.U.detach()
+    diag = (g**2 + s**2 * e.floor_diag.detach()).expand(mu.shape)
+    comp = torch.distributions.LowRankMultivariateNormal(s * mu, s * U, diag)
+    return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=e.pi.detach()), comp)
+
+
+def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coordinate(tmp_path):
+    """--mog-floor diag: N(mu_l, U_l U_l^T + diag(c)), c matched per coordinate after training. Its score (model
+    and full-rank `mixture_for`) against autograd of torch.distributions' log-density, Tweedie, save / load, the
+    exact sampler's per-coordinate variance by Monte Carlo, and the d numbers counted as parameters."""
+    d, n, r = 6, 3, 2
+    e = MoGExpert(d, n=n, r=r, seed=4, diag_floor=True).double()
+    assert e.diagonal_floor() is None and e.num_parameters() == n * (d * r + d + 1) + d
+    with torch.no_grad():
+        e.logit_pi.copy_(torch.tensor([0.3, -0.4, 0.8]))
+        e.U.mul_(0.6)
+        e.mu.mul_(0.3)
+        e.U[:, :3].mul_(8)  # coordinates 0-2 get more variance than the data's: no floor there, and a singular
+    var0 = e.coordinate_variance()  # covariance U U^T + diag(c) (rank 2 + 3 < 6) for the exact sampler
+    assert (var0[:3] > 1).all() and (var0[3:] < 1).all()
+    c = e.match_coordinate_variance()
+    assert (c[:3] == 0).all() and torch.allclose(c[3:], 1 - var0[3:], atol=1e-12)
+    assert torch.allclose(e.coordinate_variance(), var0.clamp_min(1), atol=1e-12)
+    assert torch.allclose(e.match_coordinate_variance(), c, atol=1e-12)  # matching a matched law changes nothing
+    z = torch.randn(16, d, dtype=torch.float64)
+    for t in (0.05, 0.7):
+        s, g, auto = _check_score_of_law(e, _diag_floored_law, z, t)
+        assert torch.allclose(e.denoise(z, t), (z + g**2 * auto) / s, rtol=1e-8, atol=1e-10)
+    e.save_pretrained(tmp_path / "m")
+    back = load_model(tmp_path / "m").double()
+    assert torch.allclose(back.floor_diag, e.floor_diag.float().double())
+    assert torch.allclose(back(z, 0.4), e(z, 0.4), rtol=1e-5, atol=1e-6)  # (float32 on disk)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x = generate(e, 40000, d, e.schedule, make_grid(e.schedule, 1, "karras"), "exact", generator=gen)
+    assert torch.allclose(x.var(0), var0.clamp_min(1), rtol=0.04)  # Monte Carlo of the exact sampler's draws
+    with pytest.raises(MolrmogError, match="exclude each other"):
+        MoGExpert(d, learn_floor=True, diag_floor=True)
+    with pytest.raises(MolrmogError, match="diag_floor=True"):
+        MoGExpert(d).match_coordinate_variance()
+
+
 def test_matching_the_variance_gives_the_law_the_data_s_total_variance():
     e = MoGExpert(8, n=4, r=2, seed=5).double()
     with torch.no_grad():

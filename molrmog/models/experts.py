@@ -98,8 +98,15 @@ def _check_expert_dims(d: int, n: int, r: int) -> None:
 
 
 class _FloorMixin:
-    """An isotropic variance floor c on a closed-form mixture law (`self.mixture()`): every mode becomes
-    N(m, S + c I). Shared by the MoG / Gaussian experts and `MoEScore`."""
+    """A variance floor c on a closed-form mixture law (`self.mixture()`): every mode becomes N(m, S + C), with
+    C = c I (isotropic: config `floor`, or trained as `log_floor`) or C = diag(c_1..c_D) (a per-coordinate floor:
+    the buffer `floor_diag`, present when the model was built with `diag_floor=True`). Shared by the MoG /
+    Gaussian experts and `MoEScore`.
+
+    The isotropic floor folds into the noise (`_st_floored`) and keeps the low-rank closed form; a diagonal one
+    does not, so a model with it scores through the law written with the floor in its factor (`mixture_for`: the
+    same closed form with rank r + D, exact; (r + D)^3 per mode and call -- cheap for the latents here, and used
+    only once the floor is set)."""
 
     def _st_floored(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         """(s_t, gamma') with the floor folded into the noise: a mode N(m, S + c I) noised to t is
@@ -110,10 +117,15 @@ class _FloorMixin:
         return (s, g) if c is None else (s, torch.sqrt(g**2 + s**2 * c))
 
     def floor_variance(self) -> Tensor | float | None:
-        """The floor in use: the trained exp(log_floor), the fixed `floor`, or None (no floor)."""
+        """The isotropic floor in use: the trained exp(log_floor), the fixed `floor`, or None (no floor)."""
         if hasattr(self, "log_floor"):
             return self.log_floor.exp()
         return self.floor if self.floor > 0 else None
+
+    def diagonal_floor(self) -> Tensor | None:
+        """The per-coordinate floor (D,) in use, or None (no `floor_diag`, or all zeros: not set yet)."""
+        c = getattr(self, "floor_diag", None)
+        return c if c is not None and bool((c > 0).any()) else None
 
     def floor_value(self) -> float:
         """The floor in use as a number (0 without one)."""
@@ -122,33 +134,47 @@ class _FloorMixin:
 
     def mixture_for(self, x: Tensor) -> mx.Mixture:
         """The model's law (a MoLR-MoG) in x's dtype and device: what the exact sampler steps with. With a
-        floor every mode is written in the ambient space (A = I) with the full-rank Cholesky factor of its
-        covariance A U U^T A^T + floor I."""
+        floor every mode is written in the ambient space (A = I) with the factor [A U, diag(sqrt(floor))] of its
+        covariance A U U^T A^T + diag(floor) (floor: the isotropic one in every coordinate, plus the
+        per-coordinate one)."""
         m = self.mixture().to(dtype=x.dtype, device=x.device)
-        c = self.floor_variance()
-        if c is None:
+        c, c_diag = self.floor_variance(), self.diagonal_floor()
+        if c is None and c_diag is None:
             return m
         mu, F = m.mu, m.U
         if m.A is not None:
             mu, F = torch.einsum("kDd,kld->klD", m.A, mu), torch.einsum("kDd,kldr->klDr", m.A, F)
         D = mu.shape[-1]
-        cov = F @ F.transpose(-1, -2) + torch.as_tensor(c, dtype=x.dtype, device=x.device) * torch.eye(
-            D, dtype=x.dtype, device=x.device)
+        floor = torch.zeros(D, dtype=x.dtype, device=x.device)
+        if c is not None:
+            floor = floor + torch.as_tensor(c, dtype=x.dtype, device=x.device)
+        if c_diag is not None:
+            floor = floor + c_diag.to(dtype=x.dtype, device=x.device)
+        # the factor [F, diag(sqrt(floor))] (rank r + D): F F^T + diag(floor) with no factorisation, exact even
+        # where the floor is 0 in some coordinates (zero columns are padding for the closed form)
+        F = F.reshape(-1, D, F.shape[-1])
+        F = torch.cat([F, torch.diag(floor.sqrt()).expand(F.shape[0], D, D)], -1)
         return mx.Mixture(torch.zeros(1, dtype=x.dtype, device=x.device), None, m.log_weights.reshape(1, -1),
-                          mu.reshape(1, -1, D), torch.linalg.cholesky(cov).reshape(1, -1, D, D))
+                          mu.reshape(1, -1, D), F[None])
 
-    def variance_gap(self) -> float:
-        """1 - the law's mean variance per coordinate (sum over modes of weight x (||U||^2 + ||mean - overall
-        mean||^2) / D, plus the floor): what an isotropic floor must add for the law's total variance to match
-        standardised data's (unit variance in every coordinate)."""
+    def coordinate_variance(self) -> Tensor:
+        """The law's variance in each coordinate (D,): sum over modes of weight x ((A U)_i row's squared norm +
+        (mean_i - overall mean_i)^2), plus the floors."""
         with torch.no_grad():
             m = self.mixture()
             w = m.log_weights.exp()  # (K, L); padded modes weigh 0
             mu = m.mu if m.A is None else torch.einsum("kDd,kld->klD", m.A, m.mu)
+            F = m.U if m.A is None else torch.einsum("kDd,kldr->klDr", m.A, m.U)
             mean = (w[..., None] * mu).sum((0, 1))
-            # ||A U||_F = ||U||_F: A has orthonormal (or zero-padded) columns
-            var = (w * (m.U.pow(2).sum((-1, -2)) + (mu - mean).pow(2).sum(-1))).sum() / mu.shape[-1]
-        return 1.0 - float(var) - self.floor_value()
+            var = (w[..., None] * (F.pow(2).sum(-1) + (mu - mean).pow(2))).sum((0, 1)) + self.floor_value()
+            c_diag = self.diagonal_floor()
+            return var if c_diag is None else var + c_diag.to(var.dtype)
+
+    def variance_gap(self) -> float:
+        """1 - the law's mean variance per coordinate (`coordinate_variance`, floors included): what an
+        isotropic floor must add for the law's total variance to match standardised data's (unit variance in
+        every coordinate)."""
+        return 1.0 - float(self.coordinate_variance().mean())
 
     def match_variance(self) -> float:
         """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the
@@ -159,13 +185,25 @@ class _FloorMixin:
         self.register_to_config(floor=self.floor)
         return self.floor
 
+    @torch.no_grad()
+    def match_coordinate_variance(self) -> Tensor:
+        """Set the per-coordinate floor that fills the law's variance up to the data's in every coordinate
+        where it falls short, c_i = max(0, c_i + 1 - var_i) (standardised data: unit variance in each), and
+        return it (D,). Needs a model built with `diag_floor=True`."""
+        if getattr(self, "floor_diag", None) is None:
+            raise MolrmogError("this expert has no per-coordinate floor; build it with diag_floor=True")
+        c = self.floor_diag
+        c.copy_((c + 1.0 - self.coordinate_variance().to(c.dtype)).clamp_min(0))
+        return c.detach().clone()
+
 
 class _MixtureExpert(_FloorMixin, ScoreModel):
     """A mixture of n low-rank Gaussians in a d-dim latent (shared by `MoGExpert` and `GaussianExpert`):
     means mu (n, d), factors U (n, d, r), mode logits (n,); its score is `mixture.score`."""
 
     def _setup(self, d: int, n: int, r: int | None, schedule, init_scale: float, learn_means: bool,
-               learn_weights: bool, seed: int, floor: float = 0.0, learn_floor: bool = False) -> None:
+               learn_weights: bool, seed: int, floor: float = 0.0, learn_floor: bool = False,
+               diag_floor: bool = False) -> None:
         self._set_schedule(schedule)
         r = d if r is None else r
         _check_expert_dims(d, n, r)
@@ -175,6 +213,11 @@ class _MixtureExpert(_FloorMixin, ScoreModel):
         self.floor = float(floor)
         if learn_floor:  # a trained floor: exp(log_floor), started at `floor` (or the EM fit's, `init_from_data`)
             self.log_floor = nn.Parameter(torch.tensor(math.log(max(self.floor, 1e-4))))
+        if diag_floor:  # a per-coordinate floor, zero (off) until `match_coordinate_variance` sets it
+            if learn_floor:
+                raise MolrmogError("a trained floor (learn_floor) and a per-coordinate floor (diag_floor) exclude "
+                                   "each other")
+            self.register_buffer("floor_diag", torch.zeros(d))
         g = torch.Generator().manual_seed(seed)
         mu = init_scale * torch.randn(n, d, generator=g) if learn_means else torch.zeros(n, d)
         U = init_scale * torch.randn(n, d, r, generator=g) / math.sqrt(d)
@@ -199,7 +242,14 @@ class _MixtureExpert(_FloorMixin, ScoreModel):
         return mx.Mixture(torch.zeros(1, dtype=self.U.dtype, device=self.U.device), None, log_pi,
                           self.mu[None], self.U[None])
 
+    def num_parameters(self, *args, **kwargs) -> int:
+        """Trained parameters plus the per-coordinate floor's D numbers (set from the data, so counted)."""
+        extra = self.floor_diag.numel() if getattr(self, "floor_diag", None) is not None else 0
+        return super().num_parameters(*args, **kwargs) + extra
+
     def score(self, z: Tensor, t) -> Tensor:
+        if self.diagonal_floor() is not None:  # no fold into the noise: the closed form of the rank r + D law
+            return mx.score(self.mixture_for(z), z, *self.st(z, t))
         if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
             # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
             # closed form -- as one compiled graph (`molrmog.core.mixture.FUSED`)
@@ -244,14 +294,17 @@ class MoGExpert(_MixtureExpert):
     """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,); an optional
     isotropic floor (a variance: config `floor`, or trained with `learn_floor`) makes every mode
     N(mu_l, U_l U_l^T + floor I), a mixture of probabilistic PCA (`match_variance` sets a fixed floor so that the
-    law's variance is the data's)."""
+    law's variance is the data's); `diag_floor` adds a per-coordinate one instead, N(mu_l, U_l U_l^T + diag(c)),
+    one shared noise covariance as in a mixture of factor analysers (`match_coordinate_variance` sets it so that
+    the law's variance is the data's in every coordinate)."""
 
     @register_to_config
     def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
                  learn_means: bool = True, learn_weights: bool = True, seed: int = 0, floor: float = 0.0,
-                 learn_floor: bool = False):
+                 learn_floor: bool = False, diag_floor: bool = False):
         super().__init__()
-        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed, floor, learn_floor)
+        self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed, floor, learn_floor,
+                    diag_floor)
 
 
 class GaussianExpert(_MixtureExpert):

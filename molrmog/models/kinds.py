@@ -223,7 +223,7 @@ _int_or_auto, _int_or_full = _int_or("auto"), _int_or("full")
 
 
 AUTO_MODES, AUTO_RANKS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
-FLOORS = ("none", "match", "learn")  # the MoG expert's floor option
+FLOORS = ("none", "match", "diag", "learn")  # the MoG expert's floor option
 
 
 @dataclass(frozen=True)
@@ -235,10 +235,12 @@ class MoGOptions(KindOptions):
     rank: int | str = option(4, "rank r of each mode's covariance factor, or auto (among "
                              f"{','.join(map(str, AUTO_RANKS))})", low=1, high=4096, parse=_int_or_auto)
     param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
-    floor: str = option("none", "isotropic variance floor of every mode, N(mu, U U^T + floor I): none; match (set "
-                        "after training: the floor that gives the expert's law the data's total variance); or learn "
-                        "(one more parameter, started at the EM fit's floor and trained with the rest)",
-                        choices=FLOORS)
+    floor: str = option("none", "variance floor of every mode: none; match (an isotropic N(mu, U U^T + floor I), set "
+                        "after training: the floor that gives the expert's law the data's total variance); diag (a "
+                        "per-coordinate N(mu, U U^T + diag(c)), set after training so that the law has the data's "
+                        "variance in every coordinate; its d numbers count as parameters, also under "
+                        "--mog-param-cap); or learn (one isotropic parameter, started at the EM fit's floor and "
+                        "trained with the rest)", choices=FLOORS)
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,9 @@ def _check_rank(o, latent) -> None:
         v = getattr(o, name, None)
         if isinstance(v, str) and v != "auto":
             raise MolrmogError(f"--mog-{name} must be an integer or auto, got {v!r}")
+    if getattr(o, "floor", None) == "diag" and "auto" in (o.modes, o.rank) and o.param_cap <= d:
+        raise MolrmogError(f"--mog-param-cap {o.param_cap} leaves nothing beside the per-coordinate floor's {d} "
+                           f"numbers (--mog-floor diag counts them); raise --mog-param-cap")
     if isinstance(o.rank, int) and o.rank > d:
         raise MolrmogError(f"rank {o.rank} exceeds the latent dimension {d} ({'x'.join(map(str, latent))}); "
                            f"lower --mog-rank / --gaussian-rank or use a larger --latent")
@@ -305,11 +310,16 @@ def _mixture_init(net, u: Tensor, o, seed: int) -> None:
 
 
 def _mog_finish(net, o) -> dict:
-    """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's."""
+    """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's; 'diag': the
+    per-coordinate floor that does so in every coordinate (reported by its median and largest value)."""
     if o.floor == "none":
         return {}
     if o.floor == "learn":
         return {"floor": net.floor_value(), "variance_gap": net.variance_gap()}
+    if o.floor == "diag":  # (idempotent, as 'match': matching a matched law changes nothing)
+        gap = net.variance_gap()
+        c = net.match_coordinate_variance()
+        return {"variance_gap": gap, "floor_median": float(c.median()), "floor_max": float(c.max())}
     gap = net.variance_gap()
     return {"variance_gap": gap, "floor": net.match_variance()}
 
@@ -323,7 +333,8 @@ def _mog_resolve(o, u: Tensor, seed: int):
     N, d = u.shape
     modes = [o.modes] if o.modes != "auto" else [m for m in AUTO_MODES if m <= max(1, N // 4)] or [1]
     ranks = [o.rank] if o.rank != "auto" else [r for r in AUTO_RANKS if r <= d] or [1]
-    choice = select_mppca(u, modes, ranks, param_cap=o.param_cap, seed=seed)
+    cap = o.param_cap - (d if o.floor == "diag" else 0)  # the per-coordinate floor's d numbers count too
+    choice = select_mppca(u, modes, ranks, param_cap=cap, seed=seed)
     return dataclasses.replace(o, modes=choice["modes"], rank=choice["rank"]), {"auto": choice}
 
 
@@ -331,7 +342,7 @@ register(ExpertKind(
     "mog", "MoG expert", MoGExpert, MoGOptions, seed_salt=1, headline=True,
     net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "n": o.modes, "r": o.rank,
                                                   "schedule": schedule, "seed": seed,
-                                                  "learn_floor": o.floor == "learn"},
+                                                  "learn_floor": o.floor == "learn", "diag_floor": o.floor == "diag"},
     init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve, finish=_mog_finish,
     description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
 register(ExpertKind(
