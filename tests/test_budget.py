@@ -147,26 +147,29 @@ def test_auto_modes_and_rank_and_em_only_experts(tmp_path):
     assert "EM floor" in (run / "report.md").read_text()
 
 
-def test_a_per_coordinate_floor_is_matched_after_training_and_counted_under_the_cap(tmp_path, capsys):
+@pytest.mark.parametrize("floor", ["diag", "mode-diag"])
+def test_a_per_coordinate_floor_is_matched_after_training_and_counted_under_the_cap(tmp_path, capsys, floor):
     run = tmp_path / "diag"
     assert main(["train", "--out", str(run), *tiny(("mog",)), "--mog-modes", "auto", "--mog-rank", "auto",
-                 "--mog-param-cap", "600", "--mog-floor", "diag"]) == 0
+                 "--mog-param-cap", "900", "--mog-floor", floor]) == 0
     d = 32  # digits: latent 2x4x4
     rows = json.loads((run / "report.json").read_text())["experts"]["mog"]["per_cluster"]
     for k, row in enumerate(rows):
         net = LatentExpert.load(run / "experts" / "mog" / str(k), "expert").net
-        assert net.config["diag_floor"] and net.floor_diag.shape == (d,) and net.diagonal_floor() is not None
-        # the floor's d numbers are parameters, and the auto choice left room for them under the cap
-        assert row["parameters"] == net.n * (d * net.r + d + 1) + d <= 600
-        var = net.coordinate_variance()  # the data's (unit) variance in every coordinate the mixture fell short in
-        assert (var >= 1 - 1e-5).all() and torch.allclose(var[net.floor_diag > 0], torch.ones(()), atol=1e-5)
+        assert net.diagonal_floor() is not None
+        # the floor's d (n d) numbers are parameters, and the auto choice left room for them under the cap
+        n_floor = d if floor == "diag" else net.n * d
+        assert net.floor_diag.numel() == n_floor and row["parameters"] == net.n * (d * net.r + d + 1) + n_floor <= 900
+        if floor == "diag":  # the data's (unit) variance in every coordinate the mixture fell short in
+            var = net.coordinate_variance()
+            assert (var >= 1 - 1e-5).all() and torch.allclose(var[net.floor_diag > 0], torch.ones(()), atol=1e-5)
         info = json.loads((run / "logs" / f"mog-{k}.json").read_text())["info"]
         assert info["floor_max"] == pytest.approx(float(net.floor_diag.max()), rel=1e-5)
     assert main(["sample", str(run), "--kind", "mog", "--sampler", "exact", "--steps", "1", "--n", "4",
                  "--out", str(tmp_path / "s.png")]) == 0
     capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "bad"), *tiny(("mog",)), "--mog-modes", "auto", "--mog-rank",
-                 "auto", "--mog-param-cap", "20", "--mog-floor", "diag"]) != 0
+                 "auto", "--mog-param-cap", "20", "--mog-floor", floor]) != 0
     assert "--mog-param-cap 20 leaves nothing beside the per-coordinate floor's 32 numbers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 

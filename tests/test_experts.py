@@ -250,7 +250,7 @@ def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coord
     and full-rank `mixture_for`) against autograd of torch.distributions' log-density, Tweedie, save / load, the
     exact sampler's per-coordinate variance by Monte Carlo, and the d numbers counted as parameters."""
     d, n, r = 6, 3, 2
-    e = MoGExpert(d, n=n, r=r, seed=4, diag_floor=True).double()
+    e = MoGExpert(d, n=n, r=r, seed=4, diag_floor="shared").double()
     assert e.diagonal_floor() is None and e.num_parameters() == n * (d * r + d + 1) + d
     with torch.no_grad():
         e.logit_pi.copy_(torch.tensor([0.3, -0.4, 0.8]))
@@ -264,9 +264,12 @@ def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coord
     assert torch.allclose(e.coordinate_variance(), var0.clamp_min(1), atol=1e-12)
     assert torch.allclose(e.match_coordinate_variance(), c, atol=1e-12)  # matching a matched law changes nothing
     z = torch.randn(16, d, dtype=torch.float64)
-    for t in (0.05, 0.7):
+    for t in (0.05, 0.7):  # one t: the whitened low-rank form; the law written with the floor in its factor
         s, g, auto = _check_score_of_law(e, _diag_floored_law, z, t)
         assert torch.allclose(e.denoise(z, t), (z + g**2 * auto) / s, rtol=1e-8, atol=1e-10)
+    ts = torch.linspace(0.05, 0.9, z.shape[0], dtype=torch.float64)  # a t per row (DSM): the rank r + D form
+    one_by_one = torch.cat([e(z[i:i + 1], float(ts[i])) for i in range(z.shape[0])])
+    assert torch.allclose(e(z, ts), one_by_one, rtol=1e-8, atol=1e-10)
     e.save_pretrained(tmp_path / "m")
     back = load_model(tmp_path / "m").double()
     assert torch.allclose(back.floor_diag, e.floor_diag.float().double())
@@ -276,9 +279,53 @@ def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coord
         x = generate(e, 40000, d, e.schedule, make_grid(e.schedule, 1, "karras"), "exact", generator=gen)
     assert torch.allclose(x.var(0), var0.clamp_min(1), rtol=0.04)  # Monte Carlo of the exact sampler's draws
     with pytest.raises(MolrmogError, match="exclude each other"):
-        MoGExpert(d, learn_floor=True, diag_floor=True)
-    with pytest.raises(MolrmogError, match="diag_floor=True"):
+        MoGExpert(d, learn_floor=True, diag_floor="shared")
+    with pytest.raises(MolrmogError, match="diag_floor='shared'"):
         MoGExpert(d).match_coordinate_variance()
+    with pytest.raises(MolrmogError, match="diag_floor must be one of none, shared, mode"):
+        MoGExpert(d, diag_floor="yes")
+
+
+def _mode_floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.MixtureSameFamily:
+    """The expert with a per-mode per-coordinate floor c_l noised to (s, gamma), with torch.distributions: modes
+    N(s mu_l, s^2 U_l U_l^T + diag(gamma^2 + s^2 c_l))."""
+    comp = torch.distributions.LowRankMultivariateNormal(s * e.mu.detach(), s * e.U.detach(),
+                                                         g**2 + s**2 * e.floor_diag.detach())
+    return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=e.pi.detach()), comp)
+
+
+def test_a_per_mode_floor_is_each_mode_s_second_moment_left_out_by_its_factor(tmp_path):
+    """--mog-floor mode-diag: N(mu_l, U_l U_l^T + diag(c_l)), c_l from the data each mode is responsible for. The
+    floor against an independent computation (responsibilities from torch.distributions' log-densities of the
+    law with the isotropic floor that matches the data's total variance), the score against autograd, matching
+    again, save / load, and the n d numbers counted as parameters."""
+    d, n, r = 5, 3, 2
+    e = MoGExpert(d, n=n, r=r, seed=6, diag_floor="mode").double()
+    assert e.num_parameters() == n * (d * r + d + 1) + n * d and e.floor_diag.shape == (n, d)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        e.U.mul_(0.5)
+        e.mu.mul_(0.4)
+        e.logit_pi.copy_(torch.tensor([0.1, 0.5, -0.3]))
+    u = e.mu.detach()[torch.randint(0, n, (400,), generator=g)] + torch.randn(400, d, generator=g, dtype=torch.float64)
+    iso = 1.0 - float(e.coordinate_variance().mean())
+    assert iso > 1e-3
+    comp = torch.distributions.LowRankMultivariateNormal(e.mu.detach(), e.U.detach(), torch.full((n, d), iso,
+                                                                                                  dtype=torch.float64))
+    R = torch.softmax(comp.log_prob(u[:, None]) + torch.log(e.pi.detach()), 1)  # (N, n)
+    want = torch.stack([(R[:, l, None] * (u - e.mu.detach()[l]) ** 2).sum(0) / R[:, l].sum()
+                        - e.U.detach()[l].pow(2).sum(-1) for l in range(n)]).clamp_min(0)
+    c = e.match_mode_variance(u)
+    assert torch.allclose(c, want, rtol=1e-8, atol=1e-10) and (c > 0).any()
+    assert torch.allclose(e.match_mode_variance(u), c, rtol=1e-10, atol=1e-12)  # matching again changes nothing
+    z = torch.randn(12, d, dtype=torch.float64)
+    for t in (0.05, 0.7):
+        s, gm, auto = _check_score_of_law(e, _mode_floored_law, z, t)
+    e.save_pretrained(tmp_path / "m")
+    back = load_model(tmp_path / "m").double()
+    assert back.config["diag_floor"] == "mode" and torch.allclose(back.floor_diag, c.float().double())
+    with pytest.raises(MolrmogError, match="diag_floor='mode'"):
+        MoGExpert(d, diag_floor="shared").match_mode_variance(u)
 
 
 def test_matching_the_variance_gives_the_law_the_data_s_total_variance():

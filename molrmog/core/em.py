@@ -113,10 +113,11 @@ def fit_mppca(z: Tensor, n: int, r: int, *, zero_mean: bool = False, seed: int =
 
 
 def select_mppca(z: Tensor, modes, ranks, *, zero_mean: bool = False, param_cap: int | None = None,
-                 seed: int = 0, holdout: float = 0.2, max_iter: int = 30) -> dict:
+                 seed: int = 0, holdout: float = 0.2, max_iter: int = 30, extra: tuple[int, int] = (0, 0)) -> dict:
     """Choose (modes, rank) by held-out mean log-likelihood: fit on a random (1 - holdout) of z, score the rest.
     A coordinate search -- the rank at the middle mode count, then the mode count at that rank -- over the
-    candidates whose expert stays within `param_cap` parameters. Returns the choice and every candidate's score."""
+    candidates whose expert stays within `param_cap` parameters (`mppca_parameters` plus extra = (a, b): a + b n
+    more, e.g. a per-coordinate floor). Returns the choice and every candidate's score."""
     z = torch.as_tensor(z).detach().double().cpu()
     N, d = z.shape
     g = torch.Generator().manual_seed(seed)
@@ -128,6 +129,9 @@ def select_mppca(z: Tensor, modes, ranks, *, zero_mean: bool = False, param_cap:
                            f"--mog-rank as numbers")
     fits: dict = {}
 
+    def size(n, r):
+        return mppca_parameters(d, n, r, not zero_mean) + extra[0] + extra[1] * n
+
     def score(n, r):
         if (n, r) not in fits:
             fit = fit_mppca(train, n, r, zero_mean=zero_mean, seed=seed, max_iter=max_iter)
@@ -136,10 +140,10 @@ def select_mppca(z: Tensor, modes, ranks, *, zero_mean: bool = False, param_cap:
 
     def ok(n, r):
         return r <= d and n <= train.shape[0] and (param_cap is None or
-                                                  mppca_parameters(d, n, r, not zero_mean) <= param_cap)
+                                                  size(n, r) <= param_cap)
 
     modes, ranks = sorted(set(modes)), sorted(set(ranks))
-    smallest = mppca_parameters(d, modes[0], min(ranks[0], d), not zero_mean)
+    smallest = size(modes[0], min(ranks[0], d))
     if param_cap is not None and smallest > param_cap:
         raise MolrmogError(f"param_cap {param_cap} is below the smallest candidate expert ({modes[0]} modes of rank "
                            f"{min(ranks[0], d)}: {smallest} parameters in d = {d}); raise param_cap or give modes "
@@ -150,5 +154,5 @@ def select_mppca(z: Tensor, modes, ranks, *, zero_mean: bool = False, param_cap:
     cand_n = [n for n in modes if ok(n, r_best)] or [min(modes)]
     n_best = max(cand_n, key=lambda n: score(n, r_best))
     return {"modes": n_best, "rank": r_best, "heldout_loglik": fits[n_best, r_best],
-            "parameters": mppca_parameters(d, n_best, r_best, not zero_mean),
+            "parameters": size(n_best, r_best),
             "candidates": [{"modes": n, "rank": r, "heldout_loglik": v} for (n, r), v in sorted(fits.items())]}

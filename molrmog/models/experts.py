@@ -97,11 +97,14 @@ def _check_expert_dims(d: int, n: int, r: int) -> None:
         raise MolrmogError(f"rank r must satisfy 1 <= r <= d = {d}, got r = {r}; lower --r or raise --d")
 
 
+DIAG_FLOORS = ("none", "shared", "mode")  # per-coordinate floors: none, one shared by the modes, one per mode
+
+
 class _FloorMixin:
     """A variance floor c on a closed-form mixture law (`self.mixture()`): every mode becomes N(m, S + C), with
-    C = c I (isotropic: config `floor`, or trained as `log_floor`) or C = diag(c_1..c_D) (a per-coordinate floor:
-    the buffer `floor_diag`, present when the model was built with `diag_floor=True`). Shared by the MoG /
-    Gaussian experts and `MoEScore`.
+    C = c I (isotropic: config `floor`, or trained as `log_floor`) or a per-coordinate floor C = diag(c_1..c_D),
+    shared by the modes (`diag_floor="shared"`) or one per mode (`diag_floor="mode"`: C_l = diag(c_l1..c_lD)), in
+    the buffer `floor_diag` ((D,) or (L, D)). Shared by the MoG / Gaussian experts and `MoEScore`.
 
     The isotropic floor folds into the noise (`_st_floored`) and keeps the low-rank closed form; a diagonal one
     does not, so a model with it scores through the law written with the floor in its factor (`mixture_for`: the
@@ -123,7 +126,8 @@ class _FloorMixin:
         return self.floor if self.floor > 0 else None
 
     def diagonal_floor(self) -> Tensor | None:
-        """The per-coordinate floor (D,) in use, or None (no `floor_diag`, or all zeros: not set yet)."""
+        """The per-coordinate floor in use, (D,) shared or (L, D) per mode, or None (no `floor_diag`, or all
+        zeros: not set yet)."""
         c = getattr(self, "floor_diag", None)
         return c if c is not None and bool((c > 0).any()) else None
 
@@ -145,15 +149,15 @@ class _FloorMixin:
         if m.A is not None:
             mu, F = torch.einsum("kDd,kld->klD", m.A, mu), torch.einsum("kDd,kldr->klDr", m.A, F)
         D = mu.shape[-1]
-        floor = torch.zeros(D, dtype=x.dtype, device=x.device)
+        F = F.reshape(-1, D, F.shape[-1])
+        floor = torch.zeros(F.shape[0], D, dtype=x.dtype, device=x.device)  # (modes, D)
         if c is not None:
             floor = floor + torch.as_tensor(c, dtype=x.dtype, device=x.device)
         if c_diag is not None:
             floor = floor + c_diag.to(dtype=x.dtype, device=x.device)
         # the factor [F, diag(sqrt(floor))] (rank r + D): F F^T + diag(floor) with no factorisation, exact even
         # where the floor is 0 in some coordinates (zero columns are padding for the closed form)
-        F = F.reshape(-1, D, F.shape[-1])
-        F = torch.cat([F, torch.diag(floor.sqrt()).expand(F.shape[0], D, D)], -1)
+        F = torch.cat([F, torch.diag_embed(floor.sqrt())], -1)
         return mx.Mixture(torch.zeros(1, dtype=x.dtype, device=x.device), None, m.log_weights.reshape(1, -1),
                           mu.reshape(1, -1, D), F[None])
 
@@ -168,7 +172,9 @@ class _FloorMixin:
             mean = (w[..., None] * mu).sum((0, 1))
             var = (w[..., None] * (F.pow(2).sum(-1) + (mu - mean).pow(2))).sum((0, 1)) + self.floor_value()
             c_diag = self.diagonal_floor()
-            return var if c_diag is None else var + c_diag.to(var.dtype)
+            if c_diag is None:
+                return var
+            return var + (c_diag if c_diag.ndim == 1 else (w.reshape(-1, 1) * c_diag).sum(0)).to(var.dtype)
 
     def variance_gap(self) -> float:
         """1 - the law's mean variance per coordinate (`coordinate_variance`, floors included): what an
@@ -189,11 +195,36 @@ class _FloorMixin:
     def match_coordinate_variance(self) -> Tensor:
         """Set the per-coordinate floor that fills the law's variance up to the data's in every coordinate
         where it falls short, c_i = max(0, c_i + 1 - var_i) (standardised data: unit variance in each), and
-        return it (D,). Needs a model built with `diag_floor=True`."""
-        if getattr(self, "floor_diag", None) is None:
-            raise MolrmogError("this expert has no per-coordinate floor; build it with diag_floor=True")
-        c = self.floor_diag
+        return it (D,). Needs a model built with `diag_floor="shared"`."""
+        c = getattr(self, "floor_diag", None)
+        if c is None or c.ndim != 1:
+            raise MolrmogError("this expert has no shared per-coordinate floor; build it with diag_floor='shared'")
         c.copy_((c + 1.0 - self.coordinate_variance().to(c.dtype)).clamp_min(0))
+        return c.detach().clone()
+
+    @torch.no_grad()
+    def match_mode_variance(self, u: Tensor, floor: float = 1e-3) -> Tensor:
+        """Set every mode's per-coordinate floor from the data u (N, D) it is responsible for, and return it
+        (L, D): c_li = max(0, sum_n R_nl (u_ni - mu_li)^2 / sum_n R_nl - ||(A U_l)_i||^2), the part of mode l's
+        second moment about its mean that its factor leaves out (a mixture of factor analysers' noise step with
+        the factors and means held). The responsibilities R are those of the law with the isotropic floor that
+        matches the data's total variance (at least `floor`, so that every mode has a density) -- not of the
+        current per-mode floors, so matching again changes nothing. Needs `diag_floor="mode"`."""
+        c = getattr(self, "floor_diag", None)
+        if c is None or c.ndim != 2:
+            raise MolrmogError("this expert has no per-mode floor; build it with diag_floor='mode'")
+        m = self.mixture()
+        u = torch.as_tensor(u).to(dtype=m.mu.dtype, device=m.mu.device).flatten(1)
+        mu = m.mu if m.A is None else torch.einsum("kDd,kld->klD", m.A, m.mu)
+        F = m.U if m.A is None else torch.einsum("kDd,kldr->klDr", m.A, m.U)
+        mu, F = mu.reshape(-1, mu.shape[-1]), F.reshape(-1, *F.shape[-2:])
+        c.zero_()
+        iso = max(floor, self.variance_gap() + self.floor_value())  # all the isotropic floor the law could take
+        iso_law = mx.Mixture(torch.zeros(1, dtype=mu.dtype, device=mu.device), None, m.log_weights.reshape(1, -1),
+                             mu[None], F[None])
+        R = mx.responsibilities(iso_law, u, 1.0, math.sqrt(iso)).reshape(u.shape[0], -1)
+        second = torch.einsum("nl,nld->ld", R, (u[:, None] - mu[None]).pow(2)) / R.sum(0).clamp_min(1e-12)[:, None]
+        c.copy_((second - F.pow(2).sum(-1) - self.floor_value()).clamp_min(0).to(c.dtype))
         return c.detach().clone()
 
 
@@ -203,7 +234,7 @@ class _MixtureExpert(_FloorMixin, ScoreModel):
 
     def _setup(self, d: int, n: int, r: int | None, schedule, init_scale: float, learn_means: bool,
                learn_weights: bool, seed: int, floor: float = 0.0, learn_floor: bool = False,
-               diag_floor: bool = False) -> None:
+               diag_floor: str = "none") -> None:
         self._set_schedule(schedule)
         r = d if r is None else r
         _check_expert_dims(d, n, r)
@@ -213,11 +244,13 @@ class _MixtureExpert(_FloorMixin, ScoreModel):
         self.floor = float(floor)
         if learn_floor:  # a trained floor: exp(log_floor), started at `floor` (or the EM fit's, `init_from_data`)
             self.log_floor = nn.Parameter(torch.tensor(math.log(max(self.floor, 1e-4))))
-        if diag_floor:  # a per-coordinate floor, zero (off) until `match_coordinate_variance` sets it
-            if learn_floor:
+        if diag_floor not in DIAG_FLOORS:
+            raise MolrmogError(f"diag_floor must be one of {', '.join(DIAG_FLOORS)}, got {diag_floor!r}")
+        if diag_floor != "none":  # a per-coordinate floor, zero (off) until matched (`match_coordinate_variance`,
+            if learn_floor:      # `match_mode_variance`)
                 raise MolrmogError("a trained floor (learn_floor) and a per-coordinate floor (diag_floor) exclude "
                                    "each other")
-            self.register_buffer("floor_diag", torch.zeros(d))
+            self.register_buffer("floor_diag", torch.zeros(d) if diag_floor == "shared" else torch.zeros(n, d))
         g = torch.Generator().manual_seed(seed)
         mu = init_scale * torch.randn(n, d, generator=g) if learn_means else torch.zeros(n, d)
         U = init_scale * torch.randn(n, d, r, generator=g) / math.sqrt(d)
@@ -243,13 +276,24 @@ class _MixtureExpert(_FloorMixin, ScoreModel):
                           self.mu[None], self.U[None])
 
     def num_parameters(self, *args, **kwargs) -> int:
-        """Trained parameters plus the per-coordinate floor's D numbers (set from the data, so counted)."""
+        """Trained parameters plus the per-coordinate floor's numbers (D, or n D; set from the data, so counted)."""
         extra = self.floor_diag.numel() if getattr(self, "floor_diag", None) is not None else 0
         return super().num_parameters(*args, **kwargs) + extra
 
     def score(self, z: Tensor, t) -> Tensor:
-        if self.diagonal_floor() is not None:  # no fold into the noise: the closed form of the rank r + D law
-            return mx.score(self.mixture_for(z), z, *self.st(z, t))
+        c_diag = self.diagonal_floor()
+        if c_diag is not None:  # no fold into the noise
+            s, g = self.st(z, t)
+            if s.ndim or c_diag.ndim == 2:  # a t per row, or a floor per mode: the closed form of the law with
+                # the floor in its factor (rank r + D)
+                return mx.score(self.mixture_for(z), z, s, g)
+            # one t: whiten by the noised floor, D_t = gamma^2 + s^2 (c_iso + c): in w = z / sqrt(D_t) every mode is
+            # N(s mu_l / sqrt(D_t), s^2 U'_l U'_l^T + I) with U'_l = U_l / sqrt(D_t), the low-rank closed form at
+            # unit noise; the score in z is the score in w divided by sqrt(D_t)
+            root = torch.sqrt(g**2 + s**2 * (c_diag.to(z.dtype) + self.floor_value()))
+            m = self.mixture().to(dtype=z.dtype, device=z.device)
+            w = mx.Mixture(m.log_w, None, m.log_pi, m.mu / root, m.U / root[:, None])
+            return mx.score(w, z / root, s, torch.ones_like(g)) / root
         if mx.use_fused(z) and not torch.is_grad_enabled() and torch.as_tensor(t).ndim == 0:
             # inference at one t (sampling): the whole evaluation -- schedule, the expert's mixture, the
             # closed form -- as one compiled graph (`molrmog.core.mixture.FUSED`)
@@ -295,13 +339,14 @@ class MoGExpert(_MixtureExpert):
     isotropic floor (a variance: config `floor`, or trained with `learn_floor`) makes every mode
     N(mu_l, U_l U_l^T + floor I), a mixture of probabilistic PCA (`match_variance` sets a fixed floor so that the
     law's variance is the data's); `diag_floor` adds a per-coordinate one instead, N(mu_l, U_l U_l^T + diag(c)),
-    one shared noise covariance as in a mixture of factor analysers (`match_coordinate_variance` sets it so that
-    the law's variance is the data's in every coordinate)."""
+    one noise covariance shared by the modes ("shared": `match_coordinate_variance` sets it so that the law's
+    variance is the data's in every coordinate) or one per mode, N(mu_l, U_l U_l^T + diag(c_l)) as in a mixture
+    of factor analysers ("mode": `match_mode_variance` sets it from the data each mode is responsible for)."""
 
     @register_to_config
     def __init__(self, d: int, n: int = 4, r: int | None = None, schedule="vp", init_scale: float = 1.0,
                  learn_means: bool = True, learn_weights: bool = True, seed: int = 0, floor: float = 0.0,
-                 learn_floor: bool = False, diag_floor: bool = False):
+                 learn_floor: bool = False, diag_floor: str = "none"):
         super().__init__()
         self._setup(d, n, r, schedule, init_scale, learn_means, learn_weights, seed, floor, learn_floor,
                     diag_floor)

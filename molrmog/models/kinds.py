@@ -70,7 +70,8 @@ class ExpertKind:
     init_from_data: Callable[[Any, Tensor, Any, int], None] | None = None  # (net, u (N, d), options, seed)
     check: Callable[[Any, tuple], None] | None = None  # (options, latent) -> raise MolrmogError when they clash
     resolve: Callable[[Any, Tensor, int], tuple[Any, dict]] | None = None  # (options, u, seed) -> (options, info)
-    finish: Callable[[Any, Any], dict] | None = None  # (net, options) -> info: after training, and on each snapshot
+    finish: Callable[[Any, Any, Tensor], dict] | None = None  # (net, options, u (N, d)) -> info: after training,
+    # and on each snapshot
     seed_salt: int | None = None
     default: bool = True  # trained when --experts is not given
     headline: bool = False  # the project's own model: compare also trains it on a unified VAE
@@ -84,11 +85,12 @@ class ExpertKind:
     def build(self, latent, options, schedule: dict, seed: int) -> ScoreModel:
         return self.net_class(**self.net_config(tuple(latent), options, schedule, seed))
 
-    def finished(self, expert: LatentExpert, options) -> dict:
-        """Apply the kind's `finish` to a trained expert (its config follows); returns what it reports."""
+    def finished(self, expert: LatentExpert, options, u: Tensor) -> dict:
+        """Apply the kind's `finish` to a trained expert, given its standardised training latents u (its config
+        follows); returns what it reports."""
         if self.finish is None:
             return {}
-        info = self.finish(expert.net, options)
+        info = self.finish(expert.net, options, u)
         expert.register_to_config(net_config=model_config(expert.net))
         return info
 
@@ -223,7 +225,8 @@ _int_or_auto, _int_or_full = _int_or("auto"), _int_or("full")
 
 
 AUTO_MODES, AUTO_RANKS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8, 16)
-FLOORS = ("none", "match", "diag", "learn")  # the MoG expert's floor option
+FLOORS = ("none", "match", "diag", "mode-diag", "learn")  # the MoG expert's floor option
+_DIAG = {"diag": "shared", "mode-diag": "mode"}  # --mog-floor -> MoGExpert(diag_floor=...)
 
 
 @dataclass(frozen=True)
@@ -239,8 +242,10 @@ class MoGOptions(KindOptions):
                         "after training: the floor that gives the expert's law the data's total variance); diag (a "
                         "per-coordinate N(mu, U U^T + diag(c)), set after training so that the law has the data's "
                         "variance in every coordinate; its d numbers count as parameters, also under "
-                        "--mog-param-cap); or learn (one isotropic parameter, started at the EM fit's floor and "
-                        "trained with the rest)", choices=FLOORS)
+                        "--mog-param-cap); mode-diag (one per mode, N(mu_l, U_l U_l^T + diag(c_l)), set after "
+                        "training from the data each mode is responsible for; n d numbers, counted likewise); or "
+                        "learn (one isotropic parameter, started at the EM fit's floor and trained with the rest)",
+                        choices=FLOORS)
 
 
 @dataclass(frozen=True)
@@ -277,9 +282,10 @@ def _check_rank(o, latent) -> None:
         v = getattr(o, name, None)
         if isinstance(v, str) and v != "auto":
             raise MolrmogError(f"--mog-{name} must be an integer or auto, got {v!r}")
-    if getattr(o, "floor", None) == "diag" and "auto" in (o.modes, o.rank) and o.param_cap <= d:
+    floor = getattr(o, "floor", None)
+    if floor in _DIAG and "auto" in (o.modes, o.rank) and o.param_cap <= d:
         raise MolrmogError(f"--mog-param-cap {o.param_cap} leaves nothing beside the per-coordinate floor's {d} "
-                           f"numbers (--mog-floor diag counts them); raise --mog-param-cap")
+                           f"numbers (--mog-floor {floor} counts them); raise --mog-param-cap")
     if isinstance(o.rank, int) and o.rank > d:
         raise MolrmogError(f"rank {o.rank} exceeds the latent dimension {d} ({'x'.join(map(str, latent))}); "
                            f"lower --mog-rank / --gaussian-rank or use a larger --latent")
@@ -309,16 +315,17 @@ def _mixture_init(net, u: Tensor, o, seed: int) -> None:
     net.init_from_data(u, seed=seed)
 
 
-def _mog_finish(net, o) -> dict:
+def _mog_finish(net, o, u: Tensor) -> dict:
     """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's; 'diag': the
-    per-coordinate floor that does so in every coordinate (reported by its median and largest value)."""
+    per-coordinate floor that does so in every coordinate; 'mode-diag': every mode's per-coordinate floor from the
+    latents u it is responsible for (the last two reported by their median and largest value)."""
     if o.floor == "none":
         return {}
     if o.floor == "learn":
         return {"floor": net.floor_value(), "variance_gap": net.variance_gap()}
-    if o.floor == "diag":  # (idempotent, as 'match': matching a matched law changes nothing)
+    if o.floor in _DIAG:  # (idempotent, as 'match': matching a matched law changes nothing)
         gap = net.variance_gap()
-        c = net.match_coordinate_variance()
+        c = net.match_coordinate_variance() if o.floor == "diag" else net.match_mode_variance(u)
         return {"variance_gap": gap, "floor_median": float(c.median()), "floor_max": float(c.max())}
     gap = net.variance_gap()
     return {"variance_gap": gap, "floor": net.match_variance()}
@@ -333,8 +340,9 @@ def _mog_resolve(o, u: Tensor, seed: int):
     N, d = u.shape
     modes = [o.modes] if o.modes != "auto" else [m for m in AUTO_MODES if m <= max(1, N // 4)] or [1]
     ranks = [o.rank] if o.rank != "auto" else [r for r in AUTO_RANKS if r <= d] or [1]
-    cap = o.param_cap - (d if o.floor == "diag" else 0)  # the per-coordinate floor's d numbers count too
-    choice = select_mppca(u, modes, ranks, param_cap=cap, seed=seed)
+    # the per-coordinate floor's d (diag) or n d (mode-diag) numbers count too
+    extra = {"diag": (d, 0), "mode-diag": (0, d)}.get(o.floor, (0, 0))
+    choice = select_mppca(u, modes, ranks, param_cap=o.param_cap, seed=seed, extra=extra)
     return dataclasses.replace(o, modes=choice["modes"], rank=choice["rank"]), {"auto": choice}
 
 
@@ -342,7 +350,8 @@ register(ExpertKind(
     "mog", "MoG expert", MoGExpert, MoGOptions, seed_salt=1, headline=True,
     net_config=lambda latent, o, schedule, seed: {"d": math.prod(latent), "n": o.modes, "r": o.rank,
                                                   "schedule": schedule, "seed": seed,
-                                                  "learn_floor": o.floor == "learn", "diag_floor": o.floor == "diag"},
+                                                  "learn_floor": o.floor == "learn",
+                                                  "diag_floor": _DIAG.get(o.floor, "none")},
     init_from_data=_mixture_init, check=_check_rank, resolve=_mog_resolve, finish=_mog_finish,
     description="a learnable mixture of low-rank Gaussians: the closed-form MoG score (this project's model)"))
 register(ExpertKind(

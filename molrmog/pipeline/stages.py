@@ -192,7 +192,7 @@ class Trainer:
             budget = {"time_budget": share, "time_offset": info["init_seconds"],
                       "snapshot_times": tuple(f * share for f in BUDGET_POINTS),
                       "on_snapshot": lambda i, step, now, model: _save_snapshot(self.out, kind, k, i, step, now,
-                                                                                model, opts)}
+                                                                                model, opts, u)}
             info["budget_share"] = share
         hist = train_score(e, u.to(self.device), steps=MAX_STEPS if c.budget else opts.steps, batch_size=opts.batch,
                            lr=opts.lr, seed=seed, ema_decay=opts.ema_decay, lr_schedule=opts.lr_schedule,
@@ -201,7 +201,7 @@ class Trainer:
                            threads=threads, **budget)
         if c.budget is not None:
             info["elapsed"], info["steps"] = hist["elapsed"], hist["steps"]
-        info.update(get_kind(kind).finished(e, opts))
+        info.update(get_kind(kind).finished(e, opts, u.to(self.device)))
         e.save(final)
         self._log(task, {**hist, "seconds": info.get("elapsed", hist["seconds"] + info["init_seconds"])}, info)
         return e
@@ -222,7 +222,7 @@ class Trainer:
         return e, opts, info
 
 
-def _save_snapshot(out: Path, kind: str, k: int, index: int, step: int, elapsed: float, model, opts) -> None:
+def _save_snapshot(out: Path, kind: str, k: int, index: int, step: int, elapsed: float, model, opts, u) -> None:
     """One point of a budgeted run's curve: cluster k's expert of `kind` at snapshot `index`, finished as the
     final expert will be (a copy: training goes on with the model as it is); a point taken before an
     interruption, after the last checkpoint, is kept: a resumed run does not take it again."""
@@ -232,7 +232,7 @@ def _save_snapshot(out: Path, kind: str, k: int, index: int, step: int, elapsed:
     entry = get_kind(kind)
     if entry.finish is not None:
         model = copy.deepcopy(model)
-        entry.finished(model, opts)
+        entry.finished(model, opts, u)
     model.save(d)
     write_json(d / "snapshot.json", {"index": index, "step": step, "elapsed": elapsed})
 
