@@ -284,6 +284,7 @@ def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coord
         MoGExpert(d).match_coordinate_variance()
     with pytest.raises(MolrmogError, match="diag_floor must be one of none, shared, mode"):
         MoGExpert(d, diag_floor="yes")
+    assert MoGExpert(d, diag_floor=True).floor_diag.shape == (d,)  # (a first version's config: True = shared)
 
 
 def _mode_floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.MixtureSameFamily:

@@ -2,7 +2,8 @@
 
 - `MoGExpert`: a mixture of n low-rank Gaussians in a d-dim latent; its score at (z, t) is the
   closed-form mixture score of its current parameters (`molrmog.core.mixture`, the same code as
-  the analytic distributions).
+  the analytic distributions); optional variance floors (isotropic, per coordinate, or per mode and
+  coordinate) complete its low-rank modes to full-rank ones.
 - `GaussianExpert`: one zero-mean low-rank Gaussian (MoLRG): a linear score.
 - `MoEScore`: K experts on learnable orthonormal subspaces A_k (A_k = Q of a QR factorisation,
   so A_k^T A_k = I exactly), gated by the closed-form responsibilities; optionally full covariances in the
@@ -244,6 +245,8 @@ class _MixtureExpert(_FloorMixin, ScoreModel):
         self.floor = float(floor)
         if learn_floor:  # a trained floor: exp(log_floor), started at `floor` (or the EM fit's, `init_from_data`)
             self.log_floor = nn.Parameter(torch.tensor(math.log(max(self.floor, 1e-4))))
+        if isinstance(diag_floor, bool):  # (a first version of the option stored True / False)
+            diag_floor = "shared" if diag_floor else "none"
         if diag_floor not in DIAG_FLOORS:
             raise MolrmogError(f"diag_floor must be one of {', '.join(DIAG_FLOORS)}, got {diag_floor!r}")
         if diag_floor != "none":  # a per-coordinate floor, zero (off) until matched (`match_coordinate_variance`,
