@@ -164,9 +164,9 @@ class _FloorMixin:
 
     def coordinate_variance(self) -> Tensor:
         """The law's variance in each coordinate (D,): sum over modes of weight x ((A U)_i row's squared norm +
-        (mean_i - overall mean_i)^2), plus the floors."""
+        (mean_i - overall mean_i)^2), plus the floors; in float64 (the matched floors fill the gap exactly)."""
         with torch.no_grad():
-            m = self.mixture()
+            m = self.mixture().to(dtype=torch.float64)
             w = m.log_weights.exp()  # (K, L); padded modes weigh 0
             mu = m.mu if m.A is None else torch.einsum("kDd,kld->klD", m.A, m.mu)
             F = m.U if m.A is None else torch.einsum("kDd,kldr->klDr", m.A, m.U)
