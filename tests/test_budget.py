@@ -162,7 +162,8 @@ def test_a_per_coordinate_floor_is_matched_after_training_and_counted_under_the_
         assert net.floor_diag.numel() == n_floor and row["parameters"] == net.n * (d * net.r + d + 1) + n_floor <= 900
         if floor == "diag":  # the data's (unit) variance in every coordinate the mixture fell short in
             var = net.coordinate_variance()
-            assert (var >= 1 - 1e-5).all() and torch.allclose(var[net.floor_diag > 0], torch.ones((), dtype=var.dtype), atol=1e-5)
+            one = torch.ones((), dtype=var.dtype)
+            assert (var >= 1 - 1e-5).all() and torch.allclose(var[net.floor_diag > 0], one, atol=1e-5)
         info = json.loads((run / "logs" / f"mog-{k}.json").read_text())["info"]
         assert info["floor_max"] == pytest.approx(float(net.floor_diag.max()), rel=1e-5)
     assert main(["sample", str(run), "--kind", "mog", "--sampler", "exact", "--steps", "1", "--n", "4",

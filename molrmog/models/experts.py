@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,18 @@ class _FloorMixin:
     The isotropic floor folds into the noise (`_st_floored`) and keeps the low-rank closed form; a diagonal one
     does not, so a model with it scores through the law written with the floor in its factor (`mixture_for`: the
     same closed form with rank r + D, exact; (r + D)^3 per mode and call -- cheap for the latents here, and used
-    only once the floor is set)."""
+    only once the floor is set), or, for a shared floor at one t, whitens by it (`_MixtureExpert.score`)."""
+
+    @staticmethod
+    def _ambient(m: mx.Mixture) -> mx.Mixture:
+        """m with every mode written in the ambient space: one subspace (A = I) whose modes are all (k, l), means
+        A_k mu_kl (1, K L, D), factors A_k U_kl (1, K L, D, r), log-weights log w_k + log pi_kl."""
+        mu, F = m.mu, m.U
+        if m.A is not None:
+            mu, F = torch.einsum("kDd,kld->klD", m.A, mu), torch.einsum("kDd,kldr->klDr", m.A, F)
+        D = mu.shape[-1]
+        return mx.Mixture(torch.zeros(1, dtype=mu.dtype, device=mu.device), None, m.log_weights.reshape(1, -1),
+                          mu.reshape(1, -1, D), F.reshape(1, -1, D, F.shape[-1]))
 
     def _st_floored(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
         """(s_t, gamma') with the floor folded into the noise: a mode N(m, S + c I) noised to t is
@@ -146,36 +158,29 @@ class _FloorMixin:
         c, c_diag = self.floor_variance(), self.diagonal_floor()
         if c is None and c_diag is None:
             return m
-        mu, F = m.mu, m.U
-        if m.A is not None:
-            mu, F = torch.einsum("kDd,kld->klD", m.A, mu), torch.einsum("kDd,kldr->klDr", m.A, F)
-        D = mu.shape[-1]
-        F = F.reshape(-1, D, F.shape[-1])
-        floor = torch.zeros(F.shape[0], D, dtype=x.dtype, device=x.device)  # (modes, D)
+        a = self._ambient(m)
+        F = a.U[0]
+        floor = torch.zeros(F.shape[:2], dtype=x.dtype, device=x.device)  # (modes, D)
         if c is not None:
             floor = floor + torch.as_tensor(c, dtype=x.dtype, device=x.device)
         if c_diag is not None:
             floor = floor + c_diag.to(dtype=x.dtype, device=x.device)
         # the factor [F, diag(sqrt(floor))] (rank r + D): F F^T + diag(floor) with no factorisation, exact even
         # where the floor is 0 in some coordinates (zero columns are padding for the closed form)
-        F = torch.cat([F, torch.diag_embed(floor.sqrt())], -1)
-        return mx.Mixture(torch.zeros(1, dtype=x.dtype, device=x.device), None, m.log_weights.reshape(1, -1),
-                          mu.reshape(1, -1, D), F[None])
+        return replace(a, U=torch.cat([F, torch.diag_embed(floor.sqrt())], -1)[None])
 
     def coordinate_variance(self) -> Tensor:
         """The law's variance in each coordinate (D,): sum over modes of weight x ((A U)_i row's squared norm +
         (mean_i - overall mean_i)^2), plus the floors; in float64 (the matched floors fill the gap exactly)."""
         with torch.no_grad():
-            m = self.mixture().to(dtype=torch.float64)
-            w = m.log_weights.exp()  # (K, L); padded modes weigh 0
-            mu = m.mu if m.A is None else torch.einsum("kDd,kld->klD", m.A, m.mu)
-            F = m.U if m.A is None else torch.einsum("kDd,kldr->klDr", m.A, m.U)
-            mean = (w[..., None] * mu).sum((0, 1))
-            var = (w[..., None] * (F.pow(2).sum(-1) + (mu - mean).pow(2))).sum((0, 1)) + self.floor_value()
+            a = self._ambient(self.mixture().to(dtype=torch.float64))
+            w, mu, F = a.log_weights.exp()[0], a.mu[0], a.U[0]  # (modes,), (modes, D), (modes, D, r); padding weighs 0
+            mean = (w[:, None] * mu).sum(0)
+            var = (w[:, None] * (F.pow(2).sum(-1) + (mu - mean).pow(2))).sum(0) + self.floor_value()
             c_diag = self.diagonal_floor()
             if c_diag is None:
                 return var
-            return var + (c_diag if c_diag.ndim == 1 else (w.reshape(-1, 1) * c_diag).sum(0)).to(var.dtype)
+            return var + (c_diag if c_diag.ndim == 1 else (w[:, None] * c_diag).sum(0)).to(var.dtype)
 
     def variance_gap(self) -> float:
         """1 - the law's mean variance per coordinate (`coordinate_variance`, floors included): what an
@@ -214,16 +219,12 @@ class _FloorMixin:
         c = getattr(self, "floor_diag", None)
         if c is None or c.ndim != 2:
             raise MolrmogError("this expert has no per-mode floor; build it with diag_floor='mode'")
-        m = self.mixture()
-        u = torch.as_tensor(u).to(dtype=m.mu.dtype, device=m.mu.device).flatten(1)
-        mu = m.mu if m.A is None else torch.einsum("kDd,kld->klD", m.A, m.mu)
-        F = m.U if m.A is None else torch.einsum("kDd,kldr->klDr", m.A, m.U)
-        mu, F = mu.reshape(-1, mu.shape[-1]), F.reshape(-1, *F.shape[-2:])
+        law = self._ambient(self.mixture())
+        mu, F = law.mu[0], law.U[0]
+        u = torch.as_tensor(u).to(dtype=mu.dtype, device=mu.device).flatten(1)
         c.zero_()
         iso = max(floor, self.variance_gap() + self.floor_value())  # all the isotropic floor the law could take
-        iso_law = mx.Mixture(torch.zeros(1, dtype=mu.dtype, device=mu.device), None, m.log_weights.reshape(1, -1),
-                             mu[None], F[None])
-        R = mx.responsibilities(iso_law, u, 1.0, math.sqrt(iso)).reshape(u.shape[0], -1)
+        R = mx.responsibilities(law, u, 1.0, math.sqrt(iso)).reshape(u.shape[0], -1)
         second = torch.einsum("nl,nld->ld", R, (u[:, None] - mu[None]).pow(2)) / R.sum(0).clamp_min(1e-12)[:, None]
         c.copy_((second - F.pow(2).sum(-1) - self.floor_value()).clamp_min(0).to(c.dtype))
         return c.detach().clone()
