@@ -87,6 +87,9 @@ class EvalOptions:
 
     samples: int = option(1000, "samples per model", low=2, high=10**6)
     reference: int = option(10000, "training images for FID/KID", low=2, high=10**7)
+    draws: int = option(1, "sets of --samples per model (seeds SEED, SEED+1, ...); the tables give each number's "
+                        "median over the sets and the FID's range (one set of 1,000 moves a FID by 1-2)", low=1,
+                        high=100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +372,8 @@ def _cmd_evaluate(a) -> int:
     c = o.common
     run = _run(o)
     evaluate_run(run, samples=o.samples, reference=o.reference, kinds=o.kinds, memorisation=not o.no_memorisation,
-                 threshold=o.threshold, cache=o.cache, seed=c.seed, device=c.device, progress=c.progress)
+                 threshold=o.threshold, cache=o.cache, seed=c.seed, device=c.device, progress=c.progress,
+                 draws=o.draws)
     print((run.path / "evaluation.md").read_text())
     print(f"wrote {o.run}/evaluation.json, evaluation.md and evaluation_samples.png")
     return 0
@@ -403,7 +407,8 @@ def _cmd_few_step(a) -> int:
     o = _values(a)
     c = o.common
     res = few_step_images(_run(o), kinds=o.kinds, sampler=o.sampler, steps=o.steps, samples=o.samples,
-                          reference=o.reference, cache=o.cache, seed=c.seed, out=o.out, progress=c.progress)
+                          reference=o.reference, cache=o.cache, seed=c.seed, out=o.out, progress=c.progress,
+                          draws=o.draws)
     for r in res["rows"]:
         print(f"{r['kind']:10s} {r['sampler']:8s} {r['steps']:4d} steps  FID {r['fid']:8.2f}  recall "
               f"{r['recall']:.3f}  {r['images_per_second']:9.1f} images/s")
@@ -462,7 +467,7 @@ def _cmd_compare(a) -> int:
         _refuse_changes(a, load_config(Path(out) / "dedicated"), f"{out} holds a comparison, continued with its "
                         f"runs' settings", "may be given to continue it (or choose another --out)")
     compare(out, cfg, unified=not o.no_unified, samples=o.samples, reference=o.reference, cache=o.cache,
-            progress=o.common.progress, executor=_executor(a, cfg.device))
+            progress=o.common.progress, executor=_executor(a, cfg.device), draws=o.draws)
     print((Path(out) / "comparison.md").read_text())
     print(f"wrote {out}/comparison.md, comparison.json, comparison_samples.png, comparison_losses.png")
     return 0

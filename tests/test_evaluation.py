@@ -3,6 +3,7 @@ baseline, the denoiser Jacobian, and `molrmog evaluate / analyze jacobian / comp
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,33 @@ def test_compare_cli_writes_the_table(tmp_path, digits_featurizer, cache, monkey
     before = weights.stat().st_mtime_ns
     assert main(args) == 0  # finished runs are resumed, not retrained
     assert weights.stat().st_mtime_ns == before
+    # --draws: re-evaluated only, every row the median of two sets of samples; the first set is the one above
+    assert main([*args, "--draws", "2"]) == 0
+    assert weights.stat().st_mtime_ns == before
+    two = json.loads((out / "comparison.json").read_text())
+    assert list(two["rows"]) == list(res["rows"]) and two["draws"] == 2
+    for name, row in two["rows"].items():
+        assert row["draws"] == 2 and len(row["fid_sets"]) == 2, name
+        assert row["fid"] == pytest.approx(statistics.median(row["fid_sets"])), name
+        assert (row["fid_min"], row["fid_max"]) == (min(row["fid_sets"]), max(row["fid_sets"]))
+        assert row["fid_sets"][0] == pytest.approx(res["rows"][name]["fid"], rel=1e-4), name
+        assert row["fid_sets"][1] != pytest.approx(row["fid_sets"][0], rel=1e-4), name  # other noise, other images
+    md = (out / "comparison.md").read_text()
+    lo, hi = two["rows"]["MoG expert"]["fid_min"], two["rows"]["MoG expert"]["fid_max"]
+    assert "2 sets of them (seeds 0-1)" in md and f"({lo:.1f}-{hi:.1f})" in md
+
+
+def test_compare_continues_with_the_saved_kinds(tmp_path, digits_featurizer, cache):
+    # a comparison asked again with only --out (e.g. to re-evaluate it with --draws) reads its run's kinds,
+    # not the default ones (which raised KeyError 'mog' before)
+    out = tmp_path / "cmp"
+    assert main(["train", "--out", str(out / "dedicated"), *tiny(("gaussian",))]) == 0
+    assert main(["compare", "--out", str(out), "--no-unified", "--samples", "20", "--reference", "200", "--cache",
+                 str(cache), "--no-progress", "--draws", "2"]) == 0
+    res = json.loads((out / "comparison.json").read_text())
+    assert list(res["rows"]) == ["Gaussian expert", "Gaussian expert, exact sampler (1 step)", "memorisation baseline",
+                                 "real test images"]
+    assert all(len(r["fid_sets"]) == 2 for r in res["rows"].values())
 
 
 def test_few_step_analysis_cli(digits_run, digits_featurizer, cache, capsys):

@@ -22,8 +22,10 @@ from molrmog.core.errors import MolrmogError
 from molrmog.core.outputs import pyplot, save_figure, save_grid, write_csv, write_json, write_text
 from molrmog.evaluation.evaluate import (
     MEMORISE,
+    draws_note,
     evaluate_run,
     few_step_images,
+    fid_cell,
     image_scores,
     reference_features,
     sample_images,
@@ -50,21 +52,27 @@ def _unified_label(kind: str) -> str:
 
 
 def compare(out: str | Path, cfg: RunConfig, *, unified: bool = True, samples: int = 1000,
-            reference: int = 10000, cache=None, progress: bool = True, executor=None) -> dict:
-    """Train (or resume) both runs (their VAEs and experts as tasks on `executor`), evaluate them and
-    write the comparison files into `out`."""
+            reference: int = 10000, cache=None, progress: bool = True, executor=None, draws: int = 1) -> dict:
+    """Train (or resume) both runs (their VAEs and experts as tasks on `executor`; a comparison already in `out`
+    continues with its saved settings, `cfg` giving only the device), evaluate them (`draws` sets of
+    `samples` per model, the table giving medians; see `evaluate_run`) and write the comparison files into
+    `out`. The quality-vs-time curve of a budgeted run is one set per point."""
     out = Path(out)
+    dedicated = out / "dedicated"
+    resume = (dedicated / "config.json").is_file()
+    if resume:  # a comparison to continue is evaluated with its own kinds, budget and seed (not cfg's defaults)
+        cfg = dataclasses.replace(load_config(dedicated), device=cfg.device)
     kinds = tuple(cfg.experts or default_kinds())
     cfg = dataclasses.replace(cfg, experts=kinds, vae="dedicated")
-    dedicated = out / "dedicated"
     # every check before `out` is made: the run's config, data and --vae-from run, and the featurizer FID needs
-    prepared = prepare_run(dedicated, cfg, resume=(dedicated / "config.json").is_file())
+    prepared = prepare_run(dedicated, cfg, resume=resume, device=cfg.device)
     load_run_data(prepared.cfg, "test")  # the evaluation's reference images: a damaged test split is refused now
     check_featurizer(prepared.cfg.dataset, cache, labelled=prepared.data.labels is not None)
     made = not out.exists()
     try:
         with run_lock(out):  # one compare at a time in `out`, evaluation included (each run also locks itself)
-            return _compare(out, cfg, kinds, unified, samples, reference, cache, progress, executor, prepared)
+            return _compare(out, cfg, kinds, unified, samples, reference, cache, progress, executor, prepared,
+                            draws)
     except MolrmogError:
         if made:
             _remove_if_empty(out)  # a refused compare leaves no empty --out behind
@@ -81,7 +89,7 @@ def _remove_if_empty(out: Path) -> None:
 
 
 def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cache, progress, executor,
-             prepared) -> dict:
+             prepared, draws=1) -> dict:
     runs = {"dedicated": out / "dedicated"}
     _train_or_resume(runs["dedicated"], cfg, progress, executor, prepared)
     ablation = [k for k in kinds if k in headline_kinds()] if unified else []
@@ -95,13 +103,14 @@ def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cach
         _train_or_resume(runs["unified"], ucfg, progress, executor)
 
     ev = {"dedicated": evaluate_run(runs["dedicated"], samples=samples, reference=reference, cache=cache,
-                                    device=cfg.device, seed=cfg.seed, progress=progress)}
+                                    device=cfg.device, seed=cfg.seed, progress=progress, draws=draws)}
     if ablation:
         ev["unified"] = evaluate_run(runs["unified"], samples=samples, reference=reference, cache=cache,
-                                     device=cfg.device, seed=cfg.seed, memorisation=False, progress=progress)
+                                     device=cfg.device, seed=cfg.seed, memorisation=False, progress=progress,
+                                     draws=draws)
     rows = {get_kind(k).label: _summary(ev["dedicated"]["models"][k], train_seconds(runs["dedicated"], k))
             for k in kinds}
-    exact = _exact_rows(runs["dedicated"], kinds, rows, samples, reference, cache, cfg, progress)
+    exact = _exact_rows(runs["dedicated"], kinds, rows, samples, reference, cache, cfg, progress, draws)
     rows = {name: row for k in kinds for name, row in [(get_kind(k).label, rows[get_kind(k).label]),
                                                        *exact.get(k, {}).items()]}
     for k in ablation:
@@ -110,7 +119,7 @@ def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cach
     rows["real test images"] = _summary(ev["dedicated"]["models"]["test split"], None)
     result = {"dataset": load_config(runs["dedicated"]).dataset,  # with --vae-from: the reused run's data
               "featurizer_test_accuracy": ev["dedicated"]["featurizer_test_accuracy"],
-              "samples_per_model": ev["dedicated"]["samples_per_model"],
+              "samples_per_model": ev["dedicated"]["samples_per_model"], "draws": draws, "seed": cfg.seed,
               "reference_images": ev["dedicated"]["reference_images"], "rows": rows,
               "pairs": ev["dedicated"]["pairs"], "runs": {k: str(v) for k, v in runs.items()}}
     if cfg.budget is not None:
@@ -128,7 +137,7 @@ def _compare(out: Path, cfg: RunConfig, kinds, unified, samples, reference, cach
 
 
 def _exact_rows(run: Path, kinds, rows: dict, samples: int, reference: int, cache, cfg: RunConfig,
-                progress: bool) -> dict:
+                progress: bool, draws: int = 1) -> dict:
     """The kinds whose learned law is a mixture (MoG, Gaussian) sampled in one exact step (`samplers.sample_exact`):
     the cheapest sampler, beside the run's own; same noise seeds, same reference. Writes RUN/few_step/.
     Returns {kind: {row name: row}}."""
@@ -136,13 +145,15 @@ def _exact_rows(run: Path, kinds, rows: dict, samples: int, reference: int, cach
     if not exact:
         return {}
     res = few_step_images(run, kinds=exact, sampler="exact", steps=(1,), samples=samples, reference=reference,
-                          cache=cache, seed=cfg.seed, device=cfg.device, progress=progress)
+                          cache=cache, seed=cfg.seed, device=cfg.device, progress=progress, draws=draws,
+                          with_run_sampler=False)  # the run's own sampler is evaluate_run's row
     out: dict = {}
     for r in res["rows"]:
         if r["sampler"] == "exact":
             base = rows[get_kind(r["kind"]).label]
             out.setdefault(r["kind"], {})[f"{get_kind(r['kind']).label}, exact sampler (1 step)"] = {
-                **base, **{k: r.get(k) for k in ("fid", "kid", "class_score", "precision", "recall")},
+                **base, **{k: r.get(k) for k in ("fid", "kid", "class_score", "precision", "recall", "draws",
+                                                 "fid_sets", "fid_min", "fid_max") if k in r or k in base},
                 "sample_images_per_second": r["images_per_second"],
                 **{k: None for k in ("generalisation_features", "generalisation_pixels", "nn_similarity_pixels")}}
     return out
@@ -151,6 +162,7 @@ def _exact_rows(run: Path, kinds, rows: dict, samples: int, reference: int, cach
 def _summary(row: dict, train_s: float | None) -> dict:
     keep = ("fid", "kid", "class_score", "precision", "recall", "parameters", "sample_images_per_second",
             "generalisation_features", "generalisation_pixels", "nn_similarity_pixels")
+    keep += tuple(k for k in ("draws", "fid_sets", "fid_min", "fid_max") if k in row)
     res = {k: row.get(k) for k in keep}
     res["train_seconds"] = None if train_s is None else round(train_s, 1)
     return res
@@ -161,7 +173,7 @@ def comparison_md(res: dict) -> str:
             ("recall", "recall", 3), ("parameters", "parameters", 0), ("train_seconds", "train time (s)", 1),
             ("sample_images_per_second", "sampling (images/s)", 1)]
     lines = [f"# Expert comparison on {res['dataset']}", "",
-             f"{res['samples_per_model']} samples per model, FID / KID / precision / recall against "
+             f"{res['samples_per_model']} samples per model{draws_note(res)}; FID / KID / precision / recall against "
              f"{res['reference_images']} training images in the features of the dataset's own classifier "
              f"(test accuracy {res['featurizer_test_accuracy']:.4f}). Parameters: all latent experts "
              "together (VAEs not counted).", "",
@@ -170,7 +182,8 @@ def comparison_md(res: dict) -> str:
         cells = []
         for key, _, digits in cols:
             v = row.get(key)
-            cells.append("-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.{digits}f}")
+            cells.append(fid_cell(row, digits) if key == "fid" else "-" if v is None else f"{v:,}"
+                         if isinstance(v, int) else f"{v:,.{digits}f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Reproducibility (shared noise, cosine > 0.6 in centred pixel space) and probability-flow "
               "distance (RMS feature distance):", "", "| pair | reproducibility | PF distance |", "|---|---:|---:|"]

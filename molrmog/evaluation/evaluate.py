@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ from molrmog.models.kinds import LatentExpert
 from molrmog.pipeline.run import Run
 
 __all__ = ["MemorisationExpert", "memorisation_experts", "evaluate_run", "jacobian_spectra", "denoiser_jacobian",
-           "numerical_rank", "few_step_images", "reference_features", "image_scores", "sample_images", "roundtrip"]
+           "numerical_rank", "few_step_images", "reference_features", "image_scores", "sample_images", "roundtrip",
+           "median_of_draws", "draws_note", "fid_cell"]
 
 MEMORISE = "memorise"
 log = logging.getLogger(__name__)
@@ -91,6 +93,28 @@ def sample_images(run: Run, kind: str, per_cluster: int, sampler: str, steps: in
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]), time.perf_counter() - t0
 
 
+def median_of_draws(rows: list[dict]) -> dict:
+    """One row from the rows of several sets of samples (seeds seed, seed + 1, ...): the median of every float
+    (FID, KID, precision, ..., images/s), the first set's value of anything else, and each set's FID in
+    `fid_sets` with its range in `fid_min` / `fid_max`. One set of 1,000 samples moves a FID by 1-2 on
+    Fashion-MNIST; the median of five is what the README's ratios are read from."""
+    if not rows:
+        raise ValueError("median_of_draws needs at least one row")
+    out = {}
+    for key, v in rows[0].items():
+        vals = [r.get(key) for r in rows]
+        floats = isinstance(v, float) and all(isinstance(x, float) for x in vals)
+        out[key] = float(statistics.median(vals)) if floats else v
+    fids = [float(r["fid"]) for r in rows]
+    out.update({"draws": len(rows), "fid_sets": fids, "fid_min": min(fids), "fid_max": max(fids)})
+    return out
+
+
+def _check_draws(draws: int) -> None:
+    if not isinstance(draws, int) or isinstance(draws, bool) or not 1 <= draws <= 100:
+        raise MolrmogError(f"draws must be an integer in [1, 100], got {draws!r}", param="draws")
+
+
 def reference_features(run: Run, feat, reference: int, seed: int, pr_points: int = 3000) -> dict:
     """Features of `reference` training images (a seeded subset) for FID / KID and of the first `pr_points`
     of them for precision / recall -- the same for every model of a run."""
@@ -123,12 +147,16 @@ def _row(f: Tensor, probs: Tensor, imgs: Tensor, intended: Tensor | None, ref: d
 def evaluate_run(run: Run | str | Path, *, samples: int = 1000, reference: int = 10000, kinds=None,
                  memorisation: bool = True, seed: int = 0, threshold: float = 0.6, k: int = 3,
                  pr_points: int = 3000, cache=None, device: str = "cpu", progress: bool = True,
-                 write: bool = True) -> dict:
+                 write: bool = True, draws: int = 1) -> dict:
     """All metrics of a run's expert kinds (and the memorisation baseline and the test split);
-    writes evaluation.json, evaluation.md and evaluation_samples.png into the run when `write`."""
+    writes evaluation.json, evaluation.md and evaluation_samples.png into the run when `write`.
+    With `draws` > 1 every model is sampled `draws` times (seeds seed .. seed + draws - 1; the test split: as
+    many random subsets) and each row is `median_of_draws` of the sets; the pairs and the image panel use the
+    first set, which is the one draws=1 measures."""
     for name, v in (("samples", samples), ("reference", reference)):
         if v < 2:
             raise MolrmogError(f"{name} must be >= 2, got {v}", param=name)
+    _check_draws(draws)
     run = Run.coerce(run, device)
     cfg = run.cfg
     kinds = run.check_kinds(kinds)  # every artefact is read (and checked) before any work
@@ -143,31 +171,39 @@ def evaluate_run(run: Run | str | Path, *, samples: int = 1000, reference: int =
 
     result = {"run": str(run.path), "dataset": cfg.dataset, "featurizer_test_accuracy": float(feat.test_accuracy),
               "samples_per_model": per_cluster * run.K, "reference_images": int(ref["f"].shape[0]),
-              "threshold": threshold, "models": {}, "pairs": {}}
+              "draws": draws, "seed": seed, "threshold": threshold, "models": {}, "pairs": {}}
     result["vae_reconstruction_fid"] = M.fid(ref["f"], ref["f_recon"])
     labels_sorted = torch.cat([torch.full((int((run.labels == k).sum()),), k) for k in range(run.K)])
     result["vae_reconstruction_fid_per_cluster"] = {  # (where a cluster has more images than features)
         str(k): M.fid(ref["f_all"][run.labels == k], ref["f_recon"][labels_sorted == k])
         for k in range(run.K) if int((run.labels == k).sum()) > ref["f"].shape[1]}
-    test_idx = torch.randperm(run.test.images.shape[0], generator=g)[: per_cluster * run.K]
-    f_test, p_test = feat.embed(run.test.images[test_idx])
-    test_labels = run.test.labels[test_idx] if run.test.labels is not None and run.class_conditional else None
-    result["models"]["test split"] = _row(f_test, p_test, run.test.images[test_idx], test_labels, ref, opts)
+    test_rows = []
+    for _ in range(draws):  # the first subset is the one draws=1 measures
+        test_idx = torch.randperm(run.test.images.shape[0], generator=g)[: per_cluster * run.K]
+        f_test, p_test = feat.embed(run.test.images[test_idx])
+        test_labels = run.test.labels[test_idx] if run.test.labels is not None and run.class_conditional else None
+        test_rows.append(_row(f_test, p_test, run.test.images[test_idx], test_labels, ref, opts))
+    result["models"]["test split"] = median_of_draws(test_rows) if draws > 1 else test_rows[0]
 
     feats, grids = {}, {}
     models = [(kd, None) for kd in kinds] + ([(MEMORISE, kinds[0])] if memorisation else [])
     for name, base in models:
         experts = memorisation_experts(run, base) if name == MEMORISE else None
         n_params = 0 if name == MEMORISE else sum(e.net.num_parameters() for e in run.experts(name))
-        imgs, ks, secs = sample_images(run, base or name, per_cluster, cfg.sampler, cfg.sample_steps, seed,
-                                       progress, experts)
-        f, probs = feat.embed(imgs)
-        row = _row(f, probs, imgs, ks if run.class_conditional else None, ref, opts)
-        row.update({"parameters": n_params, "sample_images_per_second": imgs.shape[0] / secs})
-        result["models"][name] = row
-        log.info("evaluate %s: %d samples in %.1f s, FID %.2f", name, imgs.shape[0], secs, row["fid"])
-        feats[name] = (f, imgs.flatten(1))
-        grids[name] = imgs.view(run.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
+        sets = []
+        for d in range(draws):
+            imgs, ks, secs = sample_images(run, base or name, per_cluster, cfg.sampler, cfg.sample_steps, seed + d,
+                                           progress, experts)
+            f, probs = feat.embed(imgs)
+            row = _row(f, probs, imgs, ks if run.class_conditional else None, ref, opts)
+            row.update({"parameters": n_params, "sample_images_per_second": imgs.shape[0] / secs})
+            sets.append(row)
+            log.info("evaluate %s (seed %d): %d samples in %.1f s, FID %.2f", name, seed + d, imgs.shape[0], secs,
+                     row["fid"])
+            if d == 0:
+                feats[name] = (f, imgs.flatten(1))
+                grids[name] = imgs.view(run.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
+        result["models"][name] = median_of_draws(sets) if draws > 1 else sets[0]
     for a, b in itertools.combinations(feats, 2):
         pair = {"pf_distance": M.pf_distance(feats[a][0], feats[b][0])}
         for i, space in enumerate(("features", "pixels")):
@@ -193,6 +229,26 @@ def _fmt(v, digits=3):
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def draws_note(res: dict) -> str:
+    """The tables' words for `draws` sets of samples ("" for one set)."""
+    n = res.get("draws", 1)
+    if n <= 1:
+        return ""
+    seed = res.get("seed", 0)
+    return (f", {n} sets of them (seeds {seed}-{seed + n - 1}): each number is the median over the sets, the FID's "
+            "range over the sets in brackets")
+
+
+def fid_cell(row: dict, digits: int = 2) -> str:
+    """A row's FID, with its range over the sets of samples when there were several."""
+    if row.get("fid") is None:
+        return "-"
+    cell = f"{row['fid']:,.{digits}f}"
+    if row.get("draws", 1) > 1:
+        cell += f" ({row['fid_min']:.1f}-{row['fid_max']:.1f})"
+    return cell
+
+
 def evaluation_md(res: dict) -> str:
     cols = [("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
             ("class_score", "class score"), ("generalisation_features", "generalisation (features)"),
@@ -201,12 +257,14 @@ def evaluation_md(res: dict) -> str:
             ("sample_images_per_second", "images/s")]
     lines = [f"# Evaluation of {res['run']} ({res['dataset']})", "",
              f"Featurizer test accuracy {res['featurizer_test_accuracy']:.4f}; {res['samples_per_model']} "
-             f"samples per model; FID / KID / precision / recall against {res['reference_images']} training "
+             f"samples per model{draws_note(res)}; FID / KID / precision / recall against "
+             f"{res['reference_images']} training "
              f"images; similarities (cosine after centring) against the VAE reconstructions of all training "
              f"images, threshold {res['threshold']}.", "",
              "| model | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, row in res["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c[0])) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(fid_cell(row, 3) if c[0] == "fid" else _fmt(row.get(c[0]))
+                                                   for c in cols) + " |")
     if "vae_reconstruction_fid" in res:
         per = res.get("vae_reconstruction_fid_per_cluster", {})
         lines += ["", f"VAE reconstructions of the training images (decoded latent means): FID "
@@ -305,10 +363,11 @@ def jacobian_spectra(run: Run | str | Path, *, kinds=None, ts=(0.02, 0.1, 0.3, 0
 
 def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm", steps=(5, 10, 20, 50),
                     samples: int = 1000, reference: int = 10000, cache=None, seed: int = 0, device: str = "cpu",
-                    out=None, progress: bool = True) -> dict:
+                    out=None, progress: bool = True, draws: int = 1, with_run_sampler: bool = True) -> dict:
     """FID / KID / precision / recall / class score of each expert kind sampled with `sampler` at each step
-    count, beside the same kind with the run's own sampler (e.g. heun, 30 steps) and the wall time per image;
-    writes few_step_<sampler>.csv/.json/.png into `out` (default RUN/few_step)."""
+    count, beside the same kind with the run's own sampler (e.g. heun, 30 steps; not when `with_run_sampler` is
+    False) and the wall time per image; with `draws` > 1 each row is `median_of_draws` of that many sets of
+    samples (seeds seed ..). Writes few_step_<sampler>.csv/.json/.png into `out` (default RUN/few_step)."""
     from molrmog.core.samplers import SAMPLERS
 
     SAMPLERS.get(sampler)  # an unknown name is refused here, naming the choices
@@ -317,6 +376,7 @@ def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm",
         raise MolrmogError(f"steps must be integers in [1, 10000], got {steps}", param="steps")
     if samples < 2:
         raise MolrmogError(f"samples must be >= 2, got {samples}", param="samples")
+    _check_draws(draws)
     run = Run.coerce(run, device)
     cfg = run.cfg
     kinds = run.check_kinds(kinds)
@@ -325,22 +385,28 @@ def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm",
     per_cluster = math.ceil(samples / run.K)
     ref = reference_features(run, feat, reference, seed)
     rows = []
+    own = [(cfg.sampler, cfg.sample_steps)] if with_run_sampler else []
     for kind in kinds:
-        for smp, n in [(sampler, n) for n in steps] + [(cfg.sampler, cfg.sample_steps)]:
-            imgs, ks, secs = sample_images(run, kind, per_cluster, smp, n, seed, progress)
-            f, probs = feat.embed(imgs)
-            row = {"kind": kind, "sampler": smp, "steps": n, "reference_sampler": (smp, n) == (cfg.sampler,
-                                                                                           cfg.sample_steps),
-                   **image_scores(f, ref), "seconds": round(secs, 3), "images_per_second": imgs.shape[0] / secs}
-            if run.class_conditional:
-                row["class_score"] = M.class_score(probs, ks)
+        for smp, n in [(sampler, n) for n in steps] + own:
+            sets = []
+            for d in range(draws):
+                imgs, ks, secs = sample_images(run, kind, per_cluster, smp, n, seed + d, progress)
+                f, probs = feat.embed(imgs)
+                row = {"kind": kind, "sampler": smp, "steps": n,
+                       "reference_sampler": (smp, n) == (cfg.sampler, cfg.sample_steps), **image_scores(f, ref),
+                       "seconds": round(secs, 3), "images_per_second": imgs.shape[0] / secs}
+                if run.class_conditional:
+                    row["class_score"] = M.class_score(probs, ks)
+                sets.append(row)
+            row = median_of_draws(sets) if draws > 1 else sets[0]
             rows.append(row)
             log.info("few-step %s %s %d steps: FID %.2f (%.1f images/s)", kind, smp, n, row["fid"],
                      row["images_per_second"])
     out = Path(out or run.path / "few_step")
     res = {"run": str(run.path), "sampler": sampler, "steps": steps, "reference": [cfg.sampler, cfg.sample_steps],
-           "samples_per_model": per_cluster * run.K, "reference_images": int(ref["f"].shape[0]), "rows": rows}
-    write_csv(out / f"few_step_{sampler}.csv", rows)
+           "samples_per_model": per_cluster * run.K, "draws": draws, "seed": seed,
+           "reference_images": int(ref["f"].shape[0]), "rows": rows}
+    write_csv(out / f"few_step_{sampler}.csv", [{k: v for k, v in r.items() if k != "fid_sets"} for r in rows])
     write_json(out / f"few_step_{sampler}.json", res)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
@@ -348,9 +414,10 @@ def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm",
         pts = [(r["steps"], r["fid"]) for r in rows if r["kind"] == kind and r["sampler"] == sampler
                and not (r["reference_sampler"] and r["steps"] not in steps)]
         line = ax.semilogx(*zip(*pts, strict=True), "-o", ms=3, label=f"{kind} ({sampler})")[0]
-        refrow = [r for r in rows if r["kind"] == kind and r["reference_sampler"]][-1]
-        ax.axhline(refrow["fid"], color=line.get_color(), ls=":", lw=1,
-                   label=f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps)")
+        refrow = [r for r in rows if r["kind"] == kind and r["reference_sampler"]]
+        if refrow:
+            ax.axhline(refrow[-1]["fid"], color=line.get_color(), ls=":", lw=1,
+                       label=f"{kind} ({cfg.sampler}, {cfg.sample_steps} steps)")
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FID (dataset featurizer)")
