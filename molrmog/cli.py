@@ -179,7 +179,10 @@ class WatermarkOptions:
                                "(0: the encoder's mean)", low=0, high=100_000)
     invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
                                  "latent under the expert's law (0: least squares without a prior)", low=0, high=1)
-    strength: float = option(0.3, "pattern norm / noise norm at t", low=0, low_open=True, high=10)
+    strength: float = option(0.3, "null: pattern norm / noise norm at t", low=0, low_open=True, high=10)
+    ring_mix: float = option(1.0, "ring: the fraction of the way from the latent's spectrum to the key on the disk "
+                             "(1: replaced by it, as Tree-Ring; less: a fainter mark, a higher PSNR)", low=0,
+                             low_open=True, high=1)
     t: float = option(0.3, "time as a fraction of the horizon sigma_t = 1", low=0, low_open=True, high=1)
     images: str | None = option(None, "detect: an .npy file of images (N, C, H, W) in [0, 1]")
     keyfile: str | None = option(None, "detect: key.json written by embed (default OUT/key.json)")
@@ -437,7 +440,7 @@ def _cmd_watermark(a) -> int:
     o = _values(a)
     c, run = o.common, _run(o)
     how = {"kind": o.kind, "key": o.key, "fraction": o.t, "method": o.method, "invert_steps": o.invert_steps,
-           "invert_sigma": o.invert_sigma}
+           "invert_sigma": o.invert_sigma, "ring_mix": o.ring_mix}
     if o.action == "evaluate":
         res = wm.evaluate_watermark(run, n=o.n, strength=o.strength, seed=c.seed, cache=o.cache, out=o.out,
                                     progress=c.progress, **how)

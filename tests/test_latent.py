@@ -159,6 +159,12 @@ def test_the_ring_key_is_constant_on_rings_and_a_marked_latent_carries_it_exactl
     # the spectrum outside the disk is untouched too
     F_u, F_m = (torch.fft.fftshift(torch.fft.fft2(x.view(5, 2, 8, 8)[:, 0]), dim=(-2, -1)) for x in (u, marked))
     torch.testing.assert_close(F_m[:, ~mask], F_u[:, ~mask])
+    # a mix moves the disk's spectrum that fraction of the way: the distance shrinks by exactly 1 - mix, the
+    # latent stays real (the key is symmetric on the disk) and changes by mix x the full key's change
+    for mix in (0.25, 0.6):
+        part = _inject_ring(u, latent, 0, mask, values, mix=mix)
+        torch.testing.assert_close(ring_distance(part, latent, "k"), (1 - mix) * ring_distance(u, latent, "k"))
+        torch.testing.assert_close(part - u, mix * (marked - u))
 
 
 def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):

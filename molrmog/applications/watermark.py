@@ -81,11 +81,13 @@ def _spectrum(u: Tensor, latent, channel: int) -> Tensor:
     return torch.fft.fftshift(torch.fft.fft2(u.double().view(-1, c, h, w)[:, channel]), dim=(-2, -1))
 
 
-def _inject_ring(u: Tensor, latent, channel: int, mask: Tensor, values: Tensor) -> Tensor:
-    """u (B, d) with the channel's spectrum replaced by the key inside the mask (the rest of u unchanged)."""
+def _inject_ring(u: Tensor, latent, channel: int, mask: Tensor, values: Tensor, mix: float = 1.0) -> Tensor:
+    """u (B, d) with the channel's spectrum moved the fraction `mix` of the way to the key inside the mask (1:
+    replaced by it, as Tree-Ring; the rest of u unchanged). The key is real and symmetric on the centred disk,
+    so the mixed spectrum stays Hermitian and the distance to the key shrinks by exactly 1 - mix."""
     c, h, w = latent
     F_ = _spectrum(u, latent, channel)
-    F_[:, mask] = values[mask]
+    F_[:, mask] = (1 - mix) * F_[:, mask] + mix * values[mask]
     x = u.double().reshape(-1, c, h, w).clone()
     x[:, channel] = torch.fft.ifft2(torch.fft.ifftshift(F_, dim=(-2, -1))).real
     return x.reshape(u.shape).to(u.dtype)
@@ -108,13 +110,16 @@ def null_projector(expert, u: Tensor, t: float, rank_tol: float = 0.01) -> tuple
 
 
 def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 0.3, seed: int = 0,
-          steps: int = 40, latents: bool = False, method: str = "ring"):
+          steps: int = 40, latents: bool = False, method: str = "ring", ring_mix: float = 1.0):
     """n watermarked images and the n clean images from the same noise (both in [0, 1], (n, C, H, W)), and facts
     about the embedding. `method` "null": a keyed pattern in the Jacobian's null space, its norm `strength` x the
-    noise's at t_w (gamma_w sqrt(d)); "ring": the spectrum of latent channel 0 replaced by the ring key on its
-    disk at t_w (`ring_key`; `strength` unused). With `latents`, also the two final standardised latents."""
+    noise's at t_w (gamma_w sqrt(d)); "ring": the spectrum of latent channel 0 on its disk at t_w moved the
+    fraction `ring_mix` of the way to the ring key (`ring_key`; 1: replaced by it; `strength` unused). With
+    `latents`, also the two final standardised latents."""
     if n < 1 or strength <= 0:
         raise MolrmogError(f"watermarking needs n >= 1 images and a strength > 0, got n = {n}, strength = {strength}")
+    if not 0 < ring_mix <= 1:
+        raise MolrmogError(f"ring_mix must lie in (0, 1], got {ring_mix}", param="ring_mix")
     if method not in METHODS:
         raise MolrmogError(f"unknown watermark method {method!r}; choose from {', '.join(METHODS)}")
     sched = expert.schedule
@@ -125,7 +130,7 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     u_t = ode(expert, u_T, sched.t_max, t_w, sched, steps)
     gamma_w = float(sched.gamma(torch.tensor(t_w)))
     if method == "ring":
-        marked_t = _inject_ring(u_t, expert.latent, 0, *ring_key(key, expert.latent))
+        marked_t = _inject_ring(u_t, expert.latent, 0, *ring_key(key, expert.latent), mix=ring_mix)
         rank = torch.zeros(1)
     else:
         P, rank = null_projector(expert, u_t, t_w)
@@ -346,7 +351,7 @@ def roc(clean: Tensor, marked: Tensor) -> dict:
 def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345, strength: float = 0.3,
                        fraction: float = 0.3, seed: int = 0, cache=None, out=None, device: str = "cpu",
                        progress: bool = True, method: str = "ring", invert_steps: int = INVERT_STEPS,
-                       invert_sigma: float = INVERT_SIGMA) -> dict:
+                       invert_sigma: float = INVERT_SIGMA, ring_mix: float = 1.0) -> dict:
     """n watermarked and n clean images (clusters drawn by weight, clean ones from other noise), detection AUC and
     TPR at 1% FPR without and under every attack, PSNR of watermarked vs clean from the same noise, and the FID
     of both sets against the training images; writes watermark.json / watermark.md / watermark.png."""
@@ -366,13 +371,14 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     counts = torch.bincount(torch.multinomial(weights, n, True, generator=torch.Generator().manual_seed(seed)),
                             minlength=weights.numel())
     marked, same, clean, scores_m, scores_c, info, ratio = [], [], [], {}, {}, [], []
+    marking = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix}
     for k in range(r.K):
         if not counts[k]:
             continue
-        m_k, c_k, inf, um_k, uc_k = embed(experts[k], vaes[k], int(counts[k]), key, strength=strength,
-                                          fraction=fraction, seed=cluster_seed(seed, k), latents=True, method=method)
-        _, c2_k, _, _, u2_k = embed(experts[k], vaes[k], int(counts[k]), key, strength=strength, fraction=fraction,
-                                    seed=cluster_seed(seed + 1, k), latents=True, method=method)  # the negatives
+        m_k, c_k, inf, um_k, uc_k = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed, k),
+                                          latents=True, **marking)
+        _, c2_k, _, _, u2_k = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed + 1, k),
+                                    latents=True, **marking)  # the negatives
         how = {"fraction": fraction, "method": method}
         scores_m.setdefault("latent_no_vae", []).append(latent_scores(experts[k], um_k, key, **how))
         scores_c.setdefault("latent_no_vae", []).append(latent_scores(experts[k], u2_k, key, **how))
@@ -398,7 +404,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     fid_m, fid_c = image_scores(feat.embed(marked)[0], ref)["fid"], image_scores(feat.embed(same)[0], ref)["fid"]
     res = {"run": str(run), "kind": kind, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma,
            "vae_cycle": r.cfg.vae_cycle, "n": n, "key": str(key),
-           "strength": strength, "fraction": fraction,
+           "strength": strength, "ring_mix": ring_mix, "fraction": fraction,
            "t_w": info[0]["t_w"], "mean_null_rank_complement": float(np.mean([i["mean_rank"] for i in info])),
            "attacks": results, "vae_roundtrip_over_pattern": float(torch.cat(ratio).median()),
            "psnr_db": float((10 * torch.log10(1 / mse)).mean()),
@@ -406,10 +412,12 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
            "fid_watermarked_vs_clean": M.fid(feat.embed(same)[0], feat.embed(marked)[0])}
     out = Path(out or run / "watermark")
     write_json(out / "watermark.json", res)
+    ring_words = f", mixed {ring_mix} of the way" if ring_mix < 1 else ""
     title = "Null-space" if method == "null" else "Ring-key (Tree-Ring / Shallow Diffuse)"
     lines = [f"# {title} watermark: {run} ({kind}), {n} marked / {n} clean images", "",
              f"t_w = {res['t_w']:.3f}, " + (f"strength {strength} (pattern norm / noise norm at t_w)" if method ==
-                                            "null" else "ring key on latent channel 0") + "; PSNR marked vs clean "
+                                            "null" else "ring key on latent channel 0" + ring_words) +
+             "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID marked {fid_m:.2f} vs clean {fid_c:.2f} "
              f"(change {res['fid_change']:+.2f})", "",
              f"`latent_no_vae` detects from the final latents without decoding; the VAE round trip (encode of "
@@ -424,7 +432,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
 
 def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, key="12345", strength: float = 0.3,
               fraction: float = 0.3, method: str = "ring", invert_steps: int = INVERT_STEPS,
-              invert_sigma: float = INVERT_SIGMA, seed: int = 0,
+              invert_sigma: float = INVERT_SIGMA, seed: int = 0, ring_mix: float = 1.0,
               out=None) -> dict:
     """`molrmog watermark embed`: n watermarked images of `cluster` into OUT/watermarked.npy and .png, and
     OUT/key.json with the detection threshold, calibrated on n clean images from other noise (1% false
@@ -439,7 +447,7 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     if not 0 <= cluster < r.K:
         raise MolrmogError(f"cluster must lie in 0..{r.K - 1}, got {cluster}", param="cluster")
     expert, vae = r.expert(kind, cluster), r.vae(cluster)
-    how = {"strength": strength, "fraction": fraction, "method": method}
+    how = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix}
     marked, _, info = embed(expert, vae, n, key, seed=seed, **how)
     _, clean, _ = embed(expert, vae, n, key, seed=seed + 1, **how)
     calib = detection_scores(expert, vae, clean, key, fraction=fraction, method=method, invert_steps=invert_steps,
@@ -449,8 +457,8 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     atomic_write(out / "watermarked.npy", lambda p: np.save(open(p, "wb"), marked.numpy()))
     save_grid(out / "watermarked.png", marked, min(8, n))
     write_json(out / "key.json", {"key": str(key), "kind": kind, "cluster": cluster, "t": fraction,
-                                  "strength": strength, "threshold": threshold, "invert_steps": invert_steps,
-                                  "invert_sigma": invert_sigma, **info})
+                                  "strength": strength, "ring_mix": ring_mix, "threshold": threshold,
+                                  "invert_steps": invert_steps, "invert_sigma": invert_sigma, **info})
     return {"out": str(out), "threshold": threshold, "images": marked}
 
 
