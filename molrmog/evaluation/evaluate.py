@@ -96,10 +96,12 @@ def sample_images(run: Run, kind: str, per_cluster: int, sampler: str, steps: in
 def median_of_draws(rows: list[dict]) -> dict:
     """One row from the rows of several sets of samples (seeds seed, seed + 1, ...): the median of every float
     (FID, KID, precision, ..., images/s), the first set's value of anything else, and each set's FID in
-    `fid_sets` with its range in `fid_min` / `fid_max`. One set of 1,000 samples moves a FID by 1-2 on
-    Fashion-MNIST; the median of five is what the README's ratios are read from."""
+    `fid_sets` with its range in `fid_min` / `fid_max`; one row is returned as it is. One set of 1,000 samples
+    moves a FID by 1-2 on Fashion-MNIST; the median of five is what the README's ratios are read from."""
     if not rows:
         raise ValueError("median_of_draws needs at least one row")
+    if len(rows) == 1:
+        return rows[0]
     out = {}
     for key, v in rows[0].items():
         vals = [r.get(key) for r in rows]
@@ -183,7 +185,7 @@ def evaluate_run(run: Run | str | Path, *, samples: int = 1000, reference: int =
         f_test, p_test = feat.embed(run.test.images[test_idx])
         test_labels = run.test.labels[test_idx] if run.test.labels is not None and run.class_conditional else None
         test_rows.append(_row(f_test, p_test, run.test.images[test_idx], test_labels, ref, opts))
-    result["models"]["test split"] = median_of_draws(test_rows) if draws > 1 else test_rows[0]
+    result["models"]["test split"] = median_of_draws(test_rows)
 
     feats, grids = {}, {}
     models = [(kd, None) for kd in kinds] + ([(MEMORISE, kinds[0])] if memorisation else [])
@@ -203,7 +205,7 @@ def evaluate_run(run: Run | str | Path, *, samples: int = 1000, reference: int =
             if d == 0:
                 feats[name] = (f, imgs.flatten(1))
                 grids[name] = imgs.view(run.K, per_cluster, *imgs.shape[1:])[:, :min(per_cluster, 8)]
-        result["models"][name] = median_of_draws(sets) if draws > 1 else sets[0]
+        result["models"][name] = median_of_draws(sets)
     for a, b in itertools.combinations(feats, 2):
         pair = {"pf_distance": M.pf_distance(feats[a][0], feats[b][0])}
         for i, space in enumerate(("features", "pixels")):
@@ -398,7 +400,7 @@ def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm",
                 if run.class_conditional:
                     row["class_score"] = M.class_score(probs, ks)
                 sets.append(row)
-            row = median_of_draws(sets) if draws > 1 else sets[0]
+            row = median_of_draws(sets)
             rows.append(row)
             log.info("few-step %s %s %d steps: FID %.2f (%.1f images/s)", kind, smp, n, row["fid"],
                      row["images_per_second"])
