@@ -16,6 +16,7 @@ from molrmog.cli import main
 from molrmog.evaluation import compare as cmp
 from molrmog.models.kinds import LatentExpert
 from molrmog.pipeline.config import BUDGET_POINTS
+from molrmog.pipeline.run import Run
 from molrmog.training.train import fit
 from tests.conftest import tiny
 
@@ -155,15 +156,18 @@ def test_a_per_coordinate_floor_is_matched_after_training_and_counted_under_the_
     d = 32  # digits: latent 2x4x4
     rows = json.loads((run / "report.json").read_text())["experts"]["mog"]["per_cluster"]
     for k, row in enumerate(rows):
-        net = LatentExpert.load(run / "experts" / "mog" / str(k), "expert").net
+        expert = LatentExpert.load(run / "experts" / "mog" / str(k), "expert")
+        net = expert.net
         assert net.diagonal_floor() is not None
         # the floor's d (n d) numbers are parameters, and the auto choice left room for them under the cap
         n_floor = d if floor == "diag" else net.n * d
         assert net.floor_diag.numel() == n_floor and row["parameters"] == net.n * (d * net.r + d + 1) + n_floor <= 900
-        if floor == "diag":  # the data's (unit) variance in every coordinate the mixture fell short in
-            var = net.coordinate_variance()
-            one = torch.ones((), dtype=var.dtype)
-            assert (var >= 1 - 1e-5).all() and torch.allclose(var[net.floor_diag > 0], one, atol=1e-5)
+        # matched from the cluster's standardised training latents: matching them again gives the saved floor
+        u = expert.standardise(Run.open(run).latents(k)).double()
+        saved = net.floor_diag.double()
+        net = net.double()
+        again = net.match_coordinate_variance(u) if floor == "diag" else net.match_mode_variance(u)
+        assert torch.allclose(again, saved, rtol=1e-4, atol=1e-5) and (saved > 0).any()
         info = json.loads((run / "logs" / f"mog-{k}.json").read_text())["info"]
         assert info["floor_max"] == pytest.approx(float(net.floor_diag.max()), rel=1e-5)
     assert main(["sample", str(run), "--kind", "mog", "--sampler", "exact", "--steps", "1", "--n", "4",

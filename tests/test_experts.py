@@ -245,24 +245,44 @@ def _diag_floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.M
     return torch.distributions.MixtureSameFamily(torch.distributions.Categorical(probs=e.pi.detach()), comp)
 
 
-def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coordinate(tmp_path):
-    """--mog-floor diag: N(mu_l, U_l U_l^T + diag(c)), c matched per coordinate after training. Its score (model
-    and full-rank `mixture_for`) against autograd of torch.distributions' log-density, Tweedie, save / load, the
+def _mode_floors(e: MoGExpert, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independently of the expert's code: every mode's second moment about its mean over the data u, weighed by
+    the responsibilities of torch.distributions' law with the isotropic floor that matches the data's total
+    variance (at least 1e-3), less its factor's; and the modes' shares of u."""
+    n, d = e.mu.shape
+    iso = max(1e-3, 1.0 - float(e.coordinate_variance(diagonal=False).mean()))
+    comp = torch.distributions.LowRankMultivariateNormal(e.mu.detach(), e.U.detach(), torch.full((n, d), iso,
+                                                                                                  dtype=torch.float64))
+    R = torch.softmax(comp.log_prob(u[:, None]) + torch.log(e.pi.detach()), 1)  # (N, n)
+    c = torch.stack([(R[:, l, None] * (u - e.mu.detach()[l]) ** 2).sum(0) / R[:, l].sum()
+                     - e.U.detach()[l].pow(2).sum(-1) for l in range(n)]).clamp_min(0)
+    return c, R.sum(0) / R.sum()
+
+
+def test_a_shared_per_coordinate_floor_is_the_modes_floors_averaged_with_their_shares(tmp_path):
+    """--mog-floor diag: N(mu_l, U_l U_l^T + diag(c)), c = sum_l w_l c_l, the per-mode floors averaged with the
+    modes' shares of the data, against an independent computation (`_mode_floors`) -- on a law with more variance
+    than the data in every coordinate and too little about each mode (as DSM leaves it), where the first
+    version's floor (the data's variance less the law's, per coordinate) was 0 everywhere. Its score (model and
+    full-rank `mixture_for`) against autograd of torch.distributions' log-density, Tweedie, save / load, the
     exact sampler's per-coordinate variance by Monte Carlo, and the d numbers counted as parameters."""
     d, n, r = 6, 3, 2
     e = MoGExpert(d, n=n, r=r, seed=4, diag_floor="shared").double()
     assert e.diagonal_floor() is None and e.num_parameters() == n * (d * r + d + 1) + d
+    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         e.logit_pi.copy_(torch.tensor([0.3, -0.4, 0.8]))
-        e.U.mul_(0.6)
-        e.mu.mul_(0.3)
-        e.U[:, :3].mul_(8)  # coordinates 0-2 get more variance than the data's: no floor there, and a singular
-    var0 = e.coordinate_variance()  # covariance U U^T + diag(c) (rank 2 + 3 < 6) for the exact sampler
-    assert (var0[:3] > 1).all() and (var0[3:] < 1).all()
-    c = e.match_coordinate_variance()
-    assert (c[:3] == 0).all() and torch.allclose(c[3:], 1 - var0[3:], atol=1e-12)
-    assert torch.allclose(e.coordinate_variance(), var0.clamp_min(1), atol=1e-12)
-    assert torch.allclose(e.match_coordinate_variance(), c, atol=1e-12)  # matching a matched law changes nothing
+        e.U.mul_(0.4)
+        e.mu.copy_(2.0 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    u = e.mu.detach()[torch.randint(0, n, (600,), generator=g)] + 0.8 * torch.randn(600, d, generator=g,
+                                                                                      dtype=torch.float64)
+    var0 = e.coordinate_variance()
+    assert (var0 > 1).all()  # no coordinate short of the data's unit variance
+    want, w = _mode_floors(e, u)
+    c = e.match_coordinate_variance(u)
+    assert torch.allclose(c, (w[:, None] * want).sum(0), rtol=1e-8, atol=1e-10) and (c > 0.1).all()
+    assert torch.allclose(e.match_coordinate_variance(u), c, rtol=1e-10, atol=1e-12)  # matching again: the same
+    assert torch.allclose(e.coordinate_variance(), var0 + c, atol=1e-12)
     z = torch.randn(16, d, dtype=torch.float64)
     for t in (0.05, 0.7):  # one t: the whitened low-rank form; the law written with the floor in its factor
         s, g, auto = _check_score_of_law(e, _diag_floored_law, z, t)
@@ -277,11 +297,11 @@ def test_a_per_coordinate_floor_gives_the_law_the_data_s_variance_in_every_coord
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         x = generate(e, 40000, d, e.schedule, make_grid(e.schedule, 1, "karras"), "exact", generator=gen)
-    assert torch.allclose(x.var(0), var0.clamp_min(1), rtol=0.04)  # Monte Carlo of the exact sampler's draws
+    assert torch.allclose(x.var(0), var0 + c, rtol=0.04)  # Monte Carlo of the exact sampler's draws
     with pytest.raises(MolrmogError, match="exclude each other"):
         MoGExpert(d, learn_floor=True, diag_floor="shared")
     with pytest.raises(MolrmogError, match="diag_floor='shared'"):
-        MoGExpert(d).match_coordinate_variance()
+        MoGExpert(d).match_coordinate_variance(u)
     with pytest.raises(MolrmogError, match="diag_floor must be one of none, shared, mode"):
         MoGExpert(d, diag_floor="yes")
     assert MoGExpert(d, diag_floor=True).floor_diag.shape == (d,)  # (a first version's config: True = shared)
@@ -309,13 +329,8 @@ def test_a_per_mode_floor_is_each_mode_s_second_moment_left_out_by_its_factor(tm
         e.mu.mul_(0.4)
         e.logit_pi.copy_(torch.tensor([0.1, 0.5, -0.3]))
     u = e.mu.detach()[torch.randint(0, n, (400,), generator=g)] + torch.randn(400, d, generator=g, dtype=torch.float64)
-    iso = 1.0 - float(e.coordinate_variance().mean())
-    assert iso > 1e-3
-    comp = torch.distributions.LowRankMultivariateNormal(e.mu.detach(), e.U.detach(), torch.full((n, d), iso,
-                                                                                                  dtype=torch.float64))
-    R = torch.softmax(comp.log_prob(u[:, None]) + torch.log(e.pi.detach()), 1)  # (N, n)
-    want = torch.stack([(R[:, l, None] * (u - e.mu.detach()[l]) ** 2).sum(0) / R[:, l].sum()
-                        - e.U.detach()[l].pow(2).sum(-1) for l in range(n)]).clamp_min(0)
+    assert 1.0 - float(e.coordinate_variance().mean()) > 1e-3  # a law with less variance than the data
+    want = _mode_floors(e, u)[0]
     c = e.match_mode_variance(u)
     assert torch.allclose(c, want, rtol=1e-8, atol=1e-10) and (c > 0).any()
     assert torch.allclose(e.match_mode_variance(u), c, rtol=1e-10, atol=1e-12)  # matching again changes nothing

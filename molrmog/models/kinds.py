@@ -238,14 +238,16 @@ class MoGOptions(KindOptions):
     rank: int | str = option(4, "rank r of each mode's covariance factor, or auto (among "
                              f"{','.join(map(str, AUTO_RANKS))})", low=1, high=4096, parse=_int_or_auto)
     param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
-    floor: str = option("none", "variance floor of every mode: none; match (an isotropic N(mu, U U^T + floor I), set "
-                        "after training: the floor that gives the expert's law the data's total variance); diag (a "
-                        "per-coordinate N(mu, U U^T + diag(c)), set after training so that the law has the data's "
-                        "variance in every coordinate; its d numbers count as parameters, also under "
-                        "--mog-param-cap); mode-diag (one per mode, N(mu_l, U_l U_l^T + diag(c_l)), set after "
-                        "training from the data each mode is responsible for; n d numbers, counted likewise); or "
-                        "learn (one isotropic parameter, started at the EM fit's floor and trained with the rest)",
-                        choices=FLOORS)
+    floor: str = option(
+        "none",
+        "variance floor of every mode: none; match (an isotropic N(mu, U U^T + floor I), set after training: the "
+        "floor that gives the expert's law the data's total variance); mode-diag (one per mode and coordinate, "
+        "N(mu_l, U_l U_l^T + diag(c_l)), set after training from the data each mode is responsible for: what its "
+        "factor leaves of its second moment; its n d numbers count as parameters, also under --mog-param-cap); diag "
+        "(one per coordinate shared by the modes, N(mu_l, U_l U_l^T + diag(c)): mode-diag's floors averaged with the "
+        "modes' shares of the data; d numbers, counted likewise); or learn (one isotropic parameter, started at the "
+        "EM fit's floor and trained with the rest)",
+        choices=FLOORS)
 
 
 @dataclass(frozen=True)
@@ -316,16 +318,17 @@ def _mixture_init(net, u: Tensor, o, seed: int) -> None:
 
 
 def _mog_finish(net, o, u: Tensor) -> dict:
-    """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's; 'diag': the
-    per-coordinate floor that does so in every coordinate; 'mode-diag': every mode's per-coordinate floor from the
-    latents u it is responsible for (the last two reported by their median and largest value)."""
+    """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's; 'mode-diag':
+    every mode's per-coordinate floor from the latents u it is responsible for; 'diag': those averaged over the
+    modes with their shares of u, one per-coordinate floor shared by the modes (the last two reported by their
+    median and largest value)."""
     if o.floor == "none":
         return {}
     if o.floor == "learn":
         return {"floor": net.floor_value(), "variance_gap": net.variance_gap()}
     if o.floor in _DIAG:  # (idempotent, as 'match': matching a matched law changes nothing)
         gap = net.variance_gap()
-        c = net.match_coordinate_variance() if o.floor == "diag" else net.match_mode_variance(u)
+        c = net.match_coordinate_variance(u) if o.floor == "diag" else net.match_mode_variance(u)
         return {"variance_gap": gap, "floor_median": float(c.median()), "floor_max": float(c.max())}
     gap = net.variance_gap()
     return {"variance_gap": gap, "floor": net.match_variance()}
