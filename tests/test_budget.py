@@ -34,16 +34,20 @@ def test_a_budget_is_used_up_and_the_curve_has_its_points(tmp_path, featurizer_c
                  "--samples", "40", "--reference", "300", "--cache", str(featurizer_cache),
                  "--mog-floor", "match"]) == 0
     res = json.loads((out / "quality_vs_time.json").read_text())
-    # --mog-floor match: every MoG expert, final or snapshot, fills its law's variance up to the data's (or has
-    # no floor where the mixture already has more); the final floor is in the expert's log
+    # --mog-floor match: every MoG expert, final or snapshot, has the isotropic floor matched from its cluster's
+    # standardised training latents (matching them again gives it); the final floor is in the expert's log
     logs = _logs(out / "dedicated", "mog")
     experts = [out / "dedicated" / "experts" / "mog" / str(k) for k in range(10)]
     snaps = sorted((out / "dedicated" / "snapshots" / "mog").glob("*/*"))
     assert len(experts) == 10 and len(snaps) >= 50
+    run = Run.open(out / "dedicated")
     for d in experts + snaps:
-        net = LatentExpert.load(d, "expert").net
-        assert net.config["floor"] == net.floor >= 0 and net.variance_gap() <= 1e-9
-        assert net.floor == 0 or net.variance_gap() == pytest.approx(0, abs=1e-9)
+        expert = LatentExpert.load(d, "expert")
+        net = expert.net.double()
+        floor = net.floor
+        assert net.config["floor"] == floor > 0
+        assert net.match_residual_variance(expert.standardise(run.latents(int(d.name))).double()) == pytest.approx(
+            floor, rel=1e-4)
     assert [logs[f"mog-{k}"]["info"]["floor"] for k in range(10)] == [LatentExpert.load(d, "expert").net.floor
                                                                       for d in experts]
     for kind in ("mog", "gaussian"):

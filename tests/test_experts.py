@@ -307,6 +307,28 @@ def test_a_shared_per_coordinate_floor_is_the_modes_floors_averaged_with_their_s
     assert MoGExpert(d, diag_floor=True).floor_diag.shape == (d,)  # (a first version's config: True = shared)
 
 
+def test_the_isotropic_floor_from_data_is_the_shared_floor_averaged_over_coordinates():
+    """--mog-floor match: one isotropic floor, the shared floor (`_mode_floors` averaged with the modes' shares)
+    averaged over the coordinates -- also where the law has more total variance than the data, where filling the
+    variance up (`match_variance`, the first version) gives no floor at all."""
+    d, n, r = 6, 3, 2
+    e = MoGExpert(d, n=n, r=r, seed=4).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        e.U.mul_(0.4)
+        e.mu.copy_(2.0 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    u = e.mu.detach()[torch.randint(0, n, (600,), generator=g)] + 0.8 * torch.randn(600, d, generator=g,
+                                                                                      dtype=torch.float64)
+    assert e.variance_gap() < 0  # more variance than the data: match_variance would set 0
+    want, w = _mode_floors(e, u)
+    floor = e.match_residual_variance(u)
+    assert floor == pytest.approx(float((w[:, None] * want).sum(0).mean()), rel=1e-10) and floor > 0.1
+    assert e.config["floor"] == floor == e.floor_value()
+    assert e.match_residual_variance(u) == pytest.approx(floor, rel=1e-12)  # matching again: the same
+    with pytest.raises(MolrmogError, match="trains its floor"):
+        MoGExpert(d, learn_floor=True).match_residual_variance(u)
+
+
 def _mode_floored_law(e: MoGExpert, s: float, g: float) -> torch.distributions.MixtureSameFamily:
     """The expert with a per-mode per-coordinate floor c_l noised to (s, gamma), with torch.distributions: modes
     N(s mu_l, s^2 U_l U_l^T + diag(gamma^2 + s^2 c_l))."""

@@ -199,6 +199,20 @@ class _FloorMixin:
         return self.floor
 
     @torch.no_grad()
+    def match_residual_variance(self, u: Tensor) -> float:
+        """Set the isotropic floor from the data u (N, D) and record it in the config; returns it: the shared
+        per-coordinate floor of `match_coordinate_variance` averaged over the coordinates (what the modes' factors
+        leave of their second moments, per coordinate and overall). Unlike `match_variance` it does not fall to
+        0 when the trained law has more total variance than the data but too little about each mode."""
+        if hasattr(self, "log_floor"):
+            raise MolrmogError("this expert trains its floor (learn_floor=True); it is not set by matching")
+        self.floor = 0.0
+        c, w = self.mode_residuals(u)
+        self.floor = float((w[:, None] * c).sum(0).mean())
+        self.register_to_config(floor=self.floor)
+        return self.floor
+
+    @torch.no_grad()
     def mode_residuals(self, u: Tensor, floor: float = 1e-3) -> tuple[Tensor, Tensor]:
         """Every mode's per-coordinate second moment about its mean that its factor leaves out, from the data u
         (N, D) it is responsible for, and the modes' shares of the data: (c (L, D), w (L,)), with
@@ -355,10 +369,10 @@ def _mixture_expert_score(logit_pi: Tensor, mu: Tensor, U: Tensor, z: Tensor, s:
 
 
 class MoGExpert(_MixtureExpert):
-    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,); an optional
-    isotropic floor (a variance: config `floor`, or trained with `learn_floor`) makes every mode
-    N(mu_l, U_l U_l^T + floor I), a mixture of probabilistic PCA (`match_variance` sets a fixed floor so that the
-    law's variance is the data's); `diag_floor` adds a per-coordinate one instead, N(mu_l, U_l U_l^T + diag(c)),
+    """Learnable MoG score in a d-dim latent: means mu (n, d), factors U (n, d, r), mode logits (n,). Optional
+    floors, set from the data after training (or trained: `learn_floor`): an isotropic one (config `floor`),
+    N(mu_l, U_l U_l^T + floor I), a mixture of probabilistic PCA (`match_residual_variance` sets it from the data,
+    `match_variance` so that the law has the data's total variance); or, with `diag_floor`, a per-coordinate one,
     one per mode, N(mu_l, U_l U_l^T + diag(c_l)) as in a mixture of factor analysers ("mode":
     `match_mode_variance` sets it from the data each mode is responsible for), or one noise covariance shared by
     the modes ("shared": `match_coordinate_variance`, those floors averaged with the modes' shares of the data)."""

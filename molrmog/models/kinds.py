@@ -240,13 +240,13 @@ class MoGOptions(KindOptions):
     param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
     floor: str = option(
         "none",
-        "variance floor of every mode: none; match (an isotropic N(mu, U U^T + floor I), set after training: the "
-        "floor that gives the expert's law the data's total variance); mode-diag (one per mode and coordinate, "
-        "N(mu_l, U_l U_l^T + diag(c_l)), set after training from the data each mode is responsible for: what its "
-        "factor leaves of its second moment; its n d numbers count as parameters, also under --mog-param-cap); diag "
-        "(one per coordinate shared by the modes, N(mu_l, U_l U_l^T + diag(c)): mode-diag's floors averaged with the "
-        "modes' shares of the data; d numbers, counted likewise); or learn (one isotropic parameter, started at the "
-        "EM fit's floor and trained with the rest)",
+        "variance floor of every mode, set after training from the data (not trained): none; mode-diag (one per "
+        "mode and coordinate, N(mu_l, U_l U_l^T + diag(c_l)): what each mode's factor leaves of its second moment "
+        "about its mean over the data it is responsible for; its n d numbers count as parameters, also under "
+        "--mog-param-cap); diag (one per coordinate shared by the modes, N(mu_l, U_l U_l^T + diag(c)): mode-diag's "
+        "floors averaged with the modes' shares of the data; d numbers, counted likewise); match (one isotropic "
+        "number, N(mu_l, U_l U_l^T + floor I): diag's floor averaged over the coordinates); or learn (one isotropic "
+        "parameter, started at the EM fit's floor and trained with the rest)",
         choices=FLOORS)
 
 
@@ -307,7 +307,7 @@ def _check_molr(o, latent) -> None:
 
 def _molr_init(net, u: Tensor, o, seed: int) -> None:
     """PCA / K-subspaces and EM in each subspace; with floor 'match' DSM then trains the law with the floor of
-    that start (the data's variance off the subspaces), matched again after training (`_mog_finish`)."""
+    that start (the data's variance off the subspaces), matched again after training (`_molr_finish`)."""
     net.init_from_data(u, seed=seed, basis_scale=math.sqrt(net.D))
     if o.floor == "match":
         net.match_variance()
@@ -318,10 +318,10 @@ def _mixture_init(net, u: Tensor, o, seed: int) -> None:
 
 
 def _mog_finish(net, o, u: Tensor) -> dict:
-    """floor 'match': the isotropic floor that fills the trained mixture's variance up to the data's; 'mode-diag':
-    every mode's per-coordinate floor from the latents u it is responsible for; 'diag': those averaged over the
-    modes with their shares of u, one per-coordinate floor shared by the modes (the last two reported by their
-    median and largest value)."""
+    """floor 'mode-diag': every mode's per-coordinate floor from the latents u it is responsible for (what its
+    factor leaves of its second moment); 'diag': those averaged over the modes with their shares of u, one
+    per-coordinate floor shared by the modes (both reported by their median and largest value); 'match': that
+    averaged over the coordinates, one isotropic floor."""
     if o.floor == "none":
         return {}
     if o.floor == "learn":
@@ -330,6 +330,15 @@ def _mog_finish(net, o, u: Tensor) -> dict:
         gap = net.variance_gap()
         c = net.match_coordinate_variance(u) if o.floor == "diag" else net.match_mode_variance(u)
         return {"variance_gap": gap, "floor_median": float(c.median()), "floor_max": float(c.max())}
+    gap = net.variance_gap()
+    return {"variance_gap": gap, "floor": net.match_residual_variance(u)}
+
+
+def _molr_finish(net, o, u: Tensor) -> dict:
+    """floor 'match': the isotropic floor off the subspaces that fills the trained law's variance up to the
+    data's (as at the start, `_molr_init`)."""
+    if o.floor == "none":
+        return {}
     gap = net.variance_gap()
     return {"variance_gap": gap, "floor": net.match_variance()}
 
@@ -362,7 +371,7 @@ register(ExpertKind(
     net_config=lambda latent, o, schedule, seed: {"D": math.prod(latent), "K": o.subspaces, "d": o.dim,
                                                   "n": o.modes, "r": None if o.rank == "full" else o.rank,
                                                   "full_cov": o.rank == "full", "schedule": schedule, "seed": seed},
-    init_from_data=_molr_init, check=_check_molr, finish=_mog_finish,
+    init_from_data=_molr_init, check=_check_molr, finish=_molr_finish,
     description="MoLR-MoG in the latent: K learnable subspaces of dimension q, a mixture of n Gaussians in each "
                 "(full covariances by default), an isotropic floor off them matched to the data's variance"))
 register(ExpertKind(
