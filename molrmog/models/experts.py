@@ -171,8 +171,7 @@ class _FloorMixin:
 
     def coordinate_variance(self, diagonal: bool = True) -> Tensor:
         """The law's variance in each coordinate (D,): sum over modes of weight x ((A U)_i row's squared norm +
-        (mean_i - overall mean_i)^2), plus the floors (the per-coordinate ones only with `diagonal`); in float64
-        (the matched floors fill the gap exactly)."""
+        (mean_i - overall mean_i)^2), plus the floors (the per-coordinate ones only with `diagonal`); in float64."""
         with torch.no_grad():
             a = self._ambient(self.mixture().to(dtype=torch.float64))
             w, mu, F = a.log_weights.exp()[0], a.mu[0], a.U[0]  # (modes,), (modes, D), (modes, D, r); padding weighs 0

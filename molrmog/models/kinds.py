@@ -240,7 +240,7 @@ class MoGOptions(KindOptions):
     param_cap: int = option(100_000, "largest expert (parameters) the auto choice may pick", low=1, high=10**9)
     floor: str = option(
         "none",
-        "variance floor of every mode, set after training from the data (not trained): none; mode-diag (one per "
+        "variance floor of every mode: none; set after training from the data: mode-diag (one per "
         "mode and coordinate, N(mu_l, U_l U_l^T + diag(c_l)): what each mode's factor leaves of its second moment "
         "about its mean over the data it is responsible for; its n d numbers count as parameters, also under "
         "--mog-param-cap); diag (one per coordinate shared by the modes, N(mu_l, U_l U_l^T + diag(c)): mode-diag's "
