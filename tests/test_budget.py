@@ -46,8 +46,9 @@ def test_a_budget_is_used_up_and_the_curve_has_its_points(tmp_path, featurizer_c
         net = expert.net.double()
         floor = net.floor
         assert net.config["floor"] == floor > 0
+        # (rel 2e-3: the floor is a difference of second moments, matched in float32 during training)
         assert net.match_residual_variance(expert.standardise(run.latents(int(d.name))).double()) == pytest.approx(
-            floor, rel=1e-4)
+            floor, rel=2e-3)
     assert [logs[f"mog-{k}"]["info"]["floor"] for k in range(10)] == [LatentExpert.load(d, "expert").net.floor
                                                                       for d in experts]
     for kind in ("mog", "gaussian"):
@@ -171,7 +172,7 @@ def test_a_per_coordinate_floor_is_matched_after_training_and_counted_under_the_
         saved = net.floor_diag.double()
         net = net.double()
         again = net.match_coordinate_variance(u) if floor == "diag" else net.match_mode_variance(u)
-        assert torch.allclose(again, saved, rtol=1e-4, atol=1e-5) and (saved > 0).any()
+        assert torch.allclose(again, saved, rtol=2e-3, atol=1e-4) and (saved > 0).any()  # (float32 in training)
         info = json.loads((run / "logs" / f"mog-{k}.json").read_text())["info"]
         assert info["floor_max"] == pytest.approx(float(net.floor_diag.max()), rel=1e-5)
     assert main(["sample", str(run), "--kind", "mog", "--sampler", "exact", "--steps", "1", "--n", "4",
