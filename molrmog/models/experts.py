@@ -182,11 +182,11 @@ class _FloorMixin:
                 return var
             return var + (c_diag if c_diag.ndim == 1 else (w[:, None] * c_diag).sum(0)).to(var.dtype)
 
-    def variance_gap(self) -> float:
-        """1 - the law's mean variance per coordinate (`coordinate_variance`, floors included): what an
-        isotropic floor must add for the law's total variance to match standardised data's (unit variance in
-        every coordinate)."""
-        return 1.0 - float(self.coordinate_variance().mean())
+    def variance_gap(self, diagonal: bool = True) -> float:
+        """1 - the law's mean variance per coordinate (`coordinate_variance`, floors included; the per-coordinate
+        ones only with `diagonal`): what an isotropic floor must add for the law's total variance to match
+        standardised data's (unit variance in every coordinate)."""
+        return 1.0 - float(self.coordinate_variance(diagonal).mean())
 
     def match_variance(self) -> float:
         """Set the floor that fills the law's variance up to the data's (`variance_gap`; none where the
@@ -223,7 +223,7 @@ class _FloorMixin:
         law = self._ambient(self.mixture())
         mu, F = law.mu[0], law.U[0]
         u = torch.as_tensor(u).to(dtype=mu.dtype, device=mu.device).flatten(1)
-        iso = max(floor, 1.0 - float(self.coordinate_variance(diagonal=False).mean()) + self.floor_value())
+        iso = max(floor, self.variance_gap(diagonal=False) + self.floor_value())
         R = mx.responsibilities(law, u, 1.0, math.sqrt(iso)).reshape(u.shape[0], -1)
         mass = R.sum(0)
         second = torch.einsum("nl,nld->ld", R, (u[:, None] - mu[None]).pow(2)) / mass.clamp_min(1e-12)[:, None]
