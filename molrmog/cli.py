@@ -184,6 +184,10 @@ class WatermarkOptions:
                              "(1: replaced by it, as Tree-Ring; less: a fainter mark, a higher PSNR)", low=0,
                              low_open=True, high=1)
     t: float = option(0.3, "time as a fraction of the horizon sigma_t = 1", low=0, low_open=True, high=1)
+    fid_samples: int = option(1000, "evaluate: marked / clean image pairs per set for the FID change (more than --n: "
+                              "on 64 images a FID change is noise)", low=2, high=100_000)
+    draws: int = option(3, "evaluate: sets of --fid-samples pairs (seeds SEED, SEED+1, ...); the FID change is their "
+                        "median", low=1, high=100)
     images: str | None = option(None, "detect: an .npy file of images (N, C, H, W) in [0, 1]")
     keyfile: str | None = option(None, "detect: key.json written by embed (default OUT/key.json)")
 
@@ -443,7 +447,7 @@ def _cmd_watermark(a) -> int:
            "invert_sigma": o.invert_sigma, "ring_mix": o.ring_mix}
     if o.action == "evaluate":
         res = wm.evaluate_watermark(run, n=o.n, strength=o.strength, seed=c.seed, cache=o.cache, out=o.out,
-                                    progress=c.progress, **how)
+                                    progress=c.progress, fid_samples=o.fid_samples, draws=o.draws, **how)
         print(json.dumps({k: res[k] for k in ("attacks", "psnr_db", "fid_change")}, indent=2))
         print(f"wrote {o.out or o.run + '/watermark'}/watermark.json, watermark.md and watermark.png")
     elif o.action == "embed":
@@ -605,7 +609,8 @@ WATERMARK_HELP = (
     "on clean images); detect: a score and a decision per image of an .npy file (encoder mean, MAP decoder inversion "
     "under the expert's law, ODE back to --t, statistic); evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
-    "PSNR and FID of watermarked vs clean images: watermark.json/.md/.png.")
+    "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "
+    "marked / clean pairs from the same noise): watermark.json/.md/.png.")
 COMPARE_HELP = (
     "Train (or resume) OUT/dedicated with every expert kind of --experts on one VAE per cluster and OUT/unified with "
     "the headline kind (MoG) on one shared VAE, evaluate both (see `molrmog evaluate`) and write comparison.md, "

@@ -198,6 +198,32 @@ def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp
     assert len(lines) == 48 and all(len(line.split("\t")) == 3 for line in lines)
 
 
+def test_watermark_evaluate_measures_the_fid_change_on_its_own_larger_sets(cycle_run, featurizer_cache, tmp_path):
+    from molrmog.applications.watermark import embed
+    from molrmog.evaluation.evaluate import image_scores, reference_features
+    from molrmog.evaluation.featurizer import get_featurizer
+    from molrmog.pipeline.run import Run, cluster_seed
+
+    out = tmp_path / "wm-eval"
+    assert main(["watermark", "evaluate", str(cycle_run), "--n", "4", "--invert-steps", "2", "--fid-samples", "40",
+                 "--draws", "2", "--cache", str(featurizer_cache), "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "watermark.json").read_text())
+    assert res["fid_samples"] == 40 and len(res["fid_change_sets"]) == 2 and (out / "watermark.md").is_file()
+    assert res["fid_change"] == pytest.approx(sum(res["fid_change_sets"]) / 2)  # the median of two sets
+    # the second set by hand: 40 draws of clusters by weight with seed 1, each cluster's marked and clean images
+    # from the same noise (seed cluster_seed(1, k)), FID of each against the run's reference features
+    r = Run.load(cycle_run)
+    counts = torch.bincount(torch.multinomial(r.weights, 40, True, generator=torch.Generator().manual_seed(1)),
+                            minlength=r.K)
+    pairs = [embed(r.expert("mog", k), r.vae(k), int(c), "12345", seed=cluster_seed(1, k))[:2]
+             for k, c in enumerate(counts.tolist()) if c]
+    feat = get_featurizer("digits", featurizer_cache, progress=False)
+    ref = reference_features(r, feat, 10000, 0)
+    fid = [image_scores(feat.embed(torch.cat([p[j] for p in pairs]))[0], ref)["fid"] for j in (0, 1)]
+    assert res["fid_change_sets"][1] == pytest.approx(fid[0] - fid[1], rel=1e-6, abs=1e-9)
+    assert res["fid_change_sets"][0] != res["fid_change_sets"][1]  # the sets are different draws
+
+
 def test_decoder_inversion_finds_a_latent_the_decoder_maps_to_the_image():
     from molrmog.applications.watermark import invert_decoder
 

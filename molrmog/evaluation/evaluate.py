@@ -112,7 +112,7 @@ def median_of_draws(rows: list[dict]) -> dict:
     return out
 
 
-def _check_draws(draws: int) -> None:
+def check_draws(draws: int) -> None:
     if not isinstance(draws, int) or isinstance(draws, bool) or not 1 <= draws <= 100:
         raise MolrmogError(f"draws must be an integer in [1, 100], got {draws!r}", param="draws")
 
@@ -158,7 +158,7 @@ def evaluate_run(run: Run | str | Path, *, samples: int = 1000, reference: int =
     for name, v in (("samples", samples), ("reference", reference)):
         if v < 2:
             raise MolrmogError(f"{name} must be >= 2, got {v}", param=name)
-    _check_draws(draws)
+    check_draws(draws)
     run = Run.coerce(run, device)
     cfg = run.cfg
     kinds = run.check_kinds(kinds)  # every artefact is read (and checked) before any work
@@ -378,7 +378,7 @@ def few_step_images(run: Run | str | Path, *, kinds=None, sampler: str = "ddpm",
         raise MolrmogError(f"steps must be integers in [1, 10000], got {steps}", param="steps")
     if samples < 2:
         raise MolrmogError(f"samples must be >= 2, got {samples}", param="samples")
-    _check_draws(draws)
+    check_draws(draws)
     run = Run.coerce(run, device)
     cfg = run.cfg
     kinds = run.check_kinds(kinds)
