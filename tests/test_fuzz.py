@@ -163,6 +163,7 @@ BOUNDS = [
     ["watermark", "embed", "{run}", "--invert-sigma", "-0.01"],
     ["watermark", "embed", "{run}", "--invert-sigma", "nan"],
     ["watermark", "evaluate", "{run}", "--invert-sigma", "2"],
+    ["watermark", "evaluate", "{run}", "--fid-samples", "1"], ["watermark", "evaluate", "{run}", "--draws", "0"],
     ["analyze", "roundtrip", "{run}", "--samples", "1"], ["analyze", "roundtrip", "{run}", "--samples", "100001"],
     ["analyze", "roundtrip", "{run}", "--kinds", "unet"], ["analyze", "roundtrip", "{run}", "--out", "{file}"],
     ["analyze", "jacobian", "{run}", "--tol", "-1"], ["analyze", "jacobian", "{run}", "--tol", "nan"],

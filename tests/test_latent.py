@@ -222,6 +222,13 @@ def test_watermark_evaluate_measures_the_fid_change_on_its_own_larger_sets(cycle
     fid = [image_scores(feat.embed(torch.cat([p[j] for p in pairs]))[0], ref)["fid"] for j in (0, 1)]
     assert res["fid_change_sets"][1] == pytest.approx(fid[0] - fid[1], rel=1e-6, abs=1e-9)
     assert res["fid_change_sets"][0] != res["fid_change_sets"][1]  # the sets are different draws
+    from molrmog.applications.watermark import evaluate_watermark
+    from molrmog.core.errors import MolrmogError
+
+    for bad in ({"fid_samples": 1}, {"fid_samples": 2.5}, {"draws": 0}):  # refused before anything is computed
+        with pytest.raises(MolrmogError, match="fid_samples|draws"):
+            evaluate_watermark(cycle_run, out=tmp_path / "never", **bad)
+    assert not (tmp_path / "never").exists()
 
 
 def test_decoder_inversion_finds_a_latent_the_decoder_maps_to_the_image():
