@@ -164,6 +164,8 @@ BOUNDS = [
     ["watermark", "embed", "{run}", "--invert-sigma", "nan"],
     ["watermark", "evaluate", "{run}", "--invert-sigma", "2"],
     ["watermark", "evaluate", "{run}", "--fid-samples", "1"], ["watermark", "evaluate", "{run}", "--draws", "0"],
+    ["analyze", "key-bound", "{run}", "--attacks", "rain"], ["analyze", "key-bound", "{run}", "--n", "1"],
+    ["analyze", "key-bound", "{run}", "--fit-sigma", "0"], ["analyze", "key-bound", "{run}", "--cluster", "99"],
     ["analyze", "roundtrip", "{run}", "--samples", "1"], ["analyze", "roundtrip", "{run}", "--samples", "100001"],
     ["analyze", "roundtrip", "{run}", "--kinds", "unet"], ["analyze", "roundtrip", "{run}", "--out", "{file}"],
     ["analyze", "jacobian", "{run}", "--tol", "-1"], ["analyze", "jacobian", "{run}", "--tol", "nan"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -229,6 +230,53 @@ def test_watermark_evaluate_measures_the_fid_change_on_its_own_larger_sets(cycle
         with pytest.raises(MolrmogError, match="fid_samples|draws"):
             evaluate_watermark(cycle_run, out=tmp_path / "never", **bad)
     assert not (tmp_path / "never").exists()
+
+
+def test_the_key_fit_with_the_key_held_reaches_the_marked_image_from_the_clean_images_noise(cycle_run):
+    """key_fit at lr 0 is the error of its start: from a clean image's own latent at t_w the free fit is exact
+    and the held fit (the disk replaced by the key) makes the marked image from the same noise, so its error is
+    the RMS difference between the marked and the clean image that `embed` returned."""
+    from molrmog.applications.editing import edit_time, ode
+    from molrmog.applications.watermark import embed, key_fit
+    from molrmog.pipeline.run import Run
+
+    run = Run.load(cycle_run)
+    e, v = run.expert("mog", 0), run.vae(0)
+    marked, clean, _ = embed(e, v, 6, "k", seed=3)
+    sched = e.schedule  # embed's noise at t_w, as embed draws it
+    u_T = float(sched.gamma(torch.tensor(sched.t_max))) * torch.randn(6, e.shift.numel(),
+                                                                        generator=torch.Generator().manual_seed(3))
+    u_w = ode(e, u_T, sched.t_max, edit_time(sched, 0.3), sched, 40)
+    free = key_fit(e, v, clean, u_w, steps=1, ode_steps=40, lr=0.0)
+    held = key_fit(e, v, clean, u_w, "k", steps=1, ode_steps=40, lr=0.0)
+    rms = (marked - clean).pow(2).flatten(1).mean(1).sqrt()
+    assert free.max() < 1e-4 and rms.min() > 1e-3
+    torch.testing.assert_close(held, rms, rtol=1e-3, atol=1e-5)
+    # with steps the held fit moves towards the clean image (the prior at t_w is weak at sigma 0.01); the
+    # parameters of the VAE and the expert are left trainable afterwards
+    start = key_fit(e, v, clean, u_w, "k", steps=1, ode_steps=10, lr=0.0)
+    moved = key_fit(e, v, clean, u_w, "k", steps=30, ode_steps=10)
+    assert (moved < start).float().mean() >= 5 / 6 and moved.median() < 0.8 * start.median()
+    assert all(p.requires_grad for m in (e, v) for p in m.parameters())
+
+
+def test_analyze_key_bound_reports_each_attack_and_the_keys_own_size(cycle_run, tmp_path, capsys):
+    from molrmog.applications.watermark import embed
+    from molrmog.pipeline.run import Run, cluster_seed
+
+    out = tmp_path / "kb"
+    assert main(["analyze", "key-bound", str(cycle_run), "--n", "4", "--fit-steps", "3", "--attacks",
+                 "none,gaussian_noise", "--cluster", "1", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "key_bound.json").read_text())
+    assert [a["attack"] for a in res["attacks"]] == ["none", "gaussian_noise"]
+    for name in ("key_bound.md", "key_bound.csv", "key_bound.png"):
+        assert (out / name).is_file()
+    for a in res["attacks"]:
+        assert all(a[k] >= 0 and math.isfinite(a[k]) for k in ("excess_marked", "excess_clean")) and 0 <= a["auc"] <= 1
+    assert res["attacks"][0]["attack_rms_marked"] == 0 and res["attacks"][1]["attack_rms_marked"] > 0.01
+    run = Run.load(cycle_run)  # the key's own size: marked against clean from the same noise, as embed makes them
+    marked, same, _ = embed(run.expert("mog", 1), run.vae(1), 4, "12345", seed=cluster_seed(0, 1))
+    assert res["key_rms"] == pytest.approx(float((marked - same).pow(2).flatten(1).mean(1).sqrt().median()), rel=1e-5)
 
 
 def test_decoder_inversion_finds_a_latent_the_decoder_maps_to_the_image():

@@ -43,9 +43,11 @@ def edit_time(schedule: Schedule, fraction: float) -> float:
     return min(max(fraction * horizon, schedule.t_min * 1.001), schedule.t_max)
 
 
-def ode(score, x: Tensor, t_from: float, t_to: float, schedule: Schedule, steps: int = 30) -> Tensor:
+def ode(score, x: Tensor, t_from: float, t_to: float, schedule: Schedule, steps: int = 30, *,
+        differentiable: bool = False) -> Tensor:
     """The probability-flow ODE from t_from to t_to (either direction; Heun, uniform in log t): deterministic, so
-    inverting and re-running it returns the start up to the discretisation."""
+    inverting and re-running it returns the start up to the discretisation. `differentiable`: keep the graph, so
+    that a loss on the end point has a gradient in the start (and the score's parameters, where they need one)."""
     ts = torch.exp(torch.linspace(math.log(t_from), math.log(t_to), steps + 1, dtype=torch.float64))
     a, b = schedule.drift_coefficients(ts)
     a, b, t = a.tolist(), b.tolist(), ts.tolist()
@@ -53,7 +55,7 @@ def ode(score, x: Tensor, t_from: float, t_to: float, schedule: Schedule, steps:
     def drift(y, i):
         return a[i] * y + b[i] * score(y, ts[i])
 
-    with torch.no_grad():
+    with torch.enable_grad() if differentiable else torch.no_grad():
         for i in range(steps):
             h = t[i + 1] - t[i]
             d = drift(x, i)
