@@ -18,9 +18,9 @@ under the expert's law, pixel noise `invert_sigma`; `invert_steps`), standardise
 What it measures (README): from latents both keys are found (AUC 0.98 / 1.0); from clean images, with MAP
 inversion, the ring key at AUC 0.999 on digits and 0.92-0.98 on Fashion-MNIST (least squares: 0.96 and
 0.61-0.66); no attack (noise, blur, JPEG, brightness, VAE re-encoding) leaves it detectable: they change the pixels
-as much as the key does, and the part of the key that no unmarked latent imitates is only 0.001-0.002 RMS per
-pixel (README: a bound on any detector under attack). `vae_roundtrip_over_pattern` in watermark.json: how far
-the VAE round trip moves a marked latent against how far the key moved it.
+as much as the key does, and the part of the key that no unmarked latent imitates is only 0.0013-0.0022 RMS
+per pixel (`key_bound`; README: a bound on any detector under attack). `vae_roundtrip_over_pattern` in
+watermark.json: how far the VAE round trip moves a marked latent against how far the key moved it.
 """
 
 from __future__ import annotations
