@@ -518,7 +518,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
                                           latents=True, **marking)
         _, c2_k, _, _, u2_k = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed + 1, k),
                                     latents=True, **marking)  # the negatives
-        how = {"fraction": fraction, "method": method}
+        how = {k: marking[k] for k in ("fraction", "method")}
         scores_m.setdefault("latent_no_vae", []).append(latent_scores(experts[k], um_k, key, **how))
         scores_c.setdefault("latent_no_vae", []).append(latent_scores(experts[k], u2_k, key, **how))
         with torch.no_grad():  # how far the VAE round trip moves a latent, against how far the pattern moved it
