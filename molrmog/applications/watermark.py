@@ -356,11 +356,11 @@ def key_bound(run, *, kind: str | None = None, cluster: int = 0, n: int = 16, ke
               out=None, device: str = "cpu") -> dict:
     """How far each image lies from the images the expert makes with the ring key, for n marked and n clean
     images of one cluster (as `evaluate_watermark` draws them) without and under each of `attacks` (default:
-    every one of `ATTACKS`): `key_fit` with the
-    key held minus the free fit, as an RMS per pixel (`excess` = sqrt(held^2 - free^2)). A detector can only
-    tell a marked image from a clean one by that distance, so where an attack leaves marked images as far from
-    the keyed images as clean ones are, no statistic detects the key; the AUC of -excess itself (a generalised
-    likelihood ratio) is reported too. Writes key_bound.json / key_bound.md / key_bound.png into `out`."""
+    every one of `ATTACKS`): `key_fit` with the key held beyond the free fit, as an RMS per pixel (`excess` =
+    sqrt(held^2 - free^2)). A detector can only tell a marked image from a clean one by that distance, so where
+    an attack leaves marked images as far from the keyed images as clean ones are, no statistic detects the key;
+    the AUC of -excess itself (a generalised likelihood ratio) is reported too. Writes key_bound.json / .csv /
+    .md / .png into `out`."""
     from molrmog.pipeline.run import Run, cluster_seed
 
     if n < 2 or steps < 1 or ode_steps < 1 or not sigma > 0:
@@ -540,7 +540,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     feat = get_featurizer(r.cfg.dataset, cache, device, progress=progress, size=r.cfg.size,
                           channels=r.cfg.channels, data_dir=r.cfg.data_dir)
     ref = reference_features(r, feat, 10000, seed)
-    sets = [fid_of_marked_and_clean(r, experts, key, marking, fid_samples, seed + i,
+    sets = [_fid_of_marked_and_clean(r, experts, key, marking, fid_samples, seed + i,
                                     lambda x: image_scores(feat.embed(x)[0], ref)["fid"]) for i in range(draws)]
     fid_m, fid_c = (statistics.median(f[j] for f in sets) for j in (0, 1))
     res = {"run": str(run), "kind": kind, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma,
@@ -554,14 +554,14 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
            "fid_watermarked_vs_clean": M.fid(feat.embed(same)[0], feat.embed(marked)[0])}
     out = Path(out or run / "watermark")
     write_json(out / "watermark.json", res)
-    write_text(out / "watermark.md", _report(res, draws))
+    write_text(out / "watermark.md", _report(res))
     save_grid(out / "watermark.png", torch.cat([same[:8], marked[:8], (marked[:8] - same[:8]).abs() * 5]), 8)
     return res
 
 
-def _report(res: dict, draws: int) -> str:
+def _report(res: dict) -> str:
     """watermark.md: the marking, PSNR, the FID change's sets and the AUC / TPR table."""
-    method, ring_mix = res["method"], res["ring_mix"]
+    method, ring_mix, sets = res["method"], res["ring_mix"], res["fid_change_sets"]
     ring_words = f", mixed {ring_mix} of the way" if ring_mix < 1 else ""
     title = "Null-space" if method == "null" else "Ring-key (Tree-Ring / Shallow Diffuse)"
     lines = [f"# {title} watermark: {res['run']} ({res['kind']}), {res['n']} marked / {res['n']} clean images", "",
@@ -569,7 +569,7 @@ def _report(res: dict, draws: int) -> str:
                                             if method == "null" else "ring key on latent channel 0" + ring_words) +
              "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID change {res['fid_change']:+.2f} (median of "
-             f"{draws} sets of {res['fid_samples']} pairs: " + ", ".join(f"{v:+.2f}" for v in res["fid_change_sets"])
+             f"{len(sets)} sets of {res['fid_samples']} pairs: " + ", ".join(f"{v:+.2f}" for v in sets)
              + f"; FID marked {res['fid_watermarked']:.2f}, clean {res['fid_clean_same_noise']:.2f})", "",
              f"`latent_no_vae` detects from the final latents without decoding; the VAE round trip (encode of "
              f"decode) moves a watermarked latent {res['vae_roundtrip_over_pattern']:.1f}x as far as the pattern "
@@ -579,7 +579,7 @@ def _report(res: dict, draws: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, fid) -> tuple[float, float]:
+def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, fid) -> tuple[float, float]:
     """`fid` (a function of images) of n marked images and of the n clean images from the same noise, clusters
     drawn by the run's weights with `seed` (each cluster's noise from `cluster_seed(seed, k)`)."""
     from molrmog.pipeline.run import cluster_seed
