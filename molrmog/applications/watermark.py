@@ -25,6 +25,7 @@ watermark.json: how far the VAE round trip moves a marked latent against how far
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -227,20 +228,26 @@ def invert_decoder(vae, images: Tensor, z0: Tensor, steps: int = INVERT_STEPS, l
     if sigma < 0 or (sigma > 0 and expert is None):
         raise MolrmogError(f"MAP decoder inversion needs sigma > 0 and the expert whose law is the prior "
                            f"(sigma = 0: least squares without a prior), got sigma = {sigma}")
-    frozen = [p for p in vae.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     images = images.detach()
+    with _frozen(vae), torch.enable_grad():
+        if not sigma:
+            return _fit(lambda z: torch.sigmoid(vae.decode(z)), z0, images, steps, lr, None, 1.0)
+        t = torch.tensor(float(expert.schedule.t_min), dtype=torch.float64)
+        u = _fit(lambda u: torch.sigmoid(vae.decode(expert.unstandardise(u))), expert.standardise(z0), images,
+                 steps, lr, lambda u: expert(u, t), sigma)
+        return expert.unstandardise(u)
+
+
+@contextlib.contextmanager
+def _frozen(*modules):
+    """The modules' trainable parameters frozen inside the block (a fit of their inputs), trainable again after."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
     try:
-        with torch.enable_grad():
-            if not sigma:
-                return _fit(lambda z: torch.sigmoid(vae.decode(z)), z0, images, steps, lr, None, 1.0)
-            t = torch.tensor(float(expert.schedule.t_min), dtype=torch.float64)
-            u = _fit(lambda u: torch.sigmoid(vae.decode(expert.unstandardise(u))), expert.standardise(z0), images,
-                     steps, lr, lambda u: expert(u, t), sigma)
-            return expert.unstandardise(u)
+        yield
     finally:
-        for p in frozen:
+        for p in params:
             p.requires_grad_(True)
 
 
@@ -325,17 +332,13 @@ def key_fit(expert, vae, images: Tensor, u_w: Tensor, key=None, *, fraction: flo
 
         def hold(v):
             return _inject_ring(v, expert.latent, 0, mask, values)
-    frozen = [p for m in (vae, expert) for p in m.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-
     def error(v):  # per image: squared pixel error, prior at t_w
         w = hold(v)
         u0 = ode(expert, w, t_w, sched.t_min, sched, ode_steps, differentiable=True)
         x_hat = torch.sigmoid(vae.decode(expert.unstandardise(u0).to(images.dtype)))
         return (x_hat - images).pow(2).flatten(1).sum(1), w.pow(2).sum(1) / 2
 
-    try:
+    with _frozen(vae, expert):
         v = hold(u_w.detach()).clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=lr)
         with torch.enable_grad():
@@ -346,9 +349,6 @@ def key_fit(expert, vae, images: Tensor, u_w: Tensor, key=None, *, fraction: flo
                 opt.step()
         with torch.no_grad():
             return (error(v)[0] / images[0].numel()).sqrt()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 def key_bound(run, *, kind: str | None = None, cluster: int = 0, n: int = 16, key="12345", fraction: float = 0.3,
