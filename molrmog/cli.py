@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
+from molrmog.applications.signature import BITS, EXTRACTOR_STEPS, MARK_STEPS, PSNR
 from molrmog.applications.watermark import ATTACKS as WATERMARK_ATTACKS
 from molrmog.applications.watermark import INVERT_SIGMA, INVERT_STEPS
 from molrmog.applications.watermark import METHODS as WATERMARK_METHODS
@@ -174,8 +175,9 @@ class WatermarkOptions:
     action: str = option(None, "embed, detect or evaluate", positional=True, choices=("embed", "detect", "evaluate"))
     n: int = option(64, "images to embed / evaluate", low=2, high=100_000)
     key: str = option("12345", "the secret key (any string)")
-    method: str = option("ring", "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic",
-                         choices=WATERMARK_METHODS)
+    method: str = option("ring", "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic; "
+                         "decoder: Stable Signature, each cluster's decoder fine-tuned to write the key's bits, read "
+                         "by an extractor network trained once per --out", choices=WATERMARK_METHODS)
     invert_steps: int = option(INVERT_STEPS, "embed / evaluate: Adam steps of decoder inversion before detection "
                                "(0: the encoder's mean)", low=0, high=100_000)
     invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
@@ -189,6 +191,13 @@ class WatermarkOptions:
                               "on 64 images a FID change is noise)", low=2, high=100_000)
     draws: int = option(3, "evaluate: sets of --fid-samples pairs (seeds SEED, SEED+1, ...); the FID change is their "
                         "median", low=1, high=100)
+    bits: int = option(BITS, "decoder: bits of the key's message", low=1, high=256)
+    extractor_steps: int = option(EXTRACTOR_STEPS, "decoder: Adam steps of the extractor's training (once per --out, "
+                                  "kept there)", low=1, high=1_000_000)
+    mark_steps: int = option(MARK_STEPS, "decoder: Adam steps of each cluster's decoder fine-tune", low=1,
+                             high=1_000_000)
+    psnr: float = option(PSNR, "decoder: PSNR (dB) at which the marked decoder is held against the clean one",
+                         low=10, high=80)
     images: str | None = option(None, "detect: an .npy file of images (N, C, H, W) in [0, 1]")
     keyfile: str | None = option(None, "detect: key.json written by embed (default OUT/key.json)")
 
@@ -471,10 +480,12 @@ def _cmd_watermark(a) -> int:
     o = _values(a)
     c, run = o.common, _run(o)
     how = {"kind": o.kind, "key": o.key, "fraction": o.t, "method": o.method, "invert_steps": o.invert_steps,
-           "invert_sigma": o.invert_sigma, "ring_mix": o.ring_mix}
+           "invert_sigma": o.invert_sigma, "ring_mix": o.ring_mix, "progress": c.progress,
+           "signature": {"bits": o.bits, "extractor_steps": o.extractor_steps, "mark_steps": o.mark_steps,
+                         "psnr": o.psnr}}
     if o.action == "evaluate":
         res = wm.evaluate_watermark(run, n=o.n, strength=o.strength, seed=c.seed, cache=o.cache, out=o.out,
-                                    progress=c.progress, fid_samples=o.fid_samples, draws=o.draws, **how)
+                                    fid_samples=o.fid_samples, draws=o.draws, **how)
         print(json.dumps({k: res[k] for k in ("attacks", "psnr_db", "fid_change")}, indent=2))
         print(f"wrote {o.out or o.run + '/watermark'}/watermark.json, watermark.md and watermark.png")
     elif o.action == "embed":

@@ -25,9 +25,7 @@ watermark.json: how far the VAE round trip moves a marked latent against how far
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import math
 import statistics
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from molrmog.applications.attacks import ATTACKS, attack, frozen, roc
 from molrmog.applications.editing import edit_time, latent_jacobian, ode
 from molrmog.core.errors import MolrmogError
 
@@ -45,8 +44,9 @@ __all__ = ["key_pattern", "null_projector", "ring_key", "embed", "detection_scor
            "key_bound"]
 
 # "null": a keyed direction in the null space of the denoiser's Jacobian (cosine statistic);
-# "ring": Tree-Ring / Shallow Diffuse's key, constant on rings of a Fourier disk of one latent channel (L1 statistic)
-METHODS = ("null", "ring")
+# "ring": Tree-Ring / Shallow Diffuse's key, constant on rings of a Fourier disk of one latent channel (L1 statistic);
+# "decoder": Stable Signature's, a decoder fine-tuned to write the key's bits into every image (`signature`)
+METHODS = ("null", "ring", "decoder")
 
 
 def key_pattern(key: int | str, d: int) -> Tensor:
@@ -114,11 +114,12 @@ def null_projector(expert, u: Tensor, t: float, rank_tol: float = 0.01) -> tuple
 
 
 def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 0.3, seed: int = 0,
-          steps: int = 40, latents: bool = False, method: str = "ring", ring_mix: float = 1.0):
+          steps: int = 40, latents: bool = False, method: str = "ring", ring_mix: float = 1.0, marked_vae=None):
     """n watermarked images and the n clean images from the same noise (both in [0, 1], (n, C, H, W)), and facts
     about the embedding. `method` "null": a keyed pattern in the Jacobian's null space, its norm `strength` x the
     noise's at t_w (gamma_w sqrt(d)); "ring": the spectrum of latent channel 0 on its disk at t_w moved the
-    fraction `ring_mix` of the way to the ring key (`ring_key`; 1: replaced by it; `strength` unused). With
+    fraction `ring_mix` of the way to the ring key (`ring_key`; 1: replaced by it; `strength` unused); "decoder":
+    the same latents, decoded by `marked_vae` (`signature.mark_decoder`: the key is in its decoder). With
     `latents`, also the two final standardised latents."""
     if n < 1 or strength <= 0:
         raise MolrmogError(f"watermarking needs n >= 1 images and a strength > 0, got n = {n}, strength = {strength}")
@@ -126,6 +127,8 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         raise MolrmogError(f"ring_mix must lie in (0, 1], got {ring_mix}", param="ring_mix")
     if method not in METHODS:
         raise MolrmogError(f"unknown watermark method {method!r}; choose from {', '.join(METHODS)}")
+    if (method == "decoder") != (marked_vae is not None):
+        raise MolrmogError("the decoder method, and only it, decodes with a marked VAE (signature.mark_decoder)")
     sched = expert.schedule
     t_w = edit_time(sched, fraction)
     d = expert.shift.numel()
@@ -136,6 +139,8 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     if method == "ring":
         marked_t = _inject_ring(u_t, expert.latent, 0, *ring_key(key, expert.latent), mix=ring_mix)
         rank = torch.zeros(1)
+    elif method == "decoder":
+        marked_t, rank = u_t, torch.zeros(1)
     else:
         P, rank = null_projector(expert, u_t, t_w)
         k = key_pattern(key, d)
@@ -143,11 +148,11 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         delta = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
         marked_t = u_t + strength * gamma_w * math.sqrt(d) * delta
     outs, u0s = [], []
-    for start in (u_t, marked_t):
-        u0 = ode(expert, start, t_w, sched.t_min, sched, steps)
+    for start, decoder in ((u_t, vae), (marked_t, marked_vae or vae)):
+        u0 = u0s[0] if start is u_t and u0s else ode(expert, start, t_w, sched.t_min, sched, steps)
         u0s.append(u0)
         with torch.no_grad():
-            outs.append(torch.sigmoid(vae.decode(expert.unstandardise(u0))))
+            outs.append(torch.sigmoid(decoder.decode(expert.unstandardise(u0))))
     info = {"t_w": t_w, "method": method, "mean_rank": float(rank.double().mean()),
             "pattern_norm": float((marked_t - u_t).norm(dim=1).mean())}
     return (outs[1], outs[0], info, u0s[1], u0s[0]) if latents else (outs[1], outs[0], info)
@@ -184,6 +189,8 @@ def check_key(key: object, source, kind: str, clusters: int) -> dict:
     sigma = key.setdefault("invert_sigma", 0.0)  # keys written before MAP inversion: least squares, no prior
     if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 <= sigma <= 1:
         raise bad(f"invert_sigma must be a number in [0, 1], got {sigma!r}")
+    if key["method"] == "decoder" and not (isinstance(key.get("extractor"), str) and key["extractor"]):
+        raise bad("a decoder key names its extractor's folder (\"extractor\", beside key.json)")
     return key
 
 
@@ -229,26 +236,13 @@ def invert_decoder(vae, images: Tensor, z0: Tensor, steps: int = INVERT_STEPS, l
         raise MolrmogError(f"MAP decoder inversion needs sigma > 0 and the expert whose law is the prior "
                            f"(sigma = 0: least squares without a prior), got sigma = {sigma}")
     images = images.detach()
-    with _frozen(vae), torch.enable_grad():
+    with frozen(vae), torch.enable_grad():
         if not sigma:
             return _fit(lambda z: torch.sigmoid(vae.decode(z)), z0, images, steps, lr, None, 1.0)
         t = torch.tensor(float(expert.schedule.t_min), dtype=torch.float64)
         u = _fit(lambda u: torch.sigmoid(vae.decode(expert.unstandardise(u))), expert.standardise(z0), images,
                  steps, lr, lambda u: expert(u, t), sigma)
         return expert.unstandardise(u)
-
-
-@contextlib.contextmanager
-def _frozen(*modules):
-    """The modules' trainable parameters frozen inside the block (a fit of their inputs), trainable again after."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def _fit(decode, v0: Tensor, images: Tensor, steps: int, lr: float, score, sigma: float) -> Tensor:
@@ -338,7 +332,7 @@ def key_fit(expert, vae, images: Tensor, u_w: Tensor, key=None, *, fraction: flo
         x_hat = torch.sigmoid(vae.decode(expert.unstandardise(u0).to(images.dtype)))
         return (x_hat - images).pow(2).flatten(1).sum(1), w.pow(2).sum(1) / 2
 
-    with _frozen(vae, expert):
+    with frozen(vae, expert):
         v = hold(u_w.detach()).clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=lr)
         with torch.enable_grad():
@@ -425,170 +419,153 @@ def _write_bound(out: Path, res: dict) -> None:
     save_figure(fig, out / "key_bound.png", dpi=110)
 
 
-# --- attacks on images (N, C, H, W) in [0, 1] -----------------------------------------------------------------
-
-
-def _jpeg(x: Tensor, quality: int = 75) -> Tensor:
-    from PIL import Image
-
-    out = []
-    for img in x:
-        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        im = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=quality)
-        back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0
-        out.append(torch.from_numpy(back[None] if back.ndim == 2 else back.transpose(2, 0, 1)))
-    return torch.stack(out)
-
-
-def _blur(x: Tensor, sigma: float = 0.6) -> Tensor:
-    r = 2
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma**2))
-    k = (k / k.sum())
-    k2 = (k[:, None] * k[None, :])[None, None].expand(x.shape[1], 1, -1, -1)
-    return F.conv2d(F.pad(x, (r,) * 4, mode="reflect"), k2, groups=x.shape[1])
-
-
-ATTACKS = {
-    "none": lambda x, vae, g: x,
-    "gaussian_noise": lambda x, vae, g: (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1),
-    "blur": lambda x, vae, g: _blur(x),
-    "jpeg": lambda x, vae, g: _jpeg(x, 75),
-    "brightness": lambda x, vae, g: (x * 1.15).clamp(0, 1),
-    "vae_reencode": lambda x, vae, g: torch.sigmoid(vae.decode(vae.encode(x)[0])),
-}
-
-
-def attack(name: str, x: Tensor, vae, seed: int = 0) -> Tensor:
-    if name not in ATTACKS:
-        raise MolrmogError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    with torch.no_grad():
-        return ATTACKS[name](x, vae, torch.Generator().manual_seed(seed))
-
-
-def roc(clean: Tensor, marked: Tensor) -> dict:
-    """AUC and the true-positive rate at a 1% false-positive rate (threshold: the clean scores' 99th percentile)."""
-    from sklearn.metrics import roc_auc_score
-
-    y = np.r_[np.zeros(len(clean)), np.ones(len(marked))]
-    s = np.r_[clean.numpy(), marked.numpy()]
-    thr = float(np.quantile(clean.numpy(), 0.99))
-    return {"auc": float(roc_auc_score(y, s)), "tpr_at_1pct_fpr": float((marked.numpy() > thr).mean()),
-            "threshold": thr}
-
-
 def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345, strength: float = 0.3,
                        fraction: float = 0.3, seed: int = 0, cache=None, out=None, device: str = "cpu",
                        progress: bool = True, method: str = "ring", invert_steps: int = INVERT_STEPS,
                        invert_sigma: float = INVERT_SIGMA, ring_mix: float = 1.0, fid_samples: int = 1000,
-                       draws: int = 3) -> dict:
+                       draws: int = 3, signature: dict | None = None) -> dict:
     """n watermarked and n clean images (clusters drawn by weight, clean ones from other noise), detection AUC and
     TPR at 1% FPR without and under every attack, PSNR of watermarked vs clean from the same noise; and the FID
     change the key makes: FID(marked) - FID(clean from the same noise) against the training images on `draws`
     sets of `fid_samples` pairs (seeds seed, seed + 1, ...; `fid_change_sets`), the median in `fid_change`.
     Embedding is cheap and detection is not, so the FID sets are larger than the n detection images: on 64
-    images the change moved between -7.9 and +1.0 over three seeds of one run (README). Writes
-    watermark.json / watermark.md / watermark.png."""
-    from pathlib import Path
-
+    images the change moved between -7.9 and +1.0 over three seeds of one run (README). Method "decoder": the
+    run's extractor and the marked decoders first (`signature.prepare`, options `signature`: bits, extractor_steps,
+    mark_steps, psnr). Writes watermark.json / watermark.md / watermark.png."""
     from molrmog.core import metrics as M
     from molrmog.core.outputs import save_grid, write_json, write_text
     from molrmog.evaluation.evaluate import check_draws, image_scores, reference_features
     from molrmog.evaluation.featurizer import get_featurizer
-    from molrmog.pipeline.run import Run, cluster_seed
+    from molrmog.pipeline.run import Run
 
     check_draws(draws)
     if isinstance(fid_samples, bool) or not isinstance(fid_samples, int) or fid_samples < 2:
         raise MolrmogError(f"the FID change needs fid_samples >= 2 image pairs per set, got {fid_samples!r}",
                            param="fid_samples")
     r = Run.coerce(run, device)
-    run = r.path
     kind = kind or r.mixture_kind()
     r.check_kinds([kind])
-    weights, vaes, experts = r.weights, r.vaes(), r.experts(kind)
-    counts = torch.bincount(torch.multinomial(weights, n, True, generator=torch.Generator().manual_seed(seed)),
-                            minlength=weights.numel())
-    marked, same, clean, scores_m, scores_c, info, ratio = [], [], [], {}, {}, [], []
+    out = Path(out or r.path / "watermark")
     marking = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix}
-    for k in range(r.K):
-        if not counts[k]:
-            continue
-        m_k, c_k, inf, um_k, uc_k = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed, k),
-                                          latents=True, **marking)
-        _, c2_k, _, _, u2_k = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed + 1, k),
-                                    latents=True, **marking)  # the negatives
-        how = {k: marking[k] for k in ("fraction", "method")}
-        scores_m.setdefault("latent_no_vae", []).append(latent_scores(experts[k], um_k, key, **how))
-        scores_c.setdefault("latent_no_vae", []).append(latent_scores(experts[k], u2_k, key, **how))
-        with torch.no_grad():  # how far the VAE round trip moves a latent, against how far the pattern moved it
-            rt = experts[k].standardise(vaes[k].encode(m_k)[0].flatten(1))
-        ratio.append(((rt - um_k).norm(dim=1) / (um_k - uc_k).norm(dim=1).clamp_min(1e-12)).cpu())
-        marked.append(m_k)
-        same.append(c_k)
-        clean.append(c2_k)
-        info.append(inf)
-        for name in ATTACKS:
-            for store, imgs in ((scores_m, m_k), (scores_c, c2_k)):
-                x = attack(name, imgs, vaes[k], seed)
-                store.setdefault(name, []).append(detection_scores(experts[k], vaes[k], x, key, fraction=fraction,
-                                                                   method=method, invert_steps=invert_steps,
-                                                                   invert_sigma=invert_sigma))
-    marked, same, clean = torch.cat(marked), torch.cat(same), torch.cat(clean)
-    results = {name: roc(torch.cat(scores_c[name]), torch.cat(scores_m[name])) for name in ("latent_no_vae", *ATTACKS)}
+    detect = {"fraction": fraction, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma}
+    sig = _signature(r, kind, key, method, out, signature, seed, progress)
+    marked, same, clean, scores, info = _score_clusters(r, kind, key, n, seed, marking, detect, sig)
+    results = {name: roc(torch.cat(c), torch.cat(m)) for name, (c, m) in scores.items()}
     mse = ((marked - same) ** 2).flatten(1).mean(1).clamp_min(1e-12)
     feat = get_featurizer(r.cfg.dataset, cache, device, progress=progress, size=r.cfg.size,
                           channels=r.cfg.channels, data_dir=r.cfg.data_dir)
     ref = reference_features(r, feat, 10000, seed)
-    sets = [_fid_of_marked_and_clean(r, experts, key, marking, fid_samples, seed + i,
-                                    lambda x: image_scores(feat.embed(x)[0], ref)["fid"]) for i in range(draws)]
+    sets = [_fid_of_marked_and_clean(r, r.experts(kind), key, marking, fid_samples, seed + i,
+                                    lambda x: image_scores(feat.embed(x)[0], ref)["fid"], sig and sig["vaes"])
+            for i in range(draws)]
     fid_m, fid_c = (statistics.median(f[j] for f in sets) for j in (0, 1))
-    res = {"run": str(run), "kind": kind, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma,
-           "vae_cycle": r.cfg.vae_cycle, "n": n, "key": str(key),
-           "strength": strength, "ring_mix": ring_mix, "fraction": fraction,
-           "t_w": info[0]["t_w"], "mean_null_rank_complement": float(np.mean([i["mean_rank"] for i in info])),
-           "attacks": results, "vae_roundtrip_over_pattern": float(torch.cat(ratio).median()),
-           "psnr_db": float((10 * torch.log10(1 / mse)).mean()),
+    res = {"run": str(r.path), "kind": kind, "method": method, "invert_steps": invert_steps,
+           "invert_sigma": invert_sigma, "vae_cycle": r.cfg.vae_cycle, "n": n, "key": str(key),
+           "strength": strength, "ring_mix": ring_mix, "fraction": fraction, **info,
+           "attacks": results, "psnr_db": float((10 * torch.log10(1 / mse)).mean()),
            "fid_samples": fid_samples, "fid_watermarked": fid_m, "fid_clean_same_noise": fid_c,
            "fid_change": statistics.median(m - c for m, c in sets), "fid_change_sets": [m - c for m, c in sets],
-           "fid_watermarked_vs_clean": M.fid(feat.embed(same)[0], feat.embed(marked)[0])}
-    out = Path(out or run / "watermark")
+           "fid_watermarked_vs_clean": M.fid(feat.embed(same)[0], feat.embed(marked)[0]),
+           **({"signature": sig["facts"]} if sig else {})}
     write_json(out / "watermark.json", res)
     write_text(out / "watermark.md", _report(res))
     save_grid(out / "watermark.png", torch.cat([same[:8], marked[:8], (marked[:8] - same[:8]).abs() * 5]), 8)
     return res
 
 
+def _signature(r, kind: str, key, method: str, out: Path, options: dict | None, seed: int, progress: bool):
+    """For method "decoder": the run's extractor and every cluster's marked VAE (`signature.prepare`); else None."""
+    if method != "decoder":
+        return None
+    from molrmog.applications.signature import prepare
+
+    return prepare(r, kind, key, out, seed=seed, progress=progress, **(options or {}))
+
+
+def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect: dict, sig):
+    """Per cluster (n images drawn by the run's weights): marked, clean-from-the-same-noise and clean-from-other-
+    noise images, and the detection scores {attack: (clean scores, marked scores)}, with `latent_no_vae` (the
+    latent keys read from the final latents) and the facts of the embedding."""
+    from molrmog.pipeline.run import cluster_seed
+
+    counts = torch.bincount(torch.multinomial(r.weights, n, True, generator=torch.Generator().manual_seed(seed)),
+                            minlength=r.K)
+    vaes, experts, method = r.vaes(), r.experts(kind), marking["method"]
+    marked, same, clean, scores, info, ratio = [], [], [], {}, [], []
+    for k in counts.nonzero().flatten().tolist():
+        e, v, mv = experts[k], vaes[k], sig["vaes"][k] if sig else None
+        m_k, c_k, inf, um_k, uc_k = embed(e, v, int(counts[k]), key, seed=cluster_seed(seed, k), latents=True,
+                                          marked_vae=mv, **marking)
+        _, c2_k, _, _, u2_k = embed(e, v, int(counts[k]), key, seed=cluster_seed(seed + 1, k), latents=True,
+                                    marked_vae=mv, **marking)  # the negatives
+        if method != "decoder":  # the latent keys: read from the latents, and how far the VAE round trip moves them
+            how = {"fraction": marking["fraction"], "method": method}
+            pair = scores.setdefault("latent_no_vae", ([], []))
+            pair[0].append(latent_scores(e, u2_k, key, **how))
+            pair[1].append(latent_scores(e, um_k, key, **how))
+            with torch.no_grad():
+                rt = e.standardise(v.encode(m_k)[0].flatten(1))
+            ratio.append(((rt - um_k).norm(dim=1) / (um_k - uc_k).norm(dim=1).clamp_min(1e-12)).cpu())
+        marked.append(m_k)
+        same.append(c_k)
+        clean.append(c2_k)
+        info.append(inf)
+        for name in ATTACKS:
+            pair = scores.setdefault(name, ([], []))
+            for store, imgs in zip(pair, (c2_k, m_k), strict=True):
+                x = attack(name, imgs, v, seed)
+                store.append(_read(sig, e, v, x, key, detect))
+    facts = {"t_w": info[0]["t_w"], "mean_null_rank_complement": float(np.mean([i["mean_rank"] for i in info])),
+             "vae_roundtrip_over_pattern": float(torch.cat(ratio).median()) if ratio else None}
+    return torch.cat(marked), torch.cat(same), torch.cat(clean), scores, facts
+
+
+def _read(sig, expert, vae, x: Tensor, key, detect: dict) -> Tensor:
+    """The detection statistic of images x: the extractor's agreement with the key's bits (decoder method), or
+    `detection_scores` (the latent keys)."""
+    if sig:
+        from molrmog.applications.signature import scores
+
+        return scores(sig["extractor"], key, x)
+    return detection_scores(expert, vae, x, key, **detect)
+
+
 def _report(res: dict) -> str:
     """watermark.md: the marking, PSNR, the FID change's sets and the AUC / TPR table."""
     method, ring_mix, sets = res["method"], res["ring_mix"], res["fid_change_sets"]
     ring_words = f", mixed {ring_mix} of the way" if ring_mix < 1 else ""
-    title = "Null-space" if method == "null" else "Ring-key (Tree-Ring / Shallow Diffuse)"
+    title = {"null": "Null-space", "ring": "Ring-key (Tree-Ring / Shallow Diffuse)",
+             "decoder": "Decoder (Stable Signature)"}[method]
+    how = {"null": f"t_w = {res['t_w']:.3f}, strength {res['strength']} (pattern norm / noise norm at t_w)",
+           "ring": f"t_w = {res['t_w']:.3f}, ring key on latent channel 0" + ring_words,
+           "decoder": "the key's bits written by each cluster's fine-tuned decoder, read by the extractor"}[method]
     lines = [f"# {title} watermark: {res['run']} ({res['kind']}), {res['n']} marked / {res['n']} clean images", "",
-             f"t_w = {res['t_w']:.3f}, " + (f"strength {res['strength']} (pattern norm / noise norm at t_w)"
-                                            if method == "null" else "ring key on latent channel 0" + ring_words) +
-             "; PSNR marked vs clean "
+             how + "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID change {res['fid_change']:+.2f} (median of "
              f"{len(sets)} sets of {res['fid_samples']} pairs: " + ", ".join(f"{v:+.2f}" for v in sets)
-             + f"; FID marked {res['fid_watermarked']:.2f}, clean {res['fid_clean_same_noise']:.2f})", "",
-             f"`latent_no_vae` detects from the final latents without decoding; the VAE round trip (encode of "
-             f"decode) moves a watermarked latent {res['vae_roundtrip_over_pattern']:.1f}x as far as the pattern "
-             f"moved it (median), so a ratio above 1 means the images cannot carry the mark to the detector.", "",
-             "| attack | AUC | TPR at 1% FPR |", "|---|---:|---:|"]
+             + f"; FID marked {res['fid_watermarked']:.2f}, clean {res['fid_clean_same_noise']:.2f})", ""]
+    if res["vae_roundtrip_over_pattern"] is not None:
+        lines += [f"`latent_no_vae` detects from the final latents without decoding; the VAE round trip (encode of "
+                  f"decode) moves a watermarked latent {res['vae_roundtrip_over_pattern']:.1f}x as far as the pattern "
+                  f"moved it (median), so a ratio above 1 means the images cannot carry the mark to the detector.", ""]
+    lines += ["| attack | AUC | TPR at 1% FPR |", "|---|---:|---:|"]
     lines += [f"| {a} | {r['auc']:.4f} | {r['tpr_at_1pct_fpr']:.3f} |" for a, r in res["attacks"].items()]
     return "\n".join(lines) + "\n"
 
 
-def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, fid) -> tuple[float, float]:
+def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, fid,
+                             marked_vaes=None) -> tuple[float, float]:
     """`fid` (a function of images) of n marked images and of the n clean images from the same noise, clusters
-    drawn by the run's weights with `seed` (each cluster's noise from `cluster_seed(seed, k)`)."""
+    drawn by the run's weights with `seed` (each cluster's noise from `cluster_seed(seed, k)`; the decoder method
+    decodes the marked ones with `marked_vaes`)."""
     from molrmog.pipeline.run import cluster_seed
 
     counts = torch.bincount(torch.multinomial(r.weights, n, True, generator=torch.Generator().manual_seed(seed)),
                             minlength=r.K)
     vaes, marked, clean = r.vaes(), [], []
     for k in counts.nonzero().flatten().tolist():
-        m, c, _ = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed, k), **marking)
+        m, c, _ = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed, k),
+                        marked_vae=marked_vaes[k] if marked_vaes else None, **marking)
         marked.append(m)
         clean.append(c)
     return fid(torch.cat(marked)), fid(torch.cat(clean))
@@ -597,10 +574,12 @@ def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, 
 def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, key="12345", strength: float = 0.3,
               fraction: float = 0.3, method: str = "ring", invert_steps: int = INVERT_STEPS,
               invert_sigma: float = INVERT_SIGMA, seed: int = 0, ring_mix: float = 1.0,
-              out=None) -> dict:
+              out=None, signature: dict | None = None, progress: bool = False) -> dict:
     """`molrmog watermark embed`: n watermarked images of `cluster` into OUT/watermarked.npy and .png, and
     OUT/key.json with the detection threshold, calibrated on n clean images from other noise (1% false
-    positives). Returns {"out", "threshold", "images"}."""
+    positives). Method "decoder" also keeps the run's extractor in OUT (`signature.extractor_for`) and the marked
+    VAE's weights in OUT/marked-vae-<cluster>.safetensors (a state dict of the run's VAE for that cluster: load it
+    into `Run.vae(cluster)` to decode marked images). Returns {"out", "threshold", "images"}."""
     from molrmog.core.artefacts import atomic_write, write_json
     from molrmog.core.outputs import save_grid
     from molrmog.pipeline.run import Run
@@ -610,19 +589,29 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     r.check_kinds([kind])
     if not 0 <= cluster < r.K:
         raise MolrmogError(f"cluster must lie in 0..{r.K - 1}, got {cluster}", param="cluster")
+    out = Path(out or r.path / "watermark")
     expert, vae = r.expert(kind, cluster), r.vae(cluster)
-    how = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix}
+    sig = _signature(r, kind, key, method, out, {**(signature or {}), "clusters": [cluster]}, seed, progress)
+    how = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix,
+           "marked_vae": sig["vaes"][cluster] if sig else None}
     marked, _, info = embed(expert, vae, n, key, seed=seed, **how)
     _, clean, _ = embed(expert, vae, n, key, seed=seed + 1, **how)
-    calib = detection_scores(expert, vae, clean, key, fraction=fraction, method=method, invert_steps=invert_steps,
-                             invert_sigma=invert_sigma)
-    threshold = float(np.quantile(calib.numpy(), 0.99))
-    out = Path(out or r.path / "watermark")
+    detect = {"fraction": fraction, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma}
+    threshold = float(np.quantile(_read(sig, expert, vae, clean, key, detect).numpy(), 0.99))
+    extra = {}
+    if sig:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in sig["vaes"][cluster].state_dict().items()}
+        name = f"marked-vae-{cluster}.safetensors"
+        atomic_write(out / name, lambda p: save_file(state, p))
+        extra = {**{k: v for k, v in sig["facts"].items() if k != "clusters"}, "marked_vae": name,
+                 "mark": sig["facts"]["clusters"][cluster]}
     atomic_write(out / "watermarked.npy", lambda p: np.save(open(p, "wb"), marked.numpy()))
     save_grid(out / "watermarked.png", marked, min(8, n))
     write_json(out / "key.json", {"key": str(key), "kind": kind, "cluster": cluster, "t": fraction,
                                   "strength": strength, "ring_mix": ring_mix, "threshold": threshold,
-                                  "invert_steps": invert_steps, "invert_sigma": invert_sigma, **info})
+                                  "invert_steps": invert_steps, "invert_sigma": invert_sigma, **info, **extra})
     return {"out": str(out), "threshold": threshold, "images": marked}
 
 
@@ -641,6 +630,12 @@ def detect_run(run, images, *, keyfile=None, out=None, kind: str | None = None) 
     vae0 = r.vae(0)
     x = read_images(images, tuple(getattr(vae0, "vae", vae0).config.image_shape))
     k = kf["cluster"]
+    if kf["method"] == "decoder":
+        from molrmog.applications.signature import Extractor, scores
+        from molrmog.core.artefacts import inside
+
+        folder = inside(path.parent, kf["extractor"], "the key's extractor folder")
+        return scores(Extractor.load(folder, "watermark extractor").eval(), kf["key"], x), kf
     scores = detection_scores(r.expert(kind, k), r.vae(k), x, kf["key"], fraction=kf["t"], method=kf["method"],
                               invert_steps=kf["invert_steps"], invert_sigma=kf["invert_sigma"])
     return scores, kf
