@@ -655,9 +655,12 @@ KEY_BOUND_HELP = (
 WATERMARK_HELP = (
     "embed: generate --n watermarked images of --cluster (at the small time --t, the ring key of Tree-Ring / Shallow "
     "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
-    "denoiser's Jacobian) into watermarked.npy/.png and key.json (with the detection threshold: 1% false positives "
-    "on clean images); detect: a score and a decision per image of an .npy file (encoder mean, MAP decoder inversion "
-    "under the expert's law, ODE back to --t, statistic); evaluate: AUC and TPR at 1% FPR over --n "
+    "denoiser's Jacobian, or with --method decoder the key's --bits written by the cluster's decoder fine-tuned "
+    "against an extractor network, Stable Signature's way) into watermarked.npy/.png and key.json (with the "
+    "detection threshold: 1% false positives on clean images; decoder: also the extractor's folder and "
+    "marked-vae-<cluster>.safetensors); detect: a score and a decision per image of an .npy file (encoder mean, MAP "
+    "decoder inversion under the expert's law, ODE back to --t, statistic; decoder: the extractor's agreement with "
+    "the key's bits); evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "
     "marked / clean pairs from the same noise): watermark.json/.md/.png.")

@@ -370,3 +370,116 @@ def test_keys_written_before_a_setting_existed_keep_their_meaning_and_bad_values
                          ({"invert_sigma": "0.1"}, "invert_sigma"), ({"invert_sigma": True}, "invert_sigma")):
         with pytest.raises(MolrmogError, match=message):
             check_key({**old, **bad}, "key.json", "mog", 10)
+
+
+# --- decoder watermarks (Stable Signature) --------------------------------------------------------------------
+
+
+def test_the_key_bits_and_the_statistic_are_the_extractors_agreement_with_them():
+    from molrmog.applications.signature import Extractor, bit_accuracy, key_bits, scores
+
+    m = key_bits("k", 24)
+    assert m.shape == (24,) and set(m.tolist()) <= {0.0, 1.0} and torch.equal(m, key_bits("k", 24))
+    assert not torch.equal(m, key_bits("other", 24))
+    W = Extractor((1, 8, 8), 24, width=4, seed=1).eval()
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = W(x)
+    torch.testing.assert_close(scores(W, "k", x), ((2 * m - 1) * logits).mean(1))
+    torch.testing.assert_close(bit_accuracy(W, "k", x), ((logits > 0).float() == m).float().mean(1))
+
+
+def test_training_attacks_are_the_evaluated_attacks_made_differentiable():
+    from molrmog.applications.attacks import ATTACKS, attack, jpeg
+    from molrmog.applications.signature import train_attack
+
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 8, seed=0)
+    x = load_dataset("digits").images[:6].clone().requires_grad_(True)
+    for name in ATTACKS:
+        g = torch.Generator().manual_seed(2)
+        y = train_attack(x, vae, g, [name])
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        assert y.shape == x.shape and grad.abs().sum() > 0, name  # a gradient reaches the image under every attack
+    # JPEG is straight-through: the forward pass is the real JPEG at the drawn quality, the gradient the identity
+    g = torch.Generator().manual_seed(4)
+    y = train_attack(x, vae, g, ["jpeg"])
+    g = torch.Generator().manual_seed(4)
+    torch.randint(1, (), generator=g)  # the draw of the attack's name
+    q = int(50 + 40 * float(torch.rand((), generator=g)))
+    torch.testing.assert_close(y.detach(), jpeg(x.detach(), q))
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.ones_like(x))
+    # the VAE round trip is the evaluated one, through the same (clean) VAE
+    torch.testing.assert_close(train_attack(x, vae, g, ["vae_reencode"]).detach(), attack("vae_reencode", x, vae))
+
+
+def test_a_marked_decoder_is_held_at_its_psnr_and_leaves_the_clean_vae_as_it_was():
+    from molrmog.applications.signature import Extractor, mark_decoder
+
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 8, seed=0)
+    before = {n: p.detach().clone() for n, p in vae.named_parameters()}
+    W = Extractor((1, 8, 8), 8, width=4, seed=1).eval()
+    z = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    def psnr_of(marked):
+        with torch.no_grad():
+            mse = (torch.sigmoid(marked.decode(z)) - torch.sigmoid(vae.decode(z))).pow(2).mean()
+        return -10 * math.log10(float(mse))
+
+    for psnr in (30.0, 45.0):
+        marked, facts = mark_decoder(W, "k", vae, z, steps=40, psnr=psnr, lr=1e-2)
+        assert psnr - 1e-3 <= psnr_of(marked) < 80 and facts["psnr_latents"] == pytest.approx(psnr_of(marked))
+        assert 0 <= facts["interpolation"] <= 1
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in vae.named_parameters())
+    # the guard: a decoder further from the clean one than the PSNR allows is moved back along the straight
+    # line of parameters, to the PSNR (bisection) -- not to the clean decoder
+    from molrmog.applications.signature import _hold_psnr
+
+    with torch.no_grad():
+        for p in marked.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    far = psnr_of(marked)
+    facts = _hold_psnr(marked, vae, z, far + 10)
+    assert 0 < facts["interpolation"] < 1 and psnr_of(marked) == pytest.approx(far + 10, abs=0.05)
+
+
+def test_decoder_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
+    import numpy as np
+
+    from molrmog.applications.signature import scores
+    from molrmog.applications.watermark import embed, roc
+    from molrmog.core.errors import MolrmogError
+
+    out = tmp_path / "wm-dec"
+    fast = ["--method", "decoder", "--bits", "16", "--extractor-steps", "400", "--mark-steps", "150", "--psnr", "30"]
+    assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "24", "--cluster", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    key = json.loads((out / "key.json").read_text())
+    assert key["method"] == "decoder" and key["bits"] == 16 and (out / key["extractor"] / "config.json").is_file()
+    assert key["mark"]["psnr_latents"] >= 30 - 1e-3 and (out / key["marked_vae"]).is_file()
+    from molrmog.applications.signature import Extractor
+    from molrmog.pipeline.run import Run
+
+    run = Run.load(cycle_run)
+    W = Extractor.load(out / key["extractor"])
+    vae = run.vae(2)
+    import copy
+
+    from safetensors.torch import load_file
+
+    marked_vae = copy.deepcopy(vae)  # the run's VAE with the saved marked weights
+    marked_vae.load_state_dict(load_file(out / key["marked_vae"]))
+    assert not torch.equal(marked_vae.decoder[0].weight, vae.decoder[0].weight)
+    marked, clean, _ = embed(run.expert("mog", 2), vae, 32, "12345", method="decoder", marked_vae=marked_vae, seed=9)
+    assert roc(scores(W, "12345", clean), scores(W, "12345", marked))["auc"] > 0.9
+    np.save(tmp_path / "clean.npy", clean.numpy())
+    capsys.readouterr()
+    for images, word in ((out / "watermarked.npy", "watermarked"), (tmp_path / "clean.npy", "clean")):
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(images), "--out", str(out)]) == 0
+        calls = [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()]
+        assert len(calls) == (24 if word == "watermarked" else 32) and calls.count(word) >= 0.8 * len(calls)
+    for bad in ({"extractor": "../elsewhere"}, {"extractor": ""}):  # a key file naming no extractor of its own
+        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
+                     "--keyfile", str(tmp_path / "bad.json")]) == 2
+        assert "extractor" in capsys.readouterr().err
+    with pytest.raises(MolrmogError, match="marked VAE"):
+        embed(run.expert("mog", 2), vae, 2, "k", method="decoder")

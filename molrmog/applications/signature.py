@@ -168,7 +168,7 @@ def train_extractor(images_of, vaes, weights: Tensor, *, image_shape, bits: int 
             opt.step()
             sched.step()
             acc.append(float(((logits > 0).float() == m).float().mean()))
-            mse_tail.append(float(mse))
+            mse_tail.append(float(mse.detach()))
     return W.eval(), {**_tail_facts(acc, mse_tail), "lambda": math.exp(lag.log_lam)}
 
 

@@ -3,7 +3,9 @@
 Following Shallow Diffuse (Li, Zhang, Qu, NeurIPS 2025; official code liwd190019/Shallow-Diffuse,
 run_shallow_diffuse_t2i.py): during generation, at a small time t_w, a key is written into the noised latent
 and sampling finishes; detection inverts an image back to t_w with the probability-flow ODE and tests for
-the key. Two keys (`METHODS`):
+the key. Two latent keys (`METHODS`; the third method, "decoder", is Stable Signature's: the key lives in a
+fine-tuned decoder, `molrmog.applications.signature`, and `evaluate_watermark` / `embed_run` / `detect_run`
+serve it too):
 - "null": a keyed pattern projected onto the (approximate) null space of the denoiser's Jacobian J_t(u_t),
   the directions the posterior mean does not depend on (closed form for MoG / Gaussian experts,
   `mixture.denoiser_jacobian`; autograd otherwise); statistic: the cosine of the null-space parts. A
