@@ -389,6 +389,20 @@ def test_the_key_bits_and_the_statistic_are_the_extractors_agreement_with_them()
     torch.testing.assert_close(bit_accuracy(W, "k", x), ((logits > 0).float() == m).float().mean(1))
 
 
+def test_luminance_masking_makes_a_change_on_a_dark_background_cost_more_than_on_the_object():
+    from molrmog.applications.signature import visibility
+
+    clean = torch.zeros(1, 1, 8, 8)
+    clean[..., :, 4:] = 0.8  # dark left half, bright right half
+    dark, bright = torch.zeros_like(clean), torch.zeros_like(clean)
+    dark[..., 3, 1], bright[..., 3, 6] = 0.1, 0.1  # the same change, one pixel each
+    assert visibility(dark, clean, 0.0) == visibility(bright, clean, 0.0) == dark.pow(2).mean()  # plain MSE
+    assert visibility(dark, clean, 0.1) > 10 * visibility(bright, clean, 0.1)
+    # on a uniform image every weight is 1: the MSE again
+    flat = torch.full_like(clean, 0.3)
+    torch.testing.assert_close(visibility(dark, flat, 0.1), dark.pow(2).mean())
+
+
 def test_training_attacks_are_the_evaluated_attacks_made_differentiable():
     from molrmog.applications.attacks import ATTACKS, attack, jpeg
     from molrmog.applications.signature import train_attack
