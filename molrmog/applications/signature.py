@@ -173,7 +173,7 @@ def train_extractor(images_of, vaes, weights: Tensor, *, image_shape, bits: int 
     g, lag = torch.Generator().manual_seed(seed), _Lagrange(psnr)
     opt = torch.optim.Adam([*W.parameters(), *H.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    acc, mse_tail = [], []
+    log = ([], [])
     with frozen(*vaes), torch.enable_grad():
         for _ in tqdm(range(steps), desc="extractor", disable=not progress, leave=False):
             k = int(torch.multinomial(weights, 1, generator=g))
@@ -184,13 +184,18 @@ def train_extractor(images_of, vaes, weights: Tensor, *, image_shape, bits: int 
             logits = W(train_attack(x_w, vaes[k], g, attacks))
             mse = (x_w - x).pow(2).mean()
             loss = lag.loss(F.binary_cross_entropy_with_logits(logits, m), mse, visibility(x_w - x, x, weber))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            acc.append(float(((logits > 0).float() == m).float().mean()))
-            mse_tail.append(float(mse.detach()))
-    return W.eval(), {**_tail_facts(acc, mse_tail), "lambda": math.exp(lag.log_lam)}
+            _step(opt, sched, loss, logits > 0, m, mse, log)
+    return W.eval(), {**_tail_facts(*log), "lambda": math.exp(lag.log_lam)}
+
+
+def _step(opt, sched, loss: Tensor, bits: Tensor, m: Tensor, mse: Tensor, log: tuple[list, list]) -> None:
+    """One optimiser and schedule step on `loss`, and the record of its bit accuracy and MSE in `log`."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    log[0].append(float((bits.float() == m).float().mean()))
+    log[1].append(float(mse.detach()))
 
 
 def _tail_facts(acc: list, mse: list) -> dict:
@@ -238,7 +243,7 @@ def mark_decoder(extractor: Extractor, key, vae, z: Tensor, *, steps: int = MARK
     g, lag = torch.Generator().manual_seed(seed), _Lagrange(psnr, rate=0.03, start=0.1)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # lam oscillates; a decaying rate settles it
-    acc, mse_tail = [], []
+    log = ([], [])
     with frozen(vae, extractor), torch.enable_grad():
         for _ in range(steps):
             zb = z[torch.randint(len(z), (batch,), generator=g)]
@@ -249,15 +254,10 @@ def mark_decoder(extractor: Extractor, key, vae, z: Tensor, *, steps: int = MARK
             mse = (x - clean).pow(2).mean()
             loss = lag.loss(F.binary_cross_entropy_with_logits(logits, m.expand_as(logits)), mse,
                             visibility(x - clean, clean, weber))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            acc.append(float(((logits > 0).float() == m).float().mean()))
-            mse_tail.append(float(mse.detach()))
+            _step(opt, sched, loss, logits > 0, m, mse, log)
     for p in params:
         p.requires_grad_(False)
-    facts = {**_tail_facts(acc, mse_tail), **_hold_psnr(marked, vae, z, psnr)}
+    facts = {**_tail_facts(*log), **_hold_psnr(marked, vae, z, psnr)}
     return marked.eval(), facts
 
 
