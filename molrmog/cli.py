@@ -611,7 +611,7 @@ def commands() -> tuple[Command, ...]:
                 group="analyze", out="RUN/watermark"),
         Command("edit", _cmd_edit, "LOCO-style edits along the denoiser Jacobian's singular vectors", EDIT_HELP,
                 (RunArg, KindArg, ClusterArg, EditOptions, OutArg), out="RUN/edit"),
-        Command("watermark", _cmd_watermark, "latent watermarks: embed, detect, evaluate", WATERMARK_HELP,
+        Command("watermark", _cmd_watermark, "watermarks (latent or decoder): embed, detect, evaluate", WATERMARK_HELP,
                 (WatermarkOptions, RunArg, KindArg, ClusterArg, CacheArg, OutArg), out="RUN/watermark"),
         Command("compare", _cmd_compare, "every expert kind on the same dedicated VAEs (and dedicated vs unified "
                 "VAE)", COMPARE_HELP, (OutArg, CompareOptions, EvalOptions, CacheArg), ("common", "executor"),
