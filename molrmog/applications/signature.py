@@ -318,8 +318,7 @@ def prepare(run, kind: str, key, out, *, bits: int = BITS, extractor_steps: int 
 def mark_latents(expert, z_train: Tensor, n: int = 1024, seed: int = 0, steps: int = 40) -> Tensor:
     """Latents to mark a cluster's decoder on: its training latents z_train (N, d) and as many (at most n) drawn
     from the expert the way `watermark.embed` draws them (probability-flow ODE from t_max, `steps`), so that the
-    marked decoder is held to its PSNR where it will be used (on training latents alone the PSNR on expert
-    samples came out 1-2 dB lower: README)."""
+    marked decoder is trained, and held to its PSNR, on the latents it will decode as well as on the data's."""
     from molrmog.applications.editing import ode
 
     sched = expert.schedule
