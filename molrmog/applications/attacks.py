@@ -1,11 +1,12 @@
 """Attacks on images that a watermark's detector must survive, and what both watermark methods share (issues 15.3
 and 18): `ATTACKS` (noise, blur, JPEG, brightness, the VAE round trip), `roc` (AUC and TPR at 1% FPR) and `frozen`
-(a model's parameters held while its inputs are fitted). Used by `watermark` (latent keys) and `signature`
-(a decoder that carries the key)."""
+(a model's parameters held while its inputs are fitted), `key_seed` (a secret key as a random seed). Used by
+`watermark` (latent keys) and `signature` (a decoder that carries the key)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 
 import numpy as np
@@ -15,7 +16,12 @@ from torch import Tensor
 
 from molrmog.core.errors import MolrmogError
 
-__all__ = ["ATTACKS", "attack", "blur", "jpeg", "roc", "frozen"]
+__all__ = ["ATTACKS", "attack", "blur", "jpeg", "roc", "frozen", "key_seed"]
+
+
+def key_seed(key) -> int:
+    """A random seed drawn from a secret key (any integer or string): the first 60 bits of its SHA-256."""
+    return int(hashlib.sha256(str(key).encode()).hexdigest()[:15], 16)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ network reads back, whatever latent the expert hands it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from molrmog.applications.attacks import ATTACKS, blur, frozen, jpeg
+from molrmog.applications.attacks import ATTACKS, blur, frozen, jpeg, key_seed
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
 
@@ -92,8 +91,8 @@ class _Embedder(nn.Module):
 
 def key_bits(key, bits: int = BITS) -> Tensor:
     """The key's message: `bits` bits (float 0 / 1) drawn from the key (any integer or string)."""
-    seed = int(hashlib.sha256(f"signature:{key}".encode()).hexdigest()[:15], 16)
-    return torch.randint(0, 2, (int(bits),), generator=torch.Generator().manual_seed(seed)).float()
+    g = torch.Generator().manual_seed(key_seed(f"signature:{key}"))
+    return torch.randint(0, 2, (int(bits),), generator=g).float()
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:

@@ -27,7 +27,6 @@ watermark.json: how far the VAE round trip moves a marked latent against how far
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from molrmog.applications.attacks import ATTACKS, attack, frozen, roc
+from molrmog.applications.attacks import ATTACKS, attack, frozen, key_seed, roc
 from molrmog.applications.editing import edit_time, latent_jacobian, ode
 from molrmog.core.errors import MolrmogError
 
@@ -53,12 +52,8 @@ METHODS = ("null", "ring", "decoder")
 
 def key_pattern(key: int | str, d: int) -> Tensor:
     """A unit vector in R^d drawn from the key (any integer or string)."""
-    v = torch.randn(d, generator=torch.Generator().manual_seed(_seed(key)), dtype=torch.float64)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(key_seed(key)), dtype=torch.float64)
     return v / v.norm()
-
-
-def _seed(key) -> int:
-    return int(hashlib.sha256(str(key).encode()).hexdigest()[:15], 16)
 
 
 def ring_key(key, latent, channel: int = 0, radius: int | None = None) -> tuple[Tensor, Tensor]:
@@ -72,7 +67,7 @@ def ring_key(key, latent, channel: int = 0, radius: int | None = None) -> tuple[
     if not 0 <= channel < c:
         raise MolrmogError(f"the ring key's channel must lie in 0..{c - 1}, got {channel}")
     radius = int(radius or max(1, min(h, w) // 4))
-    g = torch.Generator().manual_seed(_seed(key))
+    g = torch.Generator().manual_seed(key_seed(key))
     field = torch.fft.fftshift(torch.fft.fft2(torch.randn(h, w, generator=g, dtype=torch.float64)))
     yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
     dist2 = (yy**2 + xx**2).double()
