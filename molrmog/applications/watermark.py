@@ -144,12 +144,11 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         delta = (P @ k).float()
         delta = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
         marked_t = u_t + strength * gamma_w * math.sqrt(d) * delta
-    outs, u0s = [], []
-    for start, decoder in ((u_t, vae), (marked_t, marked_vae or vae)):
-        u0 = u0s[0] if start is u_t and u0s else ode(expert, start, t_w, sched.t_min, sched, steps)
-        u0s.append(u0)
-        with torch.no_grad():
-            outs.append(torch.sigmoid(decoder.decode(expert.unstandardise(u0))))
+    u0_clean = ode(expert, u_t, t_w, sched.t_min, sched, steps)
+    u0s = [u0_clean, u0_clean if method == "decoder" else ode(expert, marked_t, t_w, sched.t_min, sched, steps)]
+    with torch.no_grad():
+        outs = [torch.sigmoid(dec.decode(expert.unstandardise(u0)))
+                for dec, u0 in zip((vae, marked_vae or vae), u0s, strict=True)]
     info = {"t_w": t_w, "method": method, "mean_rank": float(rank.double().mean()),
             "pattern_norm": float((marked_t - u_t).norm(dim=1).mean())}
     return (outs[1], outs[0], info, u0s[1], u0s[0]) if latents else (outs[1], outs[0], info)
@@ -428,7 +427,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     Embedding is cheap and detection is not, so the FID sets are larger than the n detection images: on 64
     images the change moved between -7.9 and +1.0 over three seeds of one run (README). Method "decoder": the
     run's extractor and the marked decoders first (`signature.prepare`, options `signature`: bits, extractor_steps,
-    mark_steps, psnr). Writes watermark.json / watermark.md / watermark.png."""
+    mark_steps, psnr, weber). Writes watermark.json / watermark.md / watermark.png."""
     from molrmog.core import metrics as M
     from molrmog.core.outputs import save_grid, write_json, write_text
     from molrmog.evaluation.evaluate import check_draws, image_scores, reference_features
