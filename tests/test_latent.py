@@ -199,8 +199,25 @@ def test_ring_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp
     assert len(lines) == 48 and all(len(line.split("\t")) == 3 for line in lines)
 
 
+def test_white_noise_like_spends_each_marks_mse_on_clipped_white_noise():
+    from molrmog.applications.watermark import white_noise_like
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(6, 1, 8, 8, generator=g)
+    clean[:3, :, :4] = 0.0  # a black background: noise below 0 is clipped away, so the scale must grow
+    mark = 0.03 * torch.randn(6, 1, 8, 8, generator=g) * torch.arange(1, 7).view(-1, 1, 1, 1)
+    marked = (clean + mark).clamp(0, 1)
+    noisy = white_noise_like(clean, marked, torch.Generator().manual_seed(1))
+    mse = lambda x: (x - clean).pow(2).flatten(1).mean(1)  # noqa: E731
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    assert torch.allclose(mse(noisy), mse(marked), rtol=1e-4)
+    change = (noisy - clean).flatten(1)
+    assert (change - (marked - clean).flatten(1)).abs().max() > 0.01  # not the mark itself
+    assert torch.equal(white_noise_like(clean, clean.clone()), clean)  # no change, no noise
+
+
 def test_watermark_evaluate_measures_the_fid_change_on_its_own_larger_sets(cycle_run, featurizer_cache, tmp_path):
-    from molrmog.applications.watermark import embed
+    from molrmog.applications.watermark import embed, white_noise_like
     from molrmog.evaluation.evaluate import image_scores, reference_features
     from molrmog.evaluation.featurizer import get_featurizer
     from molrmog.pipeline.run import Run, cluster_seed
@@ -220,8 +237,12 @@ def test_watermark_evaluate_measures_the_fid_change_on_its_own_larger_sets(cycle
              for k, c in enumerate(counts.tolist()) if c]
     feat = get_featurizer("digits", featurizer_cache, progress=False)
     ref = reference_features(r, feat, 10000, 0)
-    fid = [image_scores(feat.embed(torch.cat([p[j] for p in pairs]))[0], ref)["fid"] for j in (0, 1)]
+    marked, clean = (torch.cat([p[j] for p in pairs]) for j in (0, 1))
+    noisy = white_noise_like(clean, marked, torch.Generator().manual_seed(1))
+    fid = [image_scores(feat.embed(x)[0], ref)["fid"] for x in (marked, clean, noisy)]
     assert res["fid_change_sets"][1] == pytest.approx(fid[0] - fid[1], rel=1e-6, abs=1e-9)
+    assert res["fid_change_white_noise_sets"][1] == pytest.approx(fid[2] - fid[1], rel=1e-6, abs=1e-9)
+    assert "white Gaussian noise" in (out / "watermark.md").read_text()
     assert res["fid_change_sets"][0] != res["fid_change_sets"][1]  # the sets are different draws
     from molrmog.applications.watermark import evaluate_watermark
     from molrmog.core.errors import MolrmogError

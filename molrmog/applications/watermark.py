@@ -42,7 +42,7 @@ from molrmog.core.errors import MolrmogError
 
 __all__ = ["key_pattern", "null_projector", "ring_key", "embed", "detection_scores", "latent_scores", "ATTACKS",
            "attack", "roc", "METHODS", "invert_decoder", "INVERT_STEPS", "INVERT_SIGMA", "read_latents", "key_fit",
-           "key_bound"]
+           "key_bound", "white_noise_like"]
 
 # "null": a keyed direction in the null space of the denoiser's Jacobian (cosine statistic);
 # "ring": Tree-Ring / Shallow Diffuse's key, constant on rings of a Fourier disk of one latent channel (L1 statistic);
@@ -455,12 +455,15 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
                                     lambda x: image_scores(feat.embed(x)[0], ref)["fid"], sig and sig["vaes"])
             for i in range(draws)]
     fid_m, fid_c = (statistics.median(f[j] for f in sets) for j in (0, 1))
+    noise_sets = [v - c for _, c, v in sets]
     res = {"run": str(r.path), "kind": kind, "method": method, "invert_steps": invert_steps,
            "invert_sigma": invert_sigma, "vae_cycle": r.cfg.vae_cycle, "n": n, "key": str(key),
            "strength": strength, "ring_mix": ring_mix, "fraction": fraction, **info,
            "attacks": results, "psnr_db": float((10 * torch.log10(1 / mse)).mean()),
            "fid_samples": fid_samples, "fid_watermarked": fid_m, "fid_clean_same_noise": fid_c,
-           "fid_change": statistics.median(m - c for m, c in sets), "fid_change_sets": [m - c for m, c in sets],
+           "fid_change": statistics.median(m - c for m, c, _ in sets),
+           "fid_change_sets": [m - c for m, c, _ in sets],
+           "fid_change_white_noise": statistics.median(noise_sets), "fid_change_white_noise_sets": noise_sets,
            "fid_watermarked_vs_clean": M.fid(feat.embed(same)[0], feat.embed(marked)[0]),
            **({"signature": sig["facts"]} if sig else {})}
     write_json(out / "watermark.json", res)
@@ -539,7 +542,10 @@ def _report(res: dict) -> str:
              how + "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID change {res['fid_change']:+.2f} (median of "
              f"{len(sets)} sets of {res['fid_samples']} pairs: " + ", ".join(f"{v:+.2f}" for v in sets)
-             + f"; FID marked {res['fid_watermarked']:.2f}, clean {res['fid_clean_same_noise']:.2f})", ""]
+             + f"; FID marked {res['fid_watermarked']:.2f}, clean {res['fid_clean_same_noise']:.2f})", "",
+             f"For scale: white Gaussian noise with each mark's own MSE, added to the same clean images "
+             f"(`white_noise_like`), changes the FID by {res['fid_change_white_noise']:+.2f} (median of "
+             + ", ".join(f"{v:+.2f}" for v in res["fid_change_white_noise_sets"]) + ").", ""]
     if res["vae_roundtrip_over_pattern"] is not None:
         lines += [f"`latent_no_vae` detects from the final latents without decoding; the VAE round trip (encode of "
                   f"decode) moves a watermarked latent {res['vae_roundtrip_over_pattern']:.1f}x as far as the pattern "
@@ -550,8 +556,9 @@ def _report(res: dict) -> str:
 
 
 def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, fid,
-                             marked_vaes=None) -> tuple[float, float]:
-    """`fid` (a function of images) of n marked images and of the n clean images from the same noise, clusters
+                             marked_vaes=None) -> tuple[float, float, float]:
+    """`fid` (a function of images) of n marked images, of the n clean images from the same noise, and of the
+    clean images with white noise of each mark's MSE (`white_noise_like`, generator seeded with `seed`), clusters
     drawn by the run's weights with `seed` (each cluster's noise from `cluster_seed(seed, k)`; the decoder method
     decodes the marked ones with `marked_vaes`)."""
     from molrmog.pipeline.run import cluster_seed
@@ -564,7 +571,32 @@ def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, 
                         marked_vae=marked_vaes[k] if marked_vaes else None, **marking)
         marked.append(m)
         clean.append(c)
-    return fid(torch.cat(marked)), fid(torch.cat(clean))
+    marked, clean = torch.cat(marked), torch.cat(clean)
+    noisy = white_noise_like(clean, marked, torch.Generator().manual_seed(seed))
+    return fid(marked), fid(clean), fid(noisy)
+
+
+def white_noise_like(clean: Tensor, marked: Tensor, g: torch.Generator | None = None, iters: int = 40) -> Tensor:
+    """clean (N, C, H, W) in [0, 1] plus white Gaussian noise, clipped to [0, 1], scaled per image (bisection) so
+    that its MSE to the clean image equals that of the marked image: the same pixel change spent on no structure,
+    the yardstick for a watermark's FID change (README: a decoder that carries the key)."""
+    target = (marked - clean).pow(2).flatten(1).mean(1)
+    w = torch.randn(clean.shape, generator=g, dtype=clean.dtype)
+    shape = (-1,) + (1,) * (clean.dim() - 1)
+
+    def mse(s: Tensor) -> Tensor:
+        return ((clean + s.view(shape) * w).clamp(0, 1) - clean).pow(2).flatten(1).mean(1)
+
+    lo, hi = torch.zeros_like(target), torch.ones_like(target)
+    while bool((mse(hi) < target).any()):  # the clipped MSE grows with the scale, to at most that of +-1 pixels
+        hi = torch.where(mse(hi) < target, 2 * hi, hi)
+        if float(hi.max()) > 1e6:
+            break
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        low = mse(mid) < target
+        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    return (clean + torch.where(target > 0, hi, 0.0).view(shape) * w).clamp(0, 1)
 
 
 def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, key="12345", strength: float = 0.3,
