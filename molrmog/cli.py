@@ -665,7 +665,8 @@ WATERMARK_HELP = (
     "the key's bits); evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "
-    "marked / clean pairs from the same noise): watermark.json/.md/.png.")
+    "marked / clean pairs from the same noise, beside that of white noise with each mark's MSE on the same clean "
+    "images): watermark.json/.md/.png.")
 COMPARE_HELP = (
     "Train (or resume) OUT/dedicated with every expert kind of --experts on one VAE per cluster and OUT/unified with "
     "the headline kind (MoG) on one shared VAE, evaluate both (see `molrmog evaluate`) and write comparison.md, "
