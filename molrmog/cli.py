@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from molrmog.applications.signature import BITS, EXTRACTOR_STEPS, MARK_STEPS, PSNR, WEBER
+from molrmog.applications.signature import BITS, EXTRACTOR_STEPS, MARK_STEPS, PSNR, SMOOTH, WEBER
 from molrmog.applications.watermark import ATTACKS as WATERMARK_ATTACKS
 from molrmog.applications.watermark import INVERT_SIGMA, INVERT_STEPS
 from molrmog.applications.watermark import METHODS as WATERMARK_METHODS
@@ -200,6 +200,8 @@ class WatermarkOptions:
                          low=10, high=80)
     weber: float = option(WEBER, "decoder: L0 of the image loss's luminance masking, squared changes weighted by "
                           "1 / (L0 + local brightness)^2 (0: plain MSE)", low=0, high=10)
+    smooth: float = option(SMOOTH, "decoder: the image loss charges a change's fine detail (what a blur of sigma 1 "
+                           "removes) this many times more (0: plain MSE)", low=0, high=1000)
     images: str | None = option(None, "detect: an .npy file of images (N, C, H, W) in [0, 1]")
     keyfile: str | None = option(None, "detect: key.json written by embed (default OUT/key.json)")
 
@@ -484,7 +486,7 @@ def _cmd_watermark(a) -> int:
     how = {"kind": o.kind, "key": o.key, "fraction": o.t, "method": o.method, "invert_steps": o.invert_steps,
            "invert_sigma": o.invert_sigma, "ring_mix": o.ring_mix, "progress": c.progress,
            "signature": {"bits": o.bits, "extractor_steps": o.extractor_steps, "mark_steps": o.mark_steps,
-                         "psnr": o.psnr, "weber": o.weber}}
+                         "psnr": o.psnr, "weber": o.weber, "smooth": o.smooth}}
     if o.action == "evaluate":
         res = wm.evaluate_watermark(run, n=o.n, strength=o.strength, seed=c.seed, cache=o.cache, out=o.out,
                                     fid_samples=o.fid_samples, draws=o.draws, **how)

@@ -424,6 +424,25 @@ def test_luminance_masking_makes_a_change_on_a_dark_background_cost_more_than_on
     torch.testing.assert_close(visibility(dark, flat, 0.1), dark.pow(2).mean())
 
 
+def test_the_smooth_image_loss_charges_fine_detail_and_leaves_a_smooth_change_at_its_mse():
+    from molrmog.applications.signature import Extractor, extractor_dir, visibility
+
+    clean = torch.full((1, 1, 8, 8), 0.4)
+    checker = 0.1 * (-1.0) ** (torch.arange(8).view(-1, 1) + torch.arange(8).view(1, -1)).expand(1, 1, 8, 8)
+    flat = torch.full_like(clean, 0.1)  # the same MSE as the checkerboard, no detail at all
+    k = torch.exp(-torch.arange(-2.0, 3.0) ** 2 / 2)
+    a = float((k * (-1.0) ** torch.arange(5)).sum() / k.sum()) ** 2  # a unit-sigma blur keeps a times a checkerboard
+    mse = checker.pow(2).mean()
+    torch.testing.assert_close(visibility(checker, clean, 0.0, 10.0), mse * (1 + 10 * (1 - a) ** 2))
+    torch.testing.assert_close(visibility(flat, clean, 0.0, 10.0), mse)
+    torch.testing.assert_close(visibility(checker, clean, 0.0, 0.0), mse)  # smooth 0: the MSE
+    torch.testing.assert_close(visibility(checker, clean, 0.1, 10.0), mse * (1 + 10 * (1 - a) ** 2))  # flat: w = 1
+    W = Extractor((1, 8, 8), 8, width=4, smooth=10.0)
+    assert W.config["smooth"] == 10.0
+    assert extractor_dir("o", 16, 2000, 36, 0).name == "extractor-16b-2000s-36dB-weber0-seed0"  # as before
+    assert extractor_dir("o", 16, 2000, 36, 0, 0.1, 10).name == "extractor-16b-2000s-36dB-weber0.1-smooth10-seed0"
+
+
 def test_training_attacks_are_the_evaluated_attacks_made_differentiable():
     from molrmog.applications.attacks import ATTACKS, attack, jpeg
     from molrmog.applications.signature import train_attack
@@ -484,11 +503,13 @@ def test_decoder_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, 
     from molrmog.core.errors import MolrmogError
 
     out = tmp_path / "wm-dec"
-    fast = ["--method", "decoder", "--bits", "16", "--extractor-steps", "400", "--mark-steps", "150", "--psnr", "30"]
+    fast = ["--method", "decoder", "--bits", "16", "--extractor-steps", "400", "--mark-steps", "150", "--psnr", "30",
+            "--smooth", "1"]
     assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "24", "--cluster", "2", "--out", str(out),
                  "--no-progress"]) == 0
     key = json.loads((out / "key.json").read_text())
     assert key["method"] == "decoder" and key["bits"] == 16 and (out / key["extractor"] / "config.json").is_file()
+    assert key["smooth"] == 1 and "-smooth1-" in key["extractor"]  # the option reaches the image loss's owners
     assert key["mark"]["psnr_latents"] >= 30 - 1e-3 and (out / key["marked_vae"]).is_file()
     from molrmog.applications.signature import Extractor
     from molrmog.pipeline.run import Run
