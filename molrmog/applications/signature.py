@@ -219,8 +219,7 @@ def extractor_dir(out, bits: int, steps: int, psnr: float, seed: int, weber: flo
 
 def extractor_for(run, out, *, bits: int = BITS, steps: int = EXTRACTOR_STEPS, psnr: float = PSNR, seed: int = 0,
                   progress: bool = False, weber: float = WEBER, smooth: float = SMOOTH) -> Extractor:
-    """The run's extractor, trained once and kept in OUT/extractor-<bits>b-<steps>s-<psnr>dB-seed<seed>/ (read
-    back when there)."""
+    """The run's extractor, trained once and kept in `extractor_dir(out, ...)` (read back when there)."""
     from molrmog.pipeline.run import Run
 
     r = Run.coerce(run)
