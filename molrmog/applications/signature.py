@@ -13,10 +13,10 @@ network reads back, whatever latent the expert hands it.
    image's own cluster VAE, differentiated). H exists only to train W.
 2. `mark_decoder`: per cluster, a copy of the VAE whose decoder is fine-tuned on latents z of the cluster
    (`mark_latents`: its training latents and as many drawn from the expert): BCE(W(attack(D_m(z))), m) +
-   lam visibility(sigmoid D_m(z) - sigmoid D(z)) / mse(psnr), the image loss weighted by luminance masking
-   (`visibility`, Weber's law), with lam a Lagrange multiplier (dual ascent on log lam) that holds the marked
-   images at the PSNR `psnr` against the clean decoder; a last bisection back towards the clean parameters
-   guarantees it on z.
+   lam visibility(sigmoid D_m(z) - sigmoid D(z)) / mse(psnr), the image loss (`visibility`: the MSE, optionally
+   weighted by luminance masking, Weber's law, and charged more for fine detail), with lam a Lagrange multiplier
+   (dual ascent on log lam) that holds the marked images at the PSNR `psnr` against the clean decoder; a last
+   bisection back towards the clean parameters guarantees it on z.
 3. `scores`: the mean agreement of W's logits with the key's message, sum_i (2 m_i - 1) W(x)_i / k (larger for
    marked images; the threshold is the clean images' 99th percentile, as for the latent keys).
 """
