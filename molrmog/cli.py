@@ -31,6 +31,9 @@ from types import SimpleNamespace
 
 import torch
 
+from molrmog.applications.fieldmark import PSNR as FIELD_PSNR
+from molrmog.applications.fieldmark import SIGMA as FIELD_SIGMA
+from molrmog.applications.fieldmark import STEPS as FIELD_STEPS
 from molrmog.applications.signature import BITS, EXTRACTOR_STEPS, MARK_STEPS, PSNR, SMOOTH, WEBER
 from molrmog.applications.watermark import ATTACKS as WATERMARK_ATTACKS
 from molrmog.applications.watermark import INVERT_SIGMA, INVERT_STEPS
@@ -177,7 +180,9 @@ class WatermarkOptions:
     key: str = option("12345", "the secret key (any string)")
     method: str = option("ring", "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic; "
                          "decoder: Stable Signature, each cluster's decoder fine-tuned to write the key's bits, read "
-                         "by an extractor network trained once per --out", choices=WATERMARK_METHODS)
+                         "by an extractor network trained once per --out; field: the decoded images times (1 + eps f), "
+                         "f a smooth field drawn from the key, read by a detector network trained once per key and "
+                         "--out", choices=WATERMARK_METHODS)
     invert_steps: int = option(INVERT_STEPS, "embed / evaluate: Adam steps of decoder inversion before detection "
                                "(0: the encoder's mean)", low=0, high=100_000)
     invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
@@ -192,12 +197,16 @@ class WatermarkOptions:
     draws: int = option(3, "evaluate: sets of --fid-samples pairs (seeds SEED, SEED+1, ...); the FID change is their "
                         "median", low=1, high=100)
     bits: int = option(BITS, "decoder: bits of the key's message", low=1, high=256)
-    extractor_steps: int = option(EXTRACTOR_STEPS, "decoder: Adam steps of the extractor's training (once per --out, "
-                                  "kept there)", low=1, high=1_000_000)
+    extractor_steps: int | None = option(None, "decoder / field: Adam steps of the extractor's (the field's "
+                                         "detector's) training, once per --out, kept there (default: decoder "
+                                         f"{EXTRACTOR_STEPS}, field {FIELD_STEPS})", low=1, high=1_000_000)
     mark_steps: int = option(MARK_STEPS, "decoder: Adam steps of each cluster's decoder fine-tune", low=1,
                              high=1_000_000)
-    psnr: float = option(PSNR, "decoder: PSNR (dB) at which the marked decoder is held against the clean one",
-                         low=10, high=80)
+    psnr: float | None = option(None, "decoder: PSNR (dB) at which the marked decoder is held against the clean one; "
+                                "field: the marked training reconstructions' mean PSNR, which sets eps (default: "
+                                f"decoder {PSNR:g}, field {FIELD_PSNR:g})", low=10, high=80)
+    field_sigma: float = option(FIELD_SIGMA, "field: the blur (pixels) of the key's white-noise field", low=0,
+                                high=16)
     weber: float = option(WEBER, "decoder: L0 of the image loss's luminance masking, squared changes weighted by "
                           "1 / (L0 + local brightness)^2 (0: plain MSE)", low=0, high=10)
     smooth: float = option(SMOOTH, "decoder: the image loss charges a change's fine detail (what a blur of sigma 1 "
@@ -485,8 +494,9 @@ def _cmd_watermark(a) -> int:
     c, run = o.common, _run(o)
     how = {"kind": o.kind, "key": o.key, "fraction": o.t, "method": o.method, "invert_steps": o.invert_steps,
            "invert_sigma": o.invert_sigma, "ring_mix": o.ring_mix, "progress": c.progress,
-           "signature": {"bits": o.bits, "extractor_steps": o.extractor_steps, "mark_steps": o.mark_steps,
-                         "psnr": o.psnr, "weber": o.weber, "smooth": o.smooth}}
+           "signature": {"bits": o.bits, "mark_steps": o.mark_steps, "weber": o.weber, "smooth": o.smooth,
+                         "field_sigma": o.field_sigma, **({"psnr": o.psnr} if o.psnr is not None else {}),
+                         **({"extractor_steps": o.extractor_steps} if o.extractor_steps else {})}}
     if o.action == "evaluate":
         res = wm.evaluate_watermark(run, n=o.n, strength=o.strength, seed=c.seed, cache=o.cache, out=o.out,
                                     fid_samples=o.fid_samples, draws=o.draws, **how)
@@ -660,11 +670,13 @@ WATERMARK_HELP = (
     "embed: generate --n watermarked images of --cluster (at the small time --t, the ring key of Tree-Ring / Shallow "
     "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
     "denoiser's Jacobian, or with --method decoder the key's --bits written by the cluster's decoder fine-tuned "
-    "against an extractor network, Stable Signature's way) into watermarked.npy/.png and key.json (with the "
+    "against an extractor network, Stable Signature's way, or with --method field the decoded images multiplied by "
+    "1 + eps f, f a smooth field drawn from the key) into watermarked.npy/.png and key.json (with the "
     "detection threshold: 1% false positives on clean images; decoder: also the extractor's folder and "
-    "marked-vae-<cluster>.safetensors); detect: a score and a decision per image of an .npy file (encoder mean, MAP "
-    "decoder inversion under the expert's law, ODE back to --t, statistic; decoder: the extractor's agreement with "
-    "the key's bits); evaluate: AUC and TPR at 1% FPR over --n "
+    "marked-vae-<cluster>.safetensors; field: the detector's folder, sigma and eps); detect: a score and a decision "
+    "per image of an .npy file (encoder mean, MAP decoder inversion under the expert's law, ODE back to --t, "
+    "statistic; decoder: the extractor's agreement with the key's bits; field: the detector's logit); "
+    "evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "
     "marked / clean pairs from the same noise, beside that of white noise with each mark's MSE on the same clean "

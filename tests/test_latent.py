@@ -539,3 +539,87 @@ def test_decoder_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, 
         assert "extractor" in capsys.readouterr().err
     with pytest.raises(MolrmogError, match="marked VAE"):
         embed(run.expert("mog", 2), vae, 2, "k", method="decoder")
+
+
+def test_the_key_field_is_drawn_from_the_key_smooth_as_asked_and_of_unit_rms():
+    from molrmog.applications.fieldmark import key_field
+    from molrmog.core.errors import MolrmogError
+
+    f = key_field("k", (1, 28, 28), 1.0)
+    assert f.shape == (1, 1, 28, 28) and torch.equal(f, key_field("k", (1, 28, 28), 1.0))
+    assert not torch.allclose(f, key_field("other", (1, 28, 28), 1.0))
+    for sigma in (0.0, 1.0, 3.0):
+        torch.testing.assert_close(key_field("k", (3, 28, 28), sigma).pow(2).mean(), torch.tensor(1.0))
+
+    def neighbour_correlation(g):  # of horizontally adjacent pixels
+        a, b = g[..., :, :-1].flatten(), g[..., :, 1:].flatten()
+        return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+    white, smooth, smoother = (key_field(k, (1, 64, 64), s) for k, s in (("a", 0.0), ("b", 1.0), ("c", 3.0)))
+    # white noise: uncorrelated; a Gaussian blur of std s: correlation exp(-1 / (4 s^2)) (0.78 at 1, 0.97 at 3)
+    assert abs(neighbour_correlation(white)) < 0.05
+    assert neighbour_correlation(smooth) == pytest.approx(math.exp(-1 / 4), abs=0.05)
+    assert neighbour_correlation(smoother) == pytest.approx(math.exp(-1 / 36), abs=0.02)
+    with pytest.raises(MolrmogError, match="sigma"):
+        key_field("k", (1, 8, 8), -1.0)
+
+
+def test_the_field_strength_meets_its_psnr_and_the_mark_is_the_clipped_product():
+    from molrmog.applications.fieldmark import apply_field, key_field, strength_for
+    from molrmog.core.errors import MolrmogError
+
+    x = load_dataset("digits").images[:64]
+    f = key_field("k", (1, 8, 8))
+    eps = {p: strength_for(x, f, p) for p in (30.0, 40.0)}
+    for p, e in eps.items():
+        mse = (apply_field(x, f, e) - x).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        assert float((-10 * torch.log10(mse)).mean()) == pytest.approx(p, abs=0.01)
+    assert eps[40.0] < eps[30.0]
+    torch.testing.assert_close(apply_field(x, f, 0.5), (x * (1 + 0.5 * f)).clamp(0, 1))
+    assert torch.equal(apply_field(torch.zeros(2, 1, 8, 8), f, 0.5), torch.zeros(2, 1, 8, 8))  # black stays black
+    with pytest.raises(MolrmogError, match="black"):
+        strength_for(torch.zeros(4, 1, 8, 8), f, 36.0)
+    with pytest.raises(MolrmogError, match="PSNR"):
+        strength_for(x, f, 5.0)
+
+
+def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
+    import numpy as np
+
+    from molrmog.applications.fieldmark import apply_field, field_scores, key_field
+    from molrmog.applications.signature import Extractor
+    from molrmog.applications.watermark import embed, roc
+    from molrmog.core.errors import MolrmogError
+    from molrmog.pipeline.run import Run
+
+    out = tmp_path / "wm-field"
+    fast = ["--method", "field", "--extractor-steps", "300", "--psnr", "22", "--field-sigma", "0.5"]
+    assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "24", "--cluster", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    key = json.loads((out / "key.json").read_text())
+    assert key["method"] == "field" and key["sigma"] == 0.5 and key["psnr_target"] == 22 and key["steps"] == 300
+    folder = out / key["detector"]
+    assert (folder / "config.json").is_file() and (folder / "field.json").is_file() and "12345" not in key["detector"]
+    run = Run.load(cycle_run)
+    W = Extractor.load(folder)
+    mark = lambda x: apply_field(x, key_field("12345", (1, 8, 8), 0.5), key["epsilon"])  # noqa: E731
+    marked, clean, _ = embed(run.expert("mog", 2), run.vae(2), 32, "12345", method="field", mark=mark, seed=9)
+    assert torch.equal(marked, mark(clean))  # the same latents, the decoded image marked
+    assert roc(field_scores(W, clean), field_scores(W, marked))["auc"] > 0.9
+    np.save(tmp_path / "clean.npy", clean.numpy())
+    capsys.readouterr()
+    for images, word in ((out / "watermarked.npy", "watermarked"), (tmp_path / "clean.npy", "clean")):
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(images), "--out", str(out)]) == 0
+        calls = [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()]
+        assert len(calls) == (24 if word == "watermarked" else 32) and calls.count(word) >= 0.8 * len(calls)
+    stamp = (folder / "config.json").stat().st_mtime_ns  # a second embed with the same key reads the detector back
+    assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "4", "--cluster", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert (folder / "config.json").stat().st_mtime_ns == stamp
+    for bad in ({"detector": "../elsewhere"}, {"detector": ""}):  # a key file naming no detector of its own
+        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
+                     "--keyfile", str(tmp_path / "bad.json")]) == 2
+        assert "detector" in capsys.readouterr().err
+    with pytest.raises(MolrmogError, match="field method"):
+        embed(run.expert("mog", 2), run.vae(2), 2, "k", method="field")

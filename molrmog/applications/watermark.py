@@ -4,8 +4,9 @@ Following Shallow Diffuse (Li, Zhang, Qu, NeurIPS 2025; official code liwd190019
 run_shallow_diffuse_t2i.py): during generation, at a small time t_w, a key is written into the noised latent
 and sampling finishes; detection inverts an image back to t_w with the probability-flow ODE and tests for
 the key. Two latent keys (`METHODS`; the third method, "decoder", is Stable Signature's: the key lives in a
-fine-tuned decoder, `molrmog.applications.signature`, and `evaluate_watermark` / `embed_run` / `detect_run`
-serve it too):
+fine-tuned decoder, `molrmog.applications.signature`; the fourth, "field", multiplies the decoded image by a smooth
+field drawn from the key, `molrmog.applications.fieldmark`; `evaluate_watermark` / `embed_run` / `detect_run`
+serve them too):
 - "null": a keyed pattern projected onto the (approximate) null space of the denoiser's Jacobian J_t(u_t),
   the directions the posterior mean does not depend on (closed form for MoG / Gaussian experts,
   `mixture.denoiser_jacobian`; autograd otherwise); statistic: the cosine of the null-space parts. A
@@ -46,8 +47,9 @@ __all__ = ["key_pattern", "null_projector", "ring_key", "embed", "detection_scor
 
 # "null": a keyed direction in the null space of the denoiser's Jacobian (cosine statistic);
 # "ring": Tree-Ring / Shallow Diffuse's key, constant on rings of a Fourier disk of one latent channel (L1 statistic);
-# "decoder": Stable Signature's, a decoder fine-tuned to write the key's bits into every image (`signature`)
-METHODS = ("null", "ring", "decoder")
+# "decoder": Stable Signature's, a decoder fine-tuned to write the key's bits into every image (`signature`);
+# "field": the decoded image times (1 + eps f), f a smooth field drawn from the key, a trained detector (`fieldmark`)
+METHODS = ("null", "ring", "decoder", "field")
 
 
 def key_pattern(key: int | str, d: int) -> Tensor:
@@ -111,13 +113,15 @@ def null_projector(expert, u: Tensor, t: float, rank_tol: float = 0.01) -> tuple
 
 
 def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 0.3, seed: int = 0,
-          steps: int = 40, latents: bool = False, method: str = "ring", ring_mix: float = 1.0, marked_vae=None):
+          steps: int = 40, latents: bool = False, method: str = "ring", ring_mix: float = 1.0, marked_vae=None,
+          mark=None):
     """n watermarked images and the n clean images from the same noise (both in [0, 1], (n, C, H, W)), and facts
     about the embedding. `method` "null": a keyed pattern in the Jacobian's null space, its norm `strength` x the
     noise's at t_w (gamma_w sqrt(d)); "ring": the spectrum of latent channel 0 on its disk at t_w moved the
     fraction `ring_mix` of the way to the ring key (`ring_key`; 1: replaced by it; `strength` unused); "decoder":
-    the same latents, decoded by `marked_vae` (`signature.mark_decoder`: the key is in its decoder). With
-    `latents`, also the two final standardised latents."""
+    the same latents, decoded by `marked_vae` (`signature.mark_decoder`: the key is in its decoder); "field": the
+    same latents, the decoded image marked by `mark` (`fieldmark.prepare_field`). With `latents`, also the two
+    final standardised latents."""
     if n < 1 or strength <= 0:
         raise MolrmogError(f"watermarking needs n >= 1 images and a strength > 0, got n = {n}, strength = {strength}")
     if not 0 < ring_mix <= 1:
@@ -126,6 +130,8 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         raise MolrmogError(f"unknown watermark method {method!r}; choose from {', '.join(METHODS)}")
     if (method == "decoder") != (marked_vae is not None):
         raise MolrmogError("the decoder method, and only it, decodes with a marked VAE (signature.mark_decoder)")
+    if (method == "field") != (mark is not None):
+        raise MolrmogError("the field method, and only it, marks the decoded images (fieldmark.prepare_field)")
     sched = expert.schedule
     t_w = edit_time(sched, fraction)
     d = expert.shift.numel()
@@ -136,7 +142,7 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     if method == "ring":
         marked_t = _inject_ring(u_t, expert.latent, 0, *ring_key(key, expert.latent), mix=ring_mix)
         rank = torch.zeros(1)
-    elif method == "decoder":
+    elif method in ("decoder", "field"):
         marked_t, rank = u_t, torch.zeros(1)
     else:
         P, rank = null_projector(expert, u_t, t_w)
@@ -145,10 +151,13 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         delta = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
         marked_t = u_t + strength * gamma_w * math.sqrt(d) * delta
     u0_clean = ode(expert, u_t, t_w, sched.t_min, sched, steps)
-    u0s = [u0_clean, u0_clean if method == "decoder" else ode(expert, marked_t, t_w, sched.t_min, sched, steps)]
+    same = method in ("decoder", "field")
+    u0s = [u0_clean, u0_clean if same else ode(expert, marked_t, t_w, sched.t_min, sched, steps)]
     with torch.no_grad():
         outs = [torch.sigmoid(dec.decode(expert.unstandardise(u0)))
                 for dec, u0 in zip((vae, marked_vae or vae), u0s, strict=True)]
+        if mark is not None:
+            outs[1] = mark(outs[1])
     info = {"t_w": t_w, "method": method, "mean_rank": float(rank.double().mean()),
             "pattern_norm": float((marked_t - u_t).norm(dim=1).mean())}
     return (outs[1], outs[0], info, u0s[1], u0s[0]) if latents else (outs[1], outs[0], info)
@@ -187,6 +196,8 @@ def check_key(key: object, source, kind: str, clusters: int) -> dict:
         raise bad(f"invert_sigma must be a number in [0, 1], got {sigma!r}")
     if key["method"] == "decoder" and not (isinstance(key.get("extractor"), str) and key["extractor"]):
         raise bad("a decoder key names its extractor's folder (\"extractor\", beside key.json)")
+    if key["method"] == "field" and not (isinstance(key.get("detector"), str) and key["detector"]):
+        raise bad("a field key names its detector's folder (\"detector\", beside key.json)")
     return key
 
 
@@ -427,7 +438,8 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     Embedding is cheap and detection is not, so the FID sets are larger than the n detection images: on 64
     images the change moved between -7.9 and +1.0 over three seeds of one run (README). Method "decoder": the
     run's extractor and the marked decoders first (`signature.prepare`, options `signature`: bits, extractor_steps,
-    mark_steps, psnr, weber). Writes watermark.json / watermark.md / watermark.png."""
+    mark_steps, psnr, weber, smooth); method "field": the key's field and its detector (`fieldmark.prepare_field`,
+    options: field_sigma, extractor_steps, psnr). Writes watermark.json / watermark.md / watermark.png."""
     from molrmog.core import metrics as M
     from molrmog.core.outputs import save_grid, write_json, write_text
     from molrmog.evaluation.evaluate import check_draws, image_scores, reference_features
@@ -452,7 +464,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
                           channels=r.cfg.channels, data_dir=r.cfg.data_dir)
     ref = reference_features(r, feat, 10000, seed)
     sets = [_fid_of_marked_and_clean(r, r.experts(kind), key, marking, fid_samples, seed + i,
-                                    lambda x: image_scores(feat.embed(x)[0], ref)["fid"], sig and sig["vaes"])
+                                    lambda x: image_scores(feat.embed(x)[0], ref)["fid"], sig)
             for i in range(draws)]
     fid_m, fid_c = (statistics.median(f[j] for f in sets) for j in (0, 1))
     noise_sets = [v - c for _, c, v in sets]
@@ -473,12 +485,30 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
 
 
 def _signature(r, kind: str, key, method: str, out: Path, options: dict | None, seed: int, progress: bool):
-    """For method "decoder": the run's extractor and every cluster's marked VAE (`signature.prepare`); else None."""
+    """For method "decoder": the run's extractor and every cluster's marked VAE (`signature.prepare`); for "field":
+    the key's field and its detector (`fieldmark.prepare_field`); else None. Either way with "score": images ->
+    the detection statistic. `options`: the decoder's (bits, extractor_steps, mark_steps, psnr, weber, smooth,
+    clusters) and field_sigma; each method takes what is its own (the field: extractor_steps, psnr)."""
+    o = dict(options or {})
+    field_sigma = o.pop("field_sigma", None)
+    if method == "field":
+        from molrmog.applications.fieldmark import SIGMA, STEPS, prepare_field
+
+        how = {"sigma": SIGMA if field_sigma is None else field_sigma, "steps": o.get("extractor_steps", STEPS)}
+        return prepare_field(r, key, out, seed=seed, progress=progress, **how,
+                             **({"psnr": o["psnr"]} if "psnr" in o else {}))
     if method != "decoder":
         return None
-    from molrmog.applications.signature import prepare
+    from molrmog.applications.signature import prepare, scores
 
-    return prepare(r, kind, key, out, seed=seed, progress=progress, **(options or {}))
+    sig = prepare(r, kind, key, out, seed=seed, progress=progress, **o)
+    return {**sig, "score": lambda x: scores(sig["extractor"], key, x)}
+
+
+def _marking(sig, k: int) -> dict:
+    """What `embed` needs to mark cluster k's images with a decoder or field key: marked_vae, mark."""
+    return {"marked_vae": sig["vaes"][k] if sig and "vaes" in sig else None,
+            "mark": sig["mark"] if sig and "mark" in sig else None}
 
 
 def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect: dict, sig):
@@ -492,12 +522,12 @@ def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect:
     vaes, experts, method = r.vaes(), r.experts(kind), marking["method"]
     marked, same, clean, scores, info, ratio = [], [], [], {}, [], []
     for k in counts.nonzero().flatten().tolist():
-        e, v, mv = experts[k], vaes[k], sig["vaes"][k] if sig else None
+        e, v, mv = experts[k], vaes[k], _marking(sig, k)
         m_k, c_k, inf, um_k, uc_k = embed(e, v, int(counts[k]), key, seed=cluster_seed(seed, k), latents=True,
-                                          marked_vae=mv, **marking)
+                                          **mv, **marking)
         _, c2_k, _, _, u2_k = embed(e, v, int(counts[k]), key, seed=cluster_seed(seed + 1, k), latents=True,
-                                    marked_vae=mv, **marking)  # the negatives
-        if method != "decoder":  # the latent keys: read from the latents, and how far the VAE round trip moves them
+                                    **mv, **marking)  # the negatives
+        if method not in ("decoder", "field"):  # latent keys: read from the latents; how far the round trip moves them
             how = {"fraction": marking["fraction"], "method": method}
             pair = scores.setdefault("latent_no_vae", ([], []))
             pair[0].append(latent_scores(e, u2_k, key, **how))
@@ -520,12 +550,10 @@ def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect:
 
 
 def _read(sig, expert, vae, x: Tensor, key, detect: dict) -> Tensor:
-    """The detection statistic of images x: the extractor's agreement with the key's bits (decoder method), or
-    `detection_scores` (the latent keys)."""
+    """The detection statistic of images x: `sig["score"]` (decoder: the extractor's agreement with the key's bits;
+    field: the detector's logit), or `detection_scores` (the latent keys)."""
     if sig:
-        from molrmog.applications.signature import scores
-
-        return scores(sig["extractor"], key, x)
+        return sig["score"](x)
     return detection_scores(expert, vae, x, key, **detect)
 
 
@@ -534,10 +562,11 @@ def _report(res: dict) -> str:
     method, ring_mix, sets = res["method"], res["ring_mix"], res["fid_change_sets"]
     ring_words = f", mixed {ring_mix} of the way" if ring_mix < 1 else ""
     title = {"null": "Null-space", "ring": "Ring-key (Tree-Ring / Shallow Diffuse)",
-             "decoder": "Decoder (Stable Signature)"}[method]
+             "decoder": "Decoder (Stable Signature)", "field": "Multiplicative field"}[method]
     how = {"null": f"t_w = {res['t_w']:.3f}, strength {res['strength']} (pattern norm / noise norm at t_w)",
            "ring": f"t_w = {res['t_w']:.3f}, ring key on latent channel 0" + ring_words,
-           "decoder": "the key's bits written by each cluster's fine-tuned decoder, read by the extractor"}[method]
+           "decoder": "the key's bits written by each cluster's fine-tuned decoder, read by the extractor",
+           "field": "the decoded images times (1 + eps f), f the key's smooth field, read by a detector"}[method]
     lines = [f"# {title} watermark: {res['run']} ({res['kind']}), {res['n']} marked / {res['n']} clean images", "",
              how + "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID change {res['fid_change']:+.2f} (median of "
@@ -556,19 +585,19 @@ def _report(res: dict) -> str:
 
 
 def _fid_of_marked_and_clean(r, experts, key, marking: dict, n: int, seed: int, fid,
-                             marked_vaes=None) -> tuple[float, float, float]:
+                             sig=None) -> tuple[float, float, float]:
     """`fid` (a function of images) of n marked images, of the n clean images from the same noise, and of the
     clean images with white noise of each mark's MSE (`white_noise_like`, generator seeded with `seed`), clusters
-    drawn by the run's weights with `seed` (each cluster's noise from `cluster_seed(seed, k)`; the decoder method
-    decodes the marked ones with `marked_vaes`)."""
+    drawn by the run's weights with `seed` (each cluster's noise from `cluster_seed(seed, k)`; the decoder and field
+    methods mark with `sig`, `_signature`'s)."""
     from molrmog.pipeline.run import cluster_seed
 
     counts = torch.bincount(torch.multinomial(r.weights, n, True, generator=torch.Generator().manual_seed(seed)),
                             minlength=r.K)
     vaes, marked, clean = r.vaes(), [], []
     for k in counts.nonzero().flatten().tolist():
-        m, c, _ = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed, k),
-                        marked_vae=marked_vaes[k] if marked_vaes else None, **marking)
+        m, c, _ = embed(experts[k], vaes[k], int(counts[k]), key, seed=cluster_seed(seed, k), **_marking(sig, k),
+                        **marking)
         marked.append(m)
         clean.append(c)
     marked, clean = torch.cat(marked), torch.cat(clean)
@@ -607,7 +636,9 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     OUT/key.json with the detection threshold, calibrated on n clean images from other noise (1% false
     positives). Method "decoder" also keeps the run's extractor in OUT (`signature.extractor_for`) and the marked
     VAE's weights in OUT/marked-vae-<cluster>.safetensors (a state dict of the run's VAE for that cluster: load it
-    into `Run.vae(cluster)` to decode marked images). Returns {"out", "threshold", "images"}."""
+    into `Run.vae(cluster)` to decode marked images); method "field" keeps its detector in OUT
+    (`fieldmark.prepare_field`, with field.json: the field's sigma and strength eps). Returns {"out", "threshold",
+    "images"}."""
     from molrmog.core.artefacts import atomic_write, write_json
     from molrmog.core.outputs import save_grid
     from molrmog.pipeline.run import Run
@@ -621,13 +652,15 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     expert, vae = r.expert(kind, cluster), r.vae(cluster)
     sig = _signature(r, kind, key, method, out, {**(signature or {}), "clusters": [cluster]}, seed, progress)
     how = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix,
-           "marked_vae": sig["vaes"][cluster] if sig else None}
+           **_marking(sig, cluster)}
     marked, _, info = embed(expert, vae, n, key, seed=seed, **how)
     _, clean, _ = embed(expert, vae, n, key, seed=seed + 1, **how)
     detect = {"fraction": fraction, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma}
     threshold = float(np.quantile(_read(sig, expert, vae, clean, key, detect).numpy(), 0.99))
     extra = {}
-    if sig:
+    if sig and method == "field":
+        extra = sig["facts"]
+    elif sig:
         from safetensors.torch import save_file
 
         state = {k: v.contiguous() for k, v in sig["vaes"][cluster].state_dict().items()}
@@ -664,6 +697,13 @@ def detect_run(run, images, *, keyfile=None, out=None, kind: str | None = None) 
 
         folder = inside(path.parent, kf["extractor"], "the key's extractor folder")
         return scores(Extractor.load(folder, "watermark extractor").eval(), kf["key"], x), kf
+    if kf["method"] == "field":
+        from molrmog.applications.fieldmark import field_scores
+        from molrmog.applications.signature import Extractor
+        from molrmog.core.artefacts import inside
+
+        folder = inside(path.parent, kf["detector"], "the key's detector folder")
+        return field_scores(Extractor.load(folder, "watermark field detector").eval(), x), kf
     scores = detection_scores(r.expert(kind, k), r.vae(k), x, kf["key"], fraction=kf["t"], method=kf["method"],
                               invert_steps=kf["invert_steps"], invert_sigma=kf["invert_sigma"])
     return scores, kf
