@@ -495,6 +495,26 @@ def test_a_marked_decoder_is_held_at_its_psnr_and_leaves_the_clean_vae_as_it_was
     assert 0 < facts["interpolation"] < 1 and psnr_of(marked) == pytest.approx(far + 10, abs=0.05)
 
 
+def _detect_calls(run, out, tmp_path, capsys) -> None:
+    """`watermark detect` with OUT/key.json calls at least 80% of OUT/watermarked.npy (24 images) watermarked and
+    of tmp_path/clean.npy (32) clean."""
+    capsys.readouterr()
+    for images, word in ((out / "watermarked.npy", "watermarked"), (tmp_path / "clean.npy", "clean")):
+        assert main(["watermark", "detect", str(run), "--images", str(images), "--out", str(out)]) == 0
+        calls = [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()]
+        assert len(calls) == (24 if word == "watermarked" else 32) and calls.count(word) >= 0.8 * len(calls)
+
+
+def _refuses_a_key_without_its_folder(run, key: dict, field: str, tmp_path, capsys) -> None:
+    """A key file whose `field` (the extractor's or detector's folder) leaves its folder or is empty: exit 2,
+    the message naming it."""
+    for bad in ({field: "../elsewhere"}, {field: ""}):
+        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
+        assert main(["watermark", "detect", str(run), "--images", str(tmp_path / "clean.npy"),
+                     "--keyfile", str(tmp_path / "bad.json")]) == 2
+        assert field in capsys.readouterr().err
+
+
 def test_decoder_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
     import numpy as np
 
@@ -527,16 +547,8 @@ def test_decoder_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, 
     marked, clean, _ = embed(run.expert("mog", 2), vae, 32, "12345", method="decoder", marked_vae=marked_vae, seed=9)
     assert roc(scores(W, "12345", clean), scores(W, "12345", marked))["auc"] > 0.9
     np.save(tmp_path / "clean.npy", clean.numpy())
-    capsys.readouterr()
-    for images, word in ((out / "watermarked.npy", "watermarked"), (tmp_path / "clean.npy", "clean")):
-        assert main(["watermark", "detect", str(cycle_run), "--images", str(images), "--out", str(out)]) == 0
-        calls = [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()]
-        assert len(calls) == (24 if word == "watermarked" else 32) and calls.count(word) >= 0.8 * len(calls)
-    for bad in ({"extractor": "../elsewhere"}, {"extractor": ""}):  # a key file naming no extractor of its own
-        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
-        assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
-                     "--keyfile", str(tmp_path / "bad.json")]) == 2
-        assert "extractor" in capsys.readouterr().err
+    _detect_calls(cycle_run, out, tmp_path, capsys)
+    _refuses_a_key_without_its_folder(cycle_run, key, "extractor", tmp_path, capsys)
     with pytest.raises(MolrmogError, match="marked VAE"):
         embed(run.expert("mog", 2), vae, 2, "k", method="decoder")
 
@@ -607,19 +619,11 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
     assert torch.equal(marked, mark(clean))  # the same latents, the decoded image marked
     assert roc(field_scores(W, clean), field_scores(W, marked))["auc"] > 0.9
     np.save(tmp_path / "clean.npy", clean.numpy())
-    capsys.readouterr()
-    for images, word in ((out / "watermarked.npy", "watermarked"), (tmp_path / "clean.npy", "clean")):
-        assert main(["watermark", "detect", str(cycle_run), "--images", str(images), "--out", str(out)]) == 0
-        calls = [line.split("\t")[2] for line in capsys.readouterr().out.strip().splitlines()]
-        assert len(calls) == (24 if word == "watermarked" else 32) and calls.count(word) >= 0.8 * len(calls)
+    _detect_calls(cycle_run, out, tmp_path, capsys)
     stamp = (folder / "config.json").stat().st_mtime_ns  # a second embed with the same key reads the detector back
     assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "4", "--cluster", "3", "--out", str(out),
                  "--no-progress"]) == 0
     assert (folder / "config.json").stat().st_mtime_ns == stamp
-    for bad in ({"detector": "../elsewhere"}, {"detector": ""}):  # a key file naming no detector of its own
-        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
-        assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
-                     "--keyfile", str(tmp_path / "bad.json")]) == 2
-        assert "detector" in capsys.readouterr().err
+    _refuses_a_key_without_its_folder(cycle_run, key, "detector", tmp_path, capsys)
     with pytest.raises(MolrmogError, match="field method"):
         embed(run.expert("mog", 2), run.vae(2), 2, "k", method="field")
