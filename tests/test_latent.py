@@ -624,6 +624,13 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
     assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "4", "--cluster", "3", "--out", str(out),
                  "--no-progress"]) == 0
     assert (folder / "config.json").stat().st_mtime_ns == stamp
+    facts = json.loads((folder / "field.json").read_text())
+    assert json.loads((folder / "config.json").read_text())["psnr"] == 22  # the detector records its eps's PSNR
+    (folder / "field.json").write_text(json.dumps({**facts, "epsilon": "much"}))  # a damaged record: a clear error
+    capsys.readouterr()
+    assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "4", "--out", str(out), "--no-progress"]) == 2
+    assert "epsilon" in capsys.readouterr().err and (folder / "config.json").stat().st_mtime_ns == stamp
+    (folder / "field.json").write_text(json.dumps(facts))
     _refuses_a_key_without_its_folder(cycle_run, key, "detector", tmp_path, capsys)
     with pytest.raises(MolrmogError, match="field method"):
         embed(run.expert("mog", 2), run.vae(2), 2, "k", method="field")

@@ -85,15 +85,16 @@ def strength_for(images: Tensor, f: Tensor, psnr: float = PSNR, iters: int = 50)
 
 def train_detector(images_of, vaes, weights: Tensor, f: Tensor, eps: float, *, image_shape, steps: int = STEPS,
                    width: int = WIDTH, batch: int = 64, lr: float = 1e-3, seed: int = 0, progress: bool = False,
-                   attacks=None):
+                   attacks=None, psnr: float = PSNR):
     """The zero-bit detector W: each step draws a cluster k by `weights`, `batch` images of it (`images_of(k)`), marks
     a copy (`apply_field`), puts every image through one attack of `train_attack` (through `vaes[k]`) and takes an
-    Adam step on the binary cross-entropy of W's logit (marked 1, clean 0); cosine rate. Returns (W, facts)."""
+    Adam step on the binary cross-entropy of W's logit (marked 1, clean 0); cosine rate. `psnr` (the one eps was
+    set for) is only recorded in W's config. Returns (W, facts)."""
     from tqdm.auto import tqdm
 
     if steps < 1 or batch < 1:
         raise MolrmogError(f"the detector needs steps >= 1 and batch >= 1, got {steps} and {batch}")
-    W = Extractor(tuple(image_shape), 1, width=width, seed=seed, steps=steps)
+    W = Extractor(tuple(image_shape), 1, width=width, seed=seed, steps=steps, psnr=psnr)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(W.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -146,11 +147,15 @@ def prepare_field(run, key, out, *, sigma: float = SIGMA, psnr: float = PSNR, st
     d = detector_dir(out, key, sigma, psnr, steps, width, seed)
     if (d / "config.json").is_file() and (d / "field.json").is_file():
         W, facts = Extractor.load(d, "watermark field detector").eval(), read_json(d / "field.json", "field facts")
+        eps = facts.get("epsilon") if isinstance(facts, dict) else None
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1e3:
+            raise MolrmogError(f"{d / 'field.json'}: no usable epsilon (got {eps!r}); remove the folder {d} and the "
+                               "detector is trained again")
     else:
         pools = {k: reconstructions(r, k) for k in range(r.K)}
         eps = strength_for(torch.cat([p[:1024] for p in pools.values()]), f, psnr)
         W, facts = train_detector(pools.__getitem__, r.vaes(), r.weights, f, eps, image_shape=r.image_shape,
-                                  steps=steps, width=width, seed=seed, progress=progress)
+                                  steps=steps, width=width, seed=seed, progress=progress, psnr=psnr)
         facts = {"sigma": sigma, "epsilon": eps, "psnr_target": psnr, "steps": steps, "width": width, **facts}
         W.save(d)
         write_json(d / "field.json", facts)
