@@ -180,9 +180,9 @@ class WatermarkOptions:
     key: str = option("12345", "the secret key (any string)")
     method: str = option("ring", "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic; "
                          "decoder: Stable Signature, each cluster's decoder fine-tuned to write the key's bits, read "
-                         "by an extractor network trained once per --out; field: the decoded images times (1 + eps f), "
-                         "f a smooth field drawn from the key, read by a detector network trained once per key and "
-                         "--out", choices=WATERMARK_METHODS)
+                         "by an extractor network trained once per --out; field: each decoded image times (1 + eps f), "
+                         "f a smooth field drawn from the key, eps set per image for --psnr, read by a detector "
+                         "network correlating with f, trained once per key and --out", choices=WATERMARK_METHODS)
     invert_steps: int = option(INVERT_STEPS, "embed / evaluate: Adam steps of decoder inversion before detection "
                                "(0: the encoder's mean)", low=0, high=100_000)
     invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
@@ -203,7 +203,7 @@ class WatermarkOptions:
     mark_steps: int = option(MARK_STEPS, "decoder: Adam steps of each cluster's decoder fine-tune", low=1,
                              high=1_000_000)
     psnr: float | None = option(None, "decoder: PSNR (dB) at which the marked decoder is held against the clean one; "
-                                "field: the marked training reconstructions' mean PSNR, which sets eps (default: "
+                                "field: each marked image's PSNR against its clean image, which sets its eps (default: "
                                 f"decoder {PSNR:g}, field {FIELD_PSNR:g})", low=10, high=80)
     field_sigma: float = option(FIELD_SIGMA, "field: the blur (pixels) of the key's white-noise field", low=0,
                                 high=16)
@@ -671,11 +671,12 @@ WATERMARK_HELP = (
     "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
     "denoiser's Jacobian, or with --method decoder the key's --bits written by the cluster's decoder fine-tuned "
     "against an extractor network, Stable Signature's way, or with --method field the decoded images multiplied by "
-    "1 + eps f, f a smooth field drawn from the key) into watermarked.npy/.png and key.json (with the "
+    "1 + eps f, f a smooth field drawn from the key, eps per image) into watermarked.npy/.png and key.json (with the "
     "detection threshold: 1% false positives on clean images; decoder: also the extractor's folder and "
-    "marked-vae-<cluster>.safetensors; field: the detector's folder, sigma and eps); detect: a score and a decision "
+    "marked-vae-<cluster>.safetensors; field: the detector's folder and sigma); detect: a score and a decision "
     "per image of an .npy file (encoder mean, MAP decoder inversion under the expert's law, ODE back to --t, "
-    "statistic; decoder: the extractor's agreement with the key's bits; field: the detector's logit); "
+    "statistic; decoder: the extractor's agreement with the key's bits; field: the "
+    "detector's map correlated with the field); "
     "evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "

@@ -576,30 +576,55 @@ def test_the_key_field_is_drawn_from_the_key_smooth_as_asked_and_of_unit_rms():
         key_field("k", (1, 8, 8), -1.0)
 
 
-def test_the_field_strength_meets_its_psnr_and_the_mark_is_the_clipped_product():
-    from molrmog.applications.fieldmark import apply_field, key_field, strength_for
+def test_the_field_strength_sets_every_images_psnr_and_the_mark_is_the_clipped_product():
+    from molrmog.applications.fieldmark import CAP, apply_field, key_field, mark_images, strengths
     from molrmog.core.errors import MolrmogError
 
-    x = load_dataset("digits").images[:64]
+    x = torch.cat([load_dataset("digits").images[:64], torch.zeros(1, 1, 8, 8), torch.full((1, 1, 8, 8), 1e-3)])
     f = key_field("k", (1, 8, 8))
-    eps = {p: strength_for(x, f, p) for p in (30.0, 40.0)}
+    eps = {p: strengths(x, f, p) for p in (30.0, 40.0)}
     for p, e in eps.items():
-        mse = (apply_field(x, f, e) - x).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        assert float((-10 * torch.log10(mse)).mean()) == pytest.approx(p, abs=0.01)
-    assert eps[40.0] < eps[30.0]
+        psnr = -10 * torch.log10((apply_field(x, f, e) - x).pow(2).flatten(1).mean(1).clamp_min(1e-12))
+        reached = e < CAP
+        assert reached[:64].all() and not reached[64:].any()  # black and nearly black images: the cap
+        assert (psnr[:64] >= p).all() and psnr[:64].max() < p + 0.01  # every image at the PSNR, from above
+        assert (psnr[64:] > p).all()
+        torch.testing.assert_close(mark_images(x, f, p), apply_field(x, f, e))
+    assert (eps[40.0][:64] < eps[30.0][:64]).all()
+    e = torch.rand(len(x))
+    torch.testing.assert_close(apply_field(x, f, e), (x * (1 + e[:, None, None, None] * f)).clamp(0, 1))
     torch.testing.assert_close(apply_field(x, f, 0.5), (x * (1 + 0.5 * f)).clamp(0, 1))
     assert torch.equal(apply_field(torch.zeros(2, 1, 8, 8), f, 0.5), torch.zeros(2, 1, 8, 8))  # black stays black
-    with pytest.raises(MolrmogError, match="black"):
-        strength_for(torch.zeros(4, 1, 8, 8), f, 36.0)
     with pytest.raises(MolrmogError, match="PSNR"):
-        strength_for(x, f, 5.0)
+        strengths(x, f, 5.0)
+
+
+def test_the_field_detector_is_the_correlation_of_its_map_with_the_field_and_keeps_it(tmp_path):
+    from molrmog.applications.fieldmark import FieldDetector, key_field
+
+    f = key_field("k", (1, 8, 8))
+    D = FieldDetector((1, 8, 8), width=4, seed=1)
+    D.field.copy_(f)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        D.a.fill_(2.0)
+        D.b.fill_(-0.5)
+        m = D.net(2 * x - 1)  # the map: one value per pixel, at its place
+        assert m.shape == (5, 1, 8, 8)
+        want = torch.tensor([2.0 * float((m[i, 0] * f[0, 0]).sum()) / 8 - 0.5 for i in range(5)])
+        torch.testing.assert_close(D(x), want)
+        shifted = torch.roll(x, 1, dims=3)  # a map that moves with the image: not the same correlation
+        assert not torch.allclose(D(shifted), D(x))
+    D.save(tmp_path / "d")
+    back = FieldDetector.load(tmp_path / "d")
+    assert torch.equal(back.field, f)
+    torch.testing.assert_close(back(x), D(x))
 
 
 def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
     import numpy as np
 
-    from molrmog.applications.fieldmark import apply_field, field_scores, key_field
-    from molrmog.applications.signature import Extractor
+    from molrmog.applications.fieldmark import FieldDetector, field_scores, key_field, mark_images
     from molrmog.applications.watermark import embed, roc
     from molrmog.core.errors import MolrmogError
     from molrmog.pipeline.run import Run
@@ -613,8 +638,8 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
     folder = out / key["detector"]
     assert (folder / "config.json").is_file() and (folder / "field.json").is_file() and "12345" not in key["detector"]
     run = Run.load(cycle_run)
-    W = Extractor.load(folder)
-    mark = lambda x: apply_field(x, key_field("12345", (1, 8, 8), 0.5), key["epsilon"])  # noqa: E731
+    W = FieldDetector.load(folder)
+    mark = lambda x: mark_images(x, key_field("12345", (1, 8, 8), 0.5), 22.0)  # noqa: E731
     marked, clean, _ = embed(run.expert("mog", 2), run.vae(2), 32, "12345", method="field", mark=mark, seed=9)
     assert torch.equal(marked, mark(clean))  # the same latents, the decoded image marked
     assert roc(field_scores(W, clean), field_scores(W, marked))["auc"] > 0.9
@@ -625,11 +650,11 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
                  "--no-progress"]) == 0
     assert (folder / "config.json").stat().st_mtime_ns == stamp
     facts = json.loads((folder / "field.json").read_text())
-    assert json.loads((folder / "config.json").read_text())["psnr"] == 22  # the detector records its eps's PSNR
-    (folder / "field.json").write_text(json.dumps({**facts, "epsilon": "much"}))  # a damaged record: a clear error
+    assert json.loads((folder / "config.json").read_text())["psnr"] == 22  # the detector records its PSNR
+    (folder / "field.json").write_text(json.dumps({**facts, "psnr_target": "much"}))  # a damaged record: an error
     capsys.readouterr()
     assert main(["watermark", "embed", str(cycle_run), *fast, "--n", "4", "--out", str(out), "--no-progress"]) == 2
-    assert "epsilon" in capsys.readouterr().err and (folder / "config.json").stat().st_mtime_ns == stamp
+    assert "PSNR target" in capsys.readouterr().err and (folder / "config.json").stat().st_mtime_ns == stamp
     (folder / "field.json").write_text(json.dumps(facts))
     _refuses_a_key_without_its_folder(cycle_run, key, "detector", tmp_path, capsys)
     with pytest.raises(MolrmogError, match="field method"):

@@ -637,7 +637,7 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     positives). Method "decoder" also keeps the run's extractor in OUT (`signature.extractor_for`) and the marked
     VAE's weights in OUT/marked-vae-<cluster>.safetensors (a state dict of the run's VAE for that cluster: load it
     into `Run.vae(cluster)` to decode marked images); method "field" keeps its detector in OUT
-    (`fieldmark.prepare_field`, with field.json: the field's sigma and strength eps). Returns {"out", "threshold",
+    (`fieldmark.prepare_field`, with field.json: the field's sigma and PSNR). Returns {"out", "threshold",
     "images"}."""
     from molrmog.core.artefacts import atomic_write, write_json
     from molrmog.core.outputs import save_grid
@@ -698,12 +698,11 @@ def detect_run(run, images, *, keyfile=None, out=None, kind: str | None = None) 
         folder = inside(path.parent, kf["extractor"], "the key's extractor folder")
         return scores(Extractor.load(folder, "watermark extractor").eval(), kf["key"], x), kf
     if kf["method"] == "field":
-        from molrmog.applications.fieldmark import field_scores
-        from molrmog.applications.signature import Extractor
+        from molrmog.applications.fieldmark import FieldDetector, field_scores
         from molrmog.core.artefacts import inside
 
         folder = inside(path.parent, kf["detector"], "the key's detector folder")
-        return field_scores(Extractor.load(folder, "watermark field detector").eval(), x), kf
+        return field_scores(FieldDetector.load(folder, "watermark field detector").eval(), x), kf
     scores = detection_scores(r.expert(kind, k), r.vae(k), x, kf["key"], fraction=kf["t"], method=kf["method"],
                               invert_steps=kf["invert_steps"], invert_sigma=kf["invert_sigma"])
     return scores, kf
