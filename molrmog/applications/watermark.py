@@ -566,7 +566,8 @@ def _report(res: dict) -> str:
     how = {"null": f"t_w = {res['t_w']:.3f}, strength {res['strength']} (pattern norm / noise norm at t_w)",
            "ring": f"t_w = {res['t_w']:.3f}, ring key on latent channel 0" + ring_words,
            "decoder": "the key's bits written by each cluster's fine-tuned decoder, read by the extractor",
-           "field": "the decoded images times (1 + eps f), f the key's smooth field, read by a detector"}[method]
+           "field": "each decoded image times (1 + eps f), f the key's smooth field, eps set per image for the "
+                    "PSNR, read by a detector that correlates its map with f"}[method]
     lines = [f"# {title} watermark: {res['run']} ({res['kind']}), {res['n']} marked / {res['n']} clean images", "",
              how + "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID change {res['fid_change']:+.2f} (median of "
