@@ -551,7 +551,7 @@ def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect:
 
 def _read(sig, expert, vae, x: Tensor, key, detect: dict) -> Tensor:
     """The detection statistic of images x: `sig["score"]` (decoder: the extractor's agreement with the key's bits;
-    field: the detector's logit), or `detection_scores` (the latent keys)."""
+    field: the detector's map correlated with the key's field), or `detection_scores` (the latent keys)."""
     if sig:
         return sig["score"](x)
     return detection_scores(expert, vae, x, key, **detect)
