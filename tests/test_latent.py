@@ -621,6 +621,35 @@ def test_the_field_detector_is_the_correlation_of_its_map_with_the_field_and_kee
     torch.testing.assert_close(back(x), D(x))
 
 
+def test_a_field_detector_training_stopped_midway_resumes_to_the_weights_of_one_never_stopped(tmp_path, monkeypatch):
+    import molrmog.applications.fieldmark as fm
+
+    f = fm.key_field("k", (1, 8, 8))
+    pool = load_dataset("digits").images[:64]
+    vae = ConvVAE((1, 8, 8), (2, 4, 4), 4, seed=0)
+    how = {"image_shape": (1, 8, 8), "psnr": 25.0, "steps": 20, "width": 4, "batch": 8, "checkpoint_every": 5,
+           "attacks": ("gaussian_noise", "none")}
+    whole, facts = fm.train_detector(lambda k: pool, [vae], torch.ones(1), f, checkpoint_dir=tmp_path / "a", **how)
+    calls, attack = [0], fm.train_attack
+
+    def stops_at_step_13(*a, **k):
+        calls[0] += 1
+        if calls[0] == 13:
+            raise KeyboardInterrupt  # Ctrl-C: steps 11-12 were taken but not checkpointed
+        return attack(*a, **k)
+
+    monkeypatch.setattr(fm, "train_attack", stops_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        fm.train_detector(lambda k: pool, [vae], torch.ones(1), f, checkpoint_dir=tmp_path / "b", **how)
+    assert (tmp_path / "b" / "checkpoint.safetensors").is_file()
+    calls[0] = 100  # counted from here on; no more stops
+    resumed, facts_b = fm.train_detector(lambda k: pool, [vae], torch.ones(1), f, checkpoint_dir=tmp_path / "b", **how)
+    assert calls[0] - 100 == 10 + 8  # steps 11-20 (from the step-10 checkpoint), then the 8 batches of the facts
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert facts == facts_b and 0 <= facts["accuracy_after"] <= 1 and math.isfinite(facts["loss_last_tenth"])
+
+
 def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
     import numpy as np
 
@@ -637,6 +666,7 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
     assert key["method"] == "field" and key["sigma"] == 0.5 and key["psnr_target"] == 22 and key["steps"] == 300
     folder = out / key["detector"]
     assert (folder / "config.json").is_file() and (folder / "field.json").is_file() and "12345" not in key["detector"]
+    assert not (folder / "checkpoint.safetensors").exists()  # the training's checkpoint goes when it is done
     run = Run.load(cycle_run)
     W = FieldDetector.load(folder)
     mark = lambda x: mark_images(x, key_field("12345", (1, 8, 8), 0.5), 22.0)  # noqa: E731

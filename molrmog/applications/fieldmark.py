@@ -32,6 +32,7 @@ from molrmog.applications.attacks import frozen, key_seed
 from molrmog.applications.signature import train_attack
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
+from molrmog.training.train import CHECKPOINT, fit
 
 __all__ = ["key_field", "apply_field", "strengths", "mark_images", "FieldDetector", "train_detector", "detector_dir",
            "prepare_field", "field_scores", "reconstructions", "SIGMA", "PSNR", "STEPS", "WIDTH", "CAP"]
@@ -40,6 +41,7 @@ SIGMA = 1.0  # pixels: the field's blur (README: 0.6 costs +1.45 FID on Fashion-
 PSNR = 35.0  # dB, every marked image against its clean image (the issue's goal: >= 35; README: 36 detects worse)
 STEPS = 8000  # Adam steps of the detector's training, batches of 64 clean + 64 marked (4,000: digits worse; README)
 WIDTH = 32  # the detector's channels
+CHECKPOINT_EVERY = 250  # detector steps between checkpoints (a stopped training resumes from the last one)
 CAP = 1.0  # the largest eps_i: images too faint to reach the PSNR with it (nearly black) carry a weaker mark
 
 
@@ -122,39 +124,38 @@ class FieldDetector(Model):
 
 def train_detector(images_of, vaes, weights: Tensor, f: Tensor, *, image_shape, psnr: float = PSNR,
                    steps: int = STEPS, width: int = WIDTH, sigma: float = SIGMA, batch: int = 64, lr: float = 1e-3,
-                   seed: int = 0, progress: bool = False, attacks=None):
+                   seed: int = 0, progress: bool = False, attacks=None, checkpoint_dir=None,
+                   checkpoint_every: int = CHECKPOINT_EVERY):
     """The detector D of field f: each step draws a cluster k by `weights`, `batch` images of it (`images_of(k)`),
     marks a copy (`mark_images` at `psnr`), puts every image through one attack of `train_attack` (through
     `vaes[k]`) and takes an Adam step on the binary cross-entropy of D's statistic (marked 1, clean 0); cosine
-    rate. Returns (D, facts)."""
-    from tqdm.auto import tqdm
-
+    rate. The loop is the project's one training loop (`training.train.fit`): with `checkpoint_dir` a checkpoint
+    is written there every `checkpoint_every` steps and a stopped training resumes from it bit for bit. Returns
+    (D, facts): the loss over the last tenth of the steps, and D's accuracy on 8 fresh batches drawn the same
+    way (new draws and attacks) after training."""
     if steps < 1 or batch < 1:
         raise MolrmogError(f"the detector needs steps >= 1 and batch >= 1, got {steps} and {batch}")
     D = FieldDetector(tuple(image_shape), width, seed=seed, steps=steps, psnr=psnr, sigma=sigma)
     D.field.copy_(f.reshape(D.field.shape))
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(D.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     y = torch.cat([torch.zeros(batch), torch.ones(batch)])
-    acc, loss_log = [], []
+
+    def attacked_batch(g: torch.Generator) -> Tensor:
+        k = int(torch.multinomial(weights, 1, generator=g))
+        pool = images_of(k)
+        x = pool[torch.randint(len(pool), (batch,), generator=g)]
+        with torch.no_grad():
+            return train_attack(torch.cat([x, mark_images(x, f, psnr)]), vaes[k], g, attacks)
+
     with frozen(*vaes), torch.enable_grad():
-        for _ in tqdm(range(steps), desc="field detector", disable=not progress, leave=False):
-            k = int(torch.multinomial(weights, 1, generator=g))
-            pool = images_of(k)
-            x = pool[torch.randint(len(pool), (batch,), generator=g)]
-            with torch.no_grad():
-                xa = train_attack(torch.cat([x, mark_images(x, f, psnr)]), vaes[k], g, attacks)
-            logit = D(xa)
-            loss = F.binary_cross_entropy_with_logits(logit, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            acc.append(float(((logit > 0).float() == y).float().mean()))
-            loss_log.append(float(loss.detach()))
-    n = max(1, steps // 10)
-    return D.eval(), {"accuracy_last_tenth": sum(acc[-n:]) / n, "loss_last_tenth": sum(loss_log[-n:]) / n}
+        out = fit(D, lambda model, g: F.binary_cross_entropy_with_logits(model(attacked_batch(g)), y), steps=steps,
+                  lr=lr, seed=seed, lr_schedule="cosine", progress=progress, desc="field detector",
+                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    D.eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        acc = [float(((D(attacked_batch(g)) > 0).float() == y).float().mean()) for _ in range(8)]
+    n = max(1, len(out["loss"]) // 10)
+    return D, {"accuracy_after": sum(acc) / len(acc), "loss_last_tenth": sum(out["loss"][-n:]) / n}
 
 
 def detector_dir(out, key, sigma: float, psnr: float, steps: int, width: int, seed: int) -> Path:
@@ -191,8 +192,9 @@ def _read_detector(d: Path, f: Tensor, psnr: float) -> tuple[FieldDetector, dict
 def prepare_field(run, key, out, *, sigma: float = SIGMA, psnr: float = PSNR, steps: int = STEPS,
                   width: int = WIDTH, seed: int = 0, progress: bool = False) -> dict:
     """The key's field and its detector (`train_detector`, trained once and kept in `detector_dir(out, ...)` with
-    field.json; read back when there). Returns {"extractor": D, "mark": images -> marked images (`mark_images`),
-    "score": images -> statistic, "facts"}."""
+    field.json; read back when there). While it trains, its checkpoint is kept in that folder: a training stopped
+    (Ctrl-C, SIGKILL) resumes where it stopped when asked again. Returns {"extractor": D, "mark": images -> marked
+    images (`mark_images`), "score": images -> statistic, "facts"}."""
     from molrmog.core.artefacts import write_json
     from molrmog.pipeline.run import Run
 
@@ -205,11 +207,13 @@ def prepare_field(run, key, out, *, sigma: float = SIGMA, psnr: float = PSNR, st
         pools = {k: reconstructions(r, k) for k in range(r.K)}
         eps = strengths(torch.cat([p[:1024] for p in pools.values()]), f, psnr)
         D, facts = train_detector(pools.__getitem__, r.vaes(), r.weights, f, image_shape=r.image_shape, psnr=psnr,
-                                  steps=steps, width=width, sigma=sigma, seed=seed, progress=progress)
+                                  steps=steps, width=width, sigma=sigma, seed=seed, progress=progress,
+                                  checkpoint_dir=d)
         facts = {"sigma": sigma, "psnr_target": psnr, "steps": steps, "width": width,
                  "epsilon_median": float(eps.median()), "epsilon_at_cap": float((eps >= CAP).float().mean()), **facts}
         D.save(d)
         write_json(d / "field.json", facts)
+        (d / CHECKPOINT).unlink(missing_ok=True)  # the finished detector replaces its training's checkpoint
     return {"extractor": D, "mark": lambda x: mark_images(x, f, psnr), "score": lambda x: field_scores(D, x),
             "facts": {"detector": d.name, **facts}}
 
