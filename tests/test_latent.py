@@ -530,6 +530,7 @@ def test_decoder_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, 
     key = json.loads((out / "key.json").read_text())
     assert key["method"] == "decoder" and key["bits"] == 16 and (out / key["extractor"] / "config.json").is_file()
     assert key["smooth"] == 1 and "-smooth1-" in key["extractor"]  # the option reaches the image loss's owners
+    assert not (out / key["extractor"] / "checkpoint.safetensors").exists()  # the training's checkpoint is gone
     assert key["mark"]["psnr_latents"] >= 30 - 1e-3 and (out / key["marked_vae"]).is_file()
     from molrmog.applications.signature import Extractor
     from molrmog.pipeline.run import Run
@@ -621,16 +622,27 @@ def test_the_field_detector_is_the_correlation_of_its_map_with_the_field_and_kee
     torch.testing.assert_close(back(x), D(x))
 
 
-def test_a_field_detector_training_stopped_midway_resumes_to_the_weights_of_one_never_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["field detector", "decoder key's extractor"])
+def test_a_watermark_network_stopped_midway_resumes_to_the_weights_of_one_never_stopped(what, tmp_path, monkeypatch):
+    """The field's detector and the decoder key's extractor train in `fit`: Ctrl-C at step 13 of 20, with a
+    checkpoint at step 10, and the resumed training runs steps 11-20 only and ends where one never stopped does."""
     import molrmog.applications.fieldmark as fm
+    import molrmog.applications.signature as sg
 
-    f = fm.key_field("k", (1, 8, 8))
     pool = load_dataset("digits").images[:64]
     vae = ConvVAE((1, 8, 8), (2, 4, 4), 4, seed=0)
-    how = {"image_shape": (1, 8, 8), "psnr": 25.0, "steps": 20, "width": 4, "batch": 8, "checkpoint_every": 5,
+    how = {"image_shape": (1, 8, 8), "psnr": 25.0, "steps": 20, "batch": 8, "checkpoint_every": 5,
            "attacks": ("gaussian_noise", "none")}
-    whole, facts = fm.train_detector(lambda k: pool, [vae], torch.ones(1), f, checkpoint_dir=tmp_path / "a", **how)
-    calls, attack = [0], fm.train_attack
+    module, after = (fm, 8) if what == "field detector" else (sg, 0)  # the detector's facts read 8 more batches
+
+    def train(folder):
+        if module is fm:
+            return fm.train_detector(lambda k: pool, [vae], torch.ones(1), fm.key_field("k", (1, 8, 8)), width=4,
+                                     checkpoint_dir=folder, **how)
+        return sg.train_extractor(lambda k: pool, [vae], torch.ones(1), bits=4, checkpoint_dir=folder, **how)
+
+    whole, facts = train(tmp_path / "a")
+    calls, attack = [0], module.train_attack
 
     def stops_at_step_13(*a, **k):
         calls[0] += 1
@@ -638,16 +650,19 @@ def test_a_field_detector_training_stopped_midway_resumes_to_the_weights_of_one_
             raise KeyboardInterrupt  # Ctrl-C: steps 11-12 were taken but not checkpointed
         return attack(*a, **k)
 
-    monkeypatch.setattr(fm, "train_attack", stops_at_step_13)
+    monkeypatch.setattr(module, "train_attack", stops_at_step_13)
     with pytest.raises(KeyboardInterrupt):
-        fm.train_detector(lambda k: pool, [vae], torch.ones(1), f, checkpoint_dir=tmp_path / "b", **how)
+        train(tmp_path / "b")
     assert (tmp_path / "b" / "checkpoint.safetensors").is_file()
     calls[0] = 100  # counted from here on; no more stops
-    resumed, facts_b = fm.train_detector(lambda k: pool, [vae], torch.ones(1), f, checkpoint_dir=tmp_path / "b", **how)
-    assert calls[0] - 100 == 10 + 8  # steps 11-20 (from the step-10 checkpoint), then the 8 batches of the facts
+    resumed, facts_b = train(tmp_path / "b")
+    assert calls[0] - 100 == 10 + after  # steps 11-20, from the step-10 checkpoint
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert facts == facts_b and 0 <= facts["accuracy_after"] <= 1 and math.isfinite(facts["loss_last_tenth"])
+    if module is fm:
+        assert facts == facts_b and 0 <= facts["accuracy_after"] <= 1 and math.isfinite(facts["loss_last_tenth"])
+    else:  # the multiplier is part of the checkpoint: the resumed training ends with the same lambda
+        assert facts_b["lambda"] == facts["lambda"] and facts["lambda"] != 1e-3
 
 
 def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):

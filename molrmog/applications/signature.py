@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from molrmog.applications.attacks import ATTACKS, blur, frozen, jpeg, key_seed
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
+from molrmog.training.train import CHECKPOINT, fit
 
 __all__ = ["Extractor", "key_bits", "train_attack", "train_extractor", "mark_decoder", "scores", "bit_accuracy",
            "extractor_for", "extractor_dir", "prepare", "mark_latents", "visibility", "BITS", "EXTRACTOR_STEPS",
@@ -44,6 +45,7 @@ EXTRACTOR_STEPS = 4000  # Adam steps of the HiDDeN pre-training of the extractor
 MARK_STEPS = 800  # Adam steps of each cluster's decoder fine-tune (400 until the tenth session: README)
 PSNR = 36.0  # dB, the marked decoder against the clean one (the issue's goal: >= 35)
 WEBER = 0.0  # L0 of the luminance masking of the image loss (0: plain MSE; 0.1 lost on Fashion-MNIST: README)
+CHECKPOINT_EVERY = 250  # extractor steps between checkpoints (a stopped training resumes from the last one)
 SMOOTH = 0.0  # weight of the image loss's extra charge on a change's fine detail (0: none; README)
 
 
@@ -140,56 +142,77 @@ def visibility(change: Tensor, clean: Tensor, weber: float = WEBER, smooth: floa
     return (w * cost).mean()
 
 
-class _Lagrange:
+class _Lagrange(nn.Module):
     """lam for loss = task + lam * cost / target: dual ascent on log lam towards mse = target (10^(-psnr / 10)),
     log lam += rate * log(mse / target) clipped to +-2 per step, from a small lam (the task is learnt first: a
     large lam at the start drives the change to zero before the extractor can read anything, and it never
-    recovers)."""
+    recovers). log lam is a buffer (float64), so a checkpoint of a module holding this one carries it."""
 
     def __init__(self, psnr: float, rate: float = 0.01, start: float = 1e-3):
+        super().__init__()
         if not 10 <= psnr <= 80:
             raise MolrmogError(f"the watermark's PSNR target must lie in [10, 80] dB, got {psnr}", param="psnr")
-        self.target, self.rate, self.log_lam = 10 ** (-psnr / 10), rate, math.log(start)
+        self.target, self.rate = 10 ** (-psnr / 10), rate
+        self.register_buffer("log_lam", torch.tensor(math.log(start), dtype=torch.float64))
 
     def loss(self, task: Tensor, mse: Tensor, cost: Tensor | None = None) -> Tensor:
         """task + lam * cost / target (cost: the image loss, default the MSE); lam then steps on the MSE."""
-        out = task + math.exp(self.log_lam) * (mse if cost is None else cost) / self.target
+        log_lam = float(self.log_lam)
+        out = task + math.exp(log_lam) * (mse if cost is None else cost) / self.target
         step = min(2.0, max(-2.0, math.log(max(float(mse.detach()), 1e-20) / self.target)))
-        self.log_lam = min(20.0, max(-20.0, self.log_lam + self.rate * step))
+        self.log_lam.fill_(min(20.0, max(-20.0, log_lam + self.rate * step)))
         return out
+
+
+class _Training(nn.Module):
+    """What `train_extractor` trains, as one module for the training loop's checkpoints: the extractor W, the
+    embedder H and the Lagrange multiplier that holds H's change at the PSNR."""
+
+    def __init__(self, W: Extractor, H: nn.Module, lag: _Lagrange):
+        super().__init__()
+        self.W, self.H, self.lag = W, H, lag
 
 
 def train_extractor(images_of, vaes, weights: Tensor, *, image_shape, bits: int = BITS, steps: int = EXTRACTOR_STEPS,
                     psnr: float = PSNR, batch: int = 64, lr: float = 1e-3, seed: int = 0, progress: bool = False,
-                    attacks=None, weber: float = WEBER, smooth: float = SMOOTH):
+                    attacks=None, weber: float = WEBER, smooth: float = SMOOTH, checkpoint_dir=None,
+                    checkpoint_every: int = CHECKPOINT_EVERY):
     """The extractor W, trained with an embedder H on random messages under `train_attack` (see the module). Each
     step draws a cluster k by `weights`, a batch of its images (`images_of(k)`), messages, one attack through
     `vaes[k]`; H's change, its image loss `visibility`, is held near the PSNR `psnr` by a Lagrange multiplier.
-    Returns (W, facts)."""
-    from tqdm.auto import tqdm
-
+    The loop is the project's one training loop (`training.train.fit`): with `checkpoint_dir` a checkpoint (W, H,
+    the multiplier, Adam, the generator) is written there every `checkpoint_every` steps and a stopped training
+    resumes from it bit for bit. Returns (W, facts: the last tenth's bit accuracy and PSNR of the steps this call
+    ran, and the final lambda)."""
     if steps < 1 or batch < 1:
         raise MolrmogError(f"the extractor needs steps >= 1 and batch >= 1, got {steps} and {batch}")
     W = Extractor(tuple(image_shape), bits, seed=seed, steps=steps, psnr=psnr, weber=weber, smooth=smooth)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
         H = _Embedder(image_shape, bits)
-    g, lag = torch.Generator().manual_seed(seed), _Lagrange(psnr)
-    opt = torch.optim.Adam([*W.parameters(), *H.parameters()], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    log = ([], [])
+    both, log = _Training(W, H, _Lagrange(psnr)), ([], [])
+
+    def loss_fn(model: _Training, g: torch.Generator) -> Tensor:
+        k = int(torch.multinomial(weights, 1, generator=g))
+        pool = images_of(k)
+        x = pool[torch.randint(len(pool), (batch,), generator=g)]
+        m = torch.randint(0, 2, (batch, bits), generator=g).float()
+        x_w = (x + model.H(x, m)).clamp(0, 1)
+        logits = model.W(train_attack(x_w, vaes[k], g, attacks))
+        mse = (x_w - x).pow(2).mean()
+        _record(logits > 0, m, mse, log)
+        return model.lag.loss(F.binary_cross_entropy_with_logits(logits, m), mse, visibility(x_w - x, x, weber, smooth))
+
     with frozen(*vaes), torch.enable_grad():
-        for _ in tqdm(range(steps), desc="extractor", disable=not progress, leave=False):
-            k = int(torch.multinomial(weights, 1, generator=g))
-            pool = images_of(k)
-            x = pool[torch.randint(len(pool), (batch,), generator=g)]
-            m = torch.randint(0, 2, (batch, bits), generator=g).float()
-            x_w = (x + H(x, m)).clamp(0, 1)
-            logits = W(train_attack(x_w, vaes[k], g, attacks))
-            mse = (x_w - x).pow(2).mean()
-            loss = lag.loss(F.binary_cross_entropy_with_logits(logits, m), mse, visibility(x_w - x, x, weber, smooth))
-            _step(opt, sched, loss, logits > 0, m, mse, log)
-    return W.eval(), {**_tail_facts(*log), "lambda": math.exp(lag.log_lam)}
+        fit(both, loss_fn, steps=steps, lr=lr, seed=seed, lr_schedule="cosine", progress=progress, desc="extractor",
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    return W.eval(), {**_tail_facts(*log), "lambda": math.exp(float(both.lag.log_lam))}
+
+
+def _record(bits: Tensor, m: Tensor, mse: Tensor, log: tuple[list, list]) -> None:
+    """The record of a step's bit accuracy and MSE in `log`."""
+    log[0].append(float((bits.float() == m).float().mean()))
+    log[1].append(float(mse.detach()))
 
 
 def _step(opt, sched, loss: Tensor, bits: Tensor, m: Tensor, mse: Tensor, log: tuple[list, list]) -> None:
@@ -198,12 +221,13 @@ def _step(opt, sched, loss: Tensor, bits: Tensor, m: Tensor, mse: Tensor, log: t
     loss.backward()
     opt.step()
     sched.step()
-    log[0].append(float((bits.float() == m).float().mean()))
-    log[1].append(float(mse.detach()))
+    _record(bits, m, mse, log)
 
 
 def _tail_facts(acc: list, mse: list) -> dict:
     """The last tenth's mean bit accuracy and its PSNR (of the mean MSE)."""
+    if not acc:  # (a resumed training that had nothing left to do)
+        return {}
     n = max(1, len(acc) // 10)
     return {"bit_accuracy_last_tenth": sum(acc[-n:]) / n,
             "psnr_last_tenth": -10 * math.log10(max(1e-12, sum(mse[-n:]) / n))}
@@ -219,7 +243,8 @@ def extractor_dir(out, bits: int, steps: int, psnr: float, seed: int, weber: flo
 
 def extractor_for(run, out, *, bits: int = BITS, steps: int = EXTRACTOR_STEPS, psnr: float = PSNR, seed: int = 0,
                   progress: bool = False, weber: float = WEBER, smooth: float = SMOOTH) -> Extractor:
-    """The run's extractor, trained once and kept in `extractor_dir(out, ...)` (read back when there)."""
+    """The run's extractor, trained once and kept in `extractor_dir(out, ...)` (read back when there; while it
+    trains, its checkpoint is kept there, and a stopped training resumes from it)."""
     from molrmog.pipeline.run import Run
 
     r = Run.coerce(run)
@@ -227,8 +252,10 @@ def extractor_for(run, out, *, bits: int = BITS, steps: int = EXTRACTOR_STEPS, p
     if (d / "config.json").is_file():
         return Extractor.load(d, "watermark extractor").eval()
     W, _ = train_extractor(r.cluster_images, r.vaes(), r.weights, image_shape=r.image_shape, bits=bits,
-                           steps=steps, psnr=psnr, seed=seed, progress=progress, weber=weber, smooth=smooth)
+                           steps=steps, psnr=psnr, seed=seed, progress=progress, weber=weber, smooth=smooth,
+                           checkpoint_dir=d)
     W.save(d)
+    (d / CHECKPOINT).unlink(missing_ok=True)  # the finished extractor replaces its training's checkpoint
     return W
 
 
