@@ -45,8 +45,8 @@ EXTRACTOR_STEPS = 4000  # Adam steps of the HiDDeN pre-training of the extractor
 MARK_STEPS = 800  # Adam steps of each cluster's decoder fine-tune (400 until the tenth session: README)
 PSNR = 36.0  # dB, the marked decoder against the clean one (the goal: >= 35)
 WEBER = 0.0  # L0 of the luminance masking of the image loss (0: plain MSE; 0.1 lost on Fashion-MNIST: README)
-CHECKPOINT_EVERY = 250  # extractor steps between checkpoints (a stopped training resumes from the last one)
 SMOOTH = 0.0  # weight of the image loss's extra charge on a change's fine detail (0: none; README)
+CHECKPOINT_EVERY = 250  # extractor steps between checkpoints (a stopped training resumes from the last one)
 
 
 class Extractor(Model):
