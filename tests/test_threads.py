@@ -54,6 +54,22 @@ def test_molrmog_threads_fixes_the_count_and_is_checked():
             fixed_threads({"MOLRMOG_THREADS": bad})
 
 
+def test_fixed_threads_times_workers_beyond_the_cpus_is_warned_about(monkeypatch, caplog):
+    import molrmog.training.executors as ex
+
+    monkeypatch.setattr(ex, "usable_cpus", lambda: 2)
+    for threads, workers, warned in (("2", 2, True), ("1", 2, False), ("2", 1, False), (None, 4, False)):
+        if threads is None:
+            monkeypatch.delenv("MOLRMOG_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("MOLRMOG_THREADS", threads)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="molrmog"):
+            ex.Executor("local", workers)
+        said = " ".join(r.getMessage() for r in caplog.records)
+        assert ("asks for 4 threads on 2 CPUs" in said and "MOLRMOG_THREADS=1 or unset it" in said) == warned, said
+
+
 def test_a_busy_machine_gets_one_thread_an_idle_one_the_share():
     assert choose_threads(2, measure=lambda: 1.0, environ={}, cpus=2) == 1
     assert choose_threads(2, measure=lambda: 0.0, environ={}) == min(2, usable_cpus())

@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from molrmog.core.errors import MolrmogError, TrainingDiverged
+from molrmog.training.threads import ENV, fixed_threads, usable_cpus
 
 __all__ = ["Task", "Executor", "TasksFailed", "run_tasks", "EXECUTORS"]
 
@@ -80,6 +81,11 @@ class Executor:
             raise MolrmogError(f"workers must be >= 1, got {self.workers}", param="workers")
         if self.kind == "ray":
             _import_ray()
+        fixed, cpus = fixed_threads(), usable_cpus()
+        if self.kind == "local" and fixed and fixed * int(self.workers) > cpus:
+            log.warning("%s=%d with --workers %d asks for %d threads on %d CPUs: the workers' threads will wait for "
+                        "each other, several-fold slower; set %s=%d or unset it", ENV, fixed, self.workers,
+                        fixed * int(self.workers), cpus, ENV, max(1, cpus // int(self.workers)))
 
     @property
     def threads(self) -> int:
