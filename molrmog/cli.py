@@ -198,7 +198,8 @@ class WatermarkOptions:
                         "median", low=1, high=100)
     bits: int = option(BITS, "decoder: bits of the key's message", low=1, high=256)
     extractor_steps: int | None = option(None, "decoder / field: Adam steps of the extractor's (the field's "
-                                         "detector's) training, once per --out, kept there (default: decoder "
+                                         "detector's) training, once per --out, kept there; a stopped training "
+                                         "resumes from its checkpoint there when asked again (default: decoder "
                                          f"{EXTRACTOR_STEPS}, field {FIELD_STEPS})", low=1, high=1_000_000)
     mark_steps: int = option(MARK_STEPS, "decoder: Adam steps of each cluster's decoder fine-tune", low=1,
                              high=1_000_000)
