@@ -35,6 +35,7 @@ from molrmog.applications.fieldmark import PSNR as FIELD_PSNR
 from molrmog.applications.fieldmark import SIGMA as FIELD_SIGMA
 from molrmog.applications.fieldmark import STEPS as FIELD_STEPS
 from molrmog.applications.signature import BITS, EXTRACTOR_STEPS, MARK_STEPS, PSNR, SMOOTH, WEBER
+from molrmog.applications.subspacemark import PSNR as SUBSPACE_PSNR
 from molrmog.applications.watermark import ATTACKS as WATERMARK_ATTACKS
 from molrmog.applications.watermark import INVERT_SIGMA, INVERT_STEPS
 from molrmog.applications.watermark import METHODS as WATERMARK_METHODS
@@ -182,7 +183,10 @@ class WatermarkOptions:
                          "decoder: Stable Signature, each cluster's decoder fine-tuned to write the key's bits, read "
                          "by an extractor network trained once per --out; field: each decoded image times (1 + eps f), "
                          "f a smooth field drawn from the key, eps set per image for --psnr, read by a detector "
-                         "network correlating with f, trained once per key and --out", choices=WATERMARK_METHODS)
+                         "network correlating with f, trained once per key and --out; subspace: each decoded image "
+                         "moved (at --psnr) so its encoding steps off its mode's subspace along the key's direction, "
+                         "read as the residual of a fit of the decoder's manifold (MoG experts)",
+                         choices=WATERMARK_METHODS)
     invert_steps: int = option(INVERT_STEPS, "embed / evaluate: Adam steps of decoder inversion before detection "
                                "(0: the encoder's mean)", low=0, high=100_000)
     invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
@@ -204,8 +208,9 @@ class WatermarkOptions:
     mark_steps: int = option(MARK_STEPS, "decoder: Adam steps of each cluster's decoder fine-tune", low=1,
                              high=1_000_000)
     psnr: float | None = option(None, "decoder: PSNR (dB) at which the marked decoder is held against the clean one; "
-                                "field: each marked image's PSNR against its clean image, which sets its eps (default: "
-                                f"decoder {PSNR:g}, field {FIELD_PSNR:g})", low=10, high=80)
+                                "field / subspace: each marked image's PSNR against its clean image (default: "
+                                f"decoder {PSNR:g}, field {FIELD_PSNR:g}, subspace {SUBSPACE_PSNR:g})", low=10,
+                                high=80)
     field_sigma: float = option(FIELD_SIGMA, "field: the blur (pixels) of the key's white-noise field", low=0,
                                 high=16)
     weber: float = option(WEBER, "decoder: L0 of the image loss's luminance masking, squared changes weighted by "
@@ -672,12 +677,16 @@ WATERMARK_HELP = (
     "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
     "denoiser's Jacobian, or with --method decoder the key's --bits written by the cluster's decoder fine-tuned "
     "against an extractor network, Stable Signature's way, or with --method field the decoded images multiplied by "
-    "1 + eps f, f a smooth field drawn from the key, eps per image) into watermarked.npy/.png and key.json (with the "
+    "1 + eps f, f a smooth field drawn from the key, eps per image, or with --method subspace the decoded images "
+    "moved so that their encodings step off their modes' subspaces along the key's directions) into "
+    "watermarked.npy/.png and key.json (with the "
     "detection threshold: 1% false positives on clean images; decoder: also the extractor's folder and "
-    "marked-vae-<cluster>.safetensors; field: the detector's folder and sigma); detect: a score and a decision "
+    "marked-vae-<cluster>.safetensors; field: the detector's folder and sigma; subspace: the statistic's "
+    "calibration); detect: a score and a decision "
     "per image of an .npy file (encoder mean, MAP decoder inversion under the expert's law, ODE back to --t, "
     "statistic; decoder: the extractor's agreement with the key's bits; field: the "
-    "detector's map correlated with the field); "
+    "detector's map correlated with the field; subspace: the residual of a fit of the decoder's manifold along the "
+    "key's direction); "
     "evaluate: AUC and TPR at 1% FPR over --n "
     "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
     "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "

@@ -704,3 +704,81 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
     _refuses_a_key_without_its_folder(cycle_run, key, "detector", tmp_path, capsys)
     with pytest.raises(MolrmogError, match="field method"):
         embed(run.expert("mog", 2), run.vae(2), 2, "k", method="field")
+
+
+def test_the_subspace_keys_directions_leave_every_modes_subspace_and_come_from_the_key(cycle_run):
+    from molrmog.applications.subspacemark import _modes, key_directions
+    from molrmog.pipeline.run import Run
+
+    e = Run.load(cycle_run).expert("mog", 2)
+    mu, Q = _modes(e)
+    w = key_directions("k", e, 2)
+    assert w.shape == mu.shape and Q.shape[-1] < Q.shape[-2]
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)))
+    torch.testing.assert_close(torch.einsum("ndr,nd->nr", Q, w), torch.zeros(Q.shape[0], Q.shape[2]),
+                               atol=1e-5, rtol=0)  # off the mode's subspace
+    torch.testing.assert_close(torch.einsum("ndr,nds->nrs", Q, Q), torch.eye(Q.shape[-1]).expand(len(Q), -1, -1),
+                               atol=1e-5, rtol=0)  # the bases are orthonormal
+    assert torch.equal(w, key_directions("k", e, 2))
+    assert not torch.allclose(w, key_directions("other", e, 2)) and not torch.allclose(w, key_directions("k", e, 3))
+
+
+def test_the_manifold_fit_leaves_images_the_decoder_makes_near_zero_and_fits_away_blur_and_gain(cycle_run):
+    """Images decoded from a mode's subspace are on the fitted manifold: their residual is a small fraction of the
+    encoding's distance to the mode's mean, and the blur mix and the gain are fitted away too (the attacks' blur
+    at sigma 0.6, x 1.15 clipped), while a pixel change of the same PSNR as the mark's, along the key's direction,
+    leaves a residual the fit cannot remove."""
+    from molrmog.applications.attacks import blur
+    from molrmog.applications.subspacemark import _encode, _modes, fit_residuals, key_directions, mark_images
+    from molrmog.pipeline.run import Run
+
+    r = Run.load(cycle_run)
+    e, vae = r.expert("mog", 2), r.vae(2)
+    mu, Q = _modes(e)
+    g = torch.Generator().manual_seed(0)
+    j = torch.arange(24) % len(mu)
+    u = mu[j] + torch.einsum("ndr,nr->nd", Q[j], torch.randn(24, Q.shape[-1], generator=g))
+    with torch.no_grad():
+        x = torch.sigmoid(vae.decode(e.unstandardise(u)))
+        spread = (_encode(e, vae, x) - mu[j]).norm(dim=1)
+    w = key_directions("k", e, 2)
+    for img in (x, blur(x, 0.6), (x * 1.15).clamp(0, 1)):
+        rho, _ = fit_residuals(e, vae, img, steps=80)
+        assert float((rho.norm(dim=1) / spread).median()) < 0.1
+    marked = mark_images(e, vae, x, w, psnr=30.0, steps=10)
+    psnr = -10 * torch.log10((marked - x).pow(2).flatten(1).mean(1))
+    assert float(psnr.min()) >= 30.0 - 1e-3  # the clip only shortens the change
+    rho_c, jc = fit_residuals(e, vae, x, steps=80)
+    rho_m, jm = fit_residuals(e, vae, marked, steps=80)
+    assert float((rho_m * w[jm]).sum(1).abs().median()) > 5 * float((rho_c * w[jc]).sum(1).abs().median())
+
+
+def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
+    import numpy as np
+
+    from molrmog.applications.subspacemark import key_directions, statistic
+    from molrmog.applications.watermark import embed, roc
+    from molrmog.pipeline.run import Run
+
+    out = tmp_path / "wm-subspace"
+    assert main(["watermark", "embed", str(cycle_run), "--method", "subspace", "--n", "24", "--cluster", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    key = json.loads((out / "key.json").read_text())
+    assert key["method"] == "subspace" and key["psnr_target"] == 35.0 and list(key["calibration"]) == ["2"]
+    run = Run.load(cycle_run)
+    e, vae = run.expert("mog", 2), run.vae(2)
+    m0, sd = key["calibration"]["2"]
+    marked = torch.from_numpy(np.load(out / "watermarked.npy"))
+    clean = embed(e, vae, 32, "12345", seed=9)[1]
+    np.save(tmp_path / "clean.npy", clean.numpy())
+    s = [(statistic(e, vae, x, key_directions("12345", e, 2)) - m0).abs() / sd for x in (clean, marked)]
+    assert roc(*s)["auc"] > 0.95
+    _detect_calls(cycle_run, out, tmp_path, capsys)
+    for bad in ({"calibration": {"2": [0.0, 0.0]}}, {"calibration": {"3": [0.0, 1.0]}}, {"calibration": "x"}):
+        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
+                     "--keyfile", str(tmp_path / "bad.json")]) == 2
+        assert "calibration" in capsys.readouterr().err
+    assert main(["watermark", "embed", str(cycle_run), "--method", "subspace", "--kind", "unet", "--n", "4",
+                 "--out", str(tmp_path / "wm-unet"), "--no-progress"]) == 2
+    assert "MoG expert" in capsys.readouterr().err

@@ -5,8 +5,9 @@ run_shallow_diffuse_t2i.py): during generation, at a small time t_w, a key is wr
 and sampling finishes; detection inverts an image back to t_w with the probability-flow ODE and tests for
 the key. Two latent keys (`METHODS`; the third method, "decoder", is Stable Signature's: the key lives in a
 fine-tuned decoder, `molrmog.applications.signature`; the fourth, "field", multiplies the decoded image by a smooth
-field drawn from the key, `molrmog.applications.fieldmark`; `evaluate_watermark` / `embed_run` / `detect_run`
-serve them too):
+field drawn from the key, `molrmog.applications.fieldmark`; the fifth, "subspace", moves the decoded image off the
+expert's mode subspaces along the key's directions and reads it by fitting the decoder's manifold,
+`molrmog.applications.subspacemark`; `evaluate_watermark` / `embed_run` / `detect_run` serve them too):
 - "null": a keyed pattern projected onto the (approximate) null space of the denoiser's Jacobian J_t(u_t),
   the directions the posterior mean does not depend on (closed form for MoG / Gaussian experts,
   `mixture.denoiser_jacobian`; autograd otherwise); statistic: the cosine of the null-space parts. A
@@ -48,8 +49,11 @@ __all__ = ["key_pattern", "null_projector", "ring_key", "embed", "detection_scor
 # "null": a keyed direction in the null space of the denoiser's Jacobian (cosine statistic);
 # "ring": Tree-Ring / Shallow Diffuse's key, constant on rings of a Fourier disk of one latent channel (L1 statistic);
 # "decoder": Stable Signature's, a decoder fine-tuned to write the key's bits into every image (`signature`);
-# "field": the decoded image times (1 + eps f), f a smooth field drawn from the key, a trained detector (`fieldmark`)
-METHODS = ("null", "ring", "decoder", "field")
+# "field": the decoded image times (1 + eps f), f a smooth field drawn from the key, a trained detector (`fieldmark`);
+# "subspace": a step off the expert's mode subspaces along the key's directions, read by fitting the decoder's
+# manifold (`subspacemark`)
+METHODS = ("null", "ring", "decoder", "field", "subspace")
+MARKED_IMAGES = ("field", "subspace")  # methods that mark the decoded image (`embed`'s `mark`)
 
 
 def key_pattern(key: int | str, d: int) -> Tensor:
@@ -119,9 +123,9 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     about the embedding. `method` "null": a keyed pattern in the Jacobian's null space, its norm `strength` x the
     noise's at t_w (gamma_w sqrt(d)); "ring": the spectrum of latent channel 0 on its disk at t_w moved the
     fraction `ring_mix` of the way to the ring key (`ring_key`; 1: replaced by it; `strength` unused); "decoder":
-    the same latents, decoded by `marked_vae` (`signature.mark_decoder`: the key is in its decoder); "field": the
-    same latents, the decoded image marked by `mark` (`fieldmark.prepare_field`). With `latents`, also the two
-    final standardised latents."""
+    the same latents, decoded by `marked_vae` (`signature.mark_decoder`: the key is in its decoder); "field" and
+    "subspace": the same latents, the decoded image marked by `mark` (`fieldmark.prepare_field`,
+    `subspacemark.prepare_subspace`). With `latents`, also the two final standardised latents."""
     if n < 1 or strength <= 0:
         raise MolrmogError(f"watermarking needs n >= 1 images and a strength > 0, got n = {n}, strength = {strength}")
     if not 0 < ring_mix <= 1:
@@ -130,8 +134,9 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         raise MolrmogError(f"unknown watermark method {method!r}; choose from {', '.join(METHODS)}")
     if (method == "decoder") != (marked_vae is not None):
         raise MolrmogError("the decoder method, and only it, decodes with a marked VAE (signature.mark_decoder)")
-    if (method == "field") != (mark is not None):
-        raise MolrmogError("the field method, and only it, marks the decoded images (fieldmark.prepare_field)")
+    if (method in MARKED_IMAGES) != (mark is not None):
+        raise MolrmogError("the field and subspace methods, and only they, mark the decoded images "
+                           "(fieldmark.prepare_field, subspacemark.prepare_subspace)")
     sched = expert.schedule
     t_w = edit_time(sched, fraction)
     d = expert.shift.numel()
@@ -142,7 +147,7 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     if method == "ring":
         marked_t = _inject_ring(u_t, expert.latent, 0, *ring_key(key, expert.latent), mix=ring_mix)
         rank = torch.zeros(1)
-    elif method in ("decoder", "field"):
+    elif method in ("decoder", *MARKED_IMAGES):
         marked_t, rank = u_t, torch.zeros(1)
     else:
         P, rank = null_projector(expert, u_t, t_w)
@@ -151,7 +156,7 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
         delta = delta / delta.norm(dim=1, keepdim=True).clamp_min(1e-12)
         marked_t = u_t + strength * gamma_w * math.sqrt(d) * delta
     u0_clean = ode(expert, u_t, t_w, sched.t_min, sched, steps)
-    same = method in ("decoder", "field")
+    same = method in ("decoder", *MARKED_IMAGES)
     u0s = [u0_clean, u0_clean if same else ode(expert, marked_t, t_w, sched.t_min, sched, steps)]
     with torch.no_grad():
         outs = [torch.sigmoid(dec.decode(expert.unstandardise(u0)))
@@ -198,6 +203,10 @@ def check_key(key: object, source, kind: str, clusters: int) -> dict:
         raise bad("a decoder key names its extractor's folder (\"extractor\", beside key.json)")
     if key["method"] == "field" and not (isinstance(key.get("detector"), str) and key["detector"]):
         raise bad("a field key names its detector's folder (\"detector\", beside key.json)")
+    if key["method"] == "subspace":
+        from molrmog.applications.subspacemark import check_calibration
+
+        check_calibration(key, key["cluster"], bad)
     return key
 
 
@@ -491,6 +500,11 @@ def _signature(r, kind: str, key, method: str, out: Path, options: dict | None, 
     clusters) and field_sigma; each method takes what is its own (the field: extractor_steps, psnr)."""
     o = dict(options or {})
     field_sigma = o.pop("field_sigma", None)
+    if method == "subspace":
+        from molrmog.applications.subspacemark import prepare_subspace
+
+        return prepare_subspace(r, kind, key, seed=seed, progress=progress, clusters=o.get("clusters"),
+                                **({"psnr": o["psnr"]} if "psnr" in o else {}))
     if method == "field":
         from molrmog.applications.fieldmark import SIGMA, STEPS, prepare_field
 
@@ -506,9 +520,9 @@ def _signature(r, kind: str, key, method: str, out: Path, options: dict | None, 
 
 
 def _marking(sig, k: int) -> dict:
-    """What `embed` needs to mark cluster k's images with a decoder or field key: marked_vae, mark."""
-    return {"marked_vae": sig["vaes"][k] if sig and "vaes" in sig else None,
-            "mark": sig["mark"] if sig and "mark" in sig else None}
+    """What `embed` needs to mark cluster k's images with a decoder, field or subspace key: marked_vae, mark."""
+    mark = sig["marks"][k] if sig and "marks" in sig else sig["mark"] if sig and "mark" in sig else None
+    return {"marked_vae": sig["vaes"][k] if sig and "vaes" in sig else None, "mark": mark}
 
 
 def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect: dict, sig):
@@ -527,7 +541,7 @@ def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect:
                                           **mv, **marking)
         _, c2_k, _, _, u2_k = embed(e, v, int(counts[k]), key, seed=cluster_seed(seed + 1, k), latents=True,
                                     **mv, **marking)  # the negatives
-        if method not in ("decoder", "field"):  # latent keys: read from the latents; how far the round trip moves them
+        if method not in ("decoder", *MARKED_IMAGES):  # latent keys: read from the latents; the round trip's move
             how = {"fraction": marking["fraction"], "method": method}
             pair = scores.setdefault("latent_no_vae", ([], []))
             pair[0].append(latent_scores(e, u2_k, key, **how))
@@ -543,15 +557,18 @@ def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect:
             pair = scores.setdefault(name, ([], []))
             for store, imgs in zip(pair, (c2_k, m_k), strict=True):
                 x = attack(name, imgs, v, seed)
-                store.append(_read(sig, e, v, x, key, detect))
+                store.append(_read(sig, e, v, x, key, detect, k))
     facts = {"t_w": info[0]["t_w"], "mean_null_rank_complement": float(np.mean([i["mean_rank"] for i in info])),
              "vae_roundtrip_over_pattern": float(torch.cat(ratio).median()) if ratio else None}
     return torch.cat(marked), torch.cat(same), torch.cat(clean), scores, facts
 
 
-def _read(sig, expert, vae, x: Tensor, key, detect: dict) -> Tensor:
-    """The detection statistic of images x: `sig["score"]` (decoder: the extractor's agreement with the key's bits;
-    field: the detector's map correlated with the key's field), or `detection_scores` (the latent keys)."""
+def _read(sig, expert, vae, x: Tensor, key, detect: dict, k: int) -> Tensor:
+    """The detection statistic of cluster k's images x: `sig["score"]` (decoder: the extractor's agreement with the
+    key's bits; field: the detector's map correlated with the key's field), `sig["scores"][k]` (subspace: the
+    fitted residual along the key's direction, standardised), or `detection_scores` (the latent keys)."""
+    if sig and "scores" in sig:
+        return sig["scores"][k](x)
     if sig:
         return sig["score"](x)
     return detection_scores(expert, vae, x, key, **detect)
@@ -562,12 +579,15 @@ def _report(res: dict) -> str:
     method, ring_mix, sets = res["method"], res["ring_mix"], res["fid_change_sets"]
     ring_words = f", mixed {ring_mix} of the way" if ring_mix < 1 else ""
     title = {"null": "Null-space", "ring": "Ring-key (Tree-Ring / Shallow Diffuse)",
-             "decoder": "Decoder (Stable Signature)", "field": "Multiplicative field"}[method]
+             "decoder": "Decoder (Stable Signature)", "field": "Multiplicative field",
+             "subspace": "Off-subspace (manifold-fitted)"}[method]
     how = {"null": f"t_w = {res['t_w']:.3f}, strength {res['strength']} (pattern norm / noise norm at t_w)",
            "ring": f"t_w = {res['t_w']:.3f}, ring key on latent channel 0" + ring_words,
            "decoder": "the key's bits written by each cluster's fine-tuned decoder, read by the extractor",
            "field": "each decoded image times (1 + eps f), f the key's smooth field, eps set per image for the "
-                    "PSNR, read by a detector that correlates its map with f"}[method]
+                    "PSNR, read by a detector that correlates its map with f",
+           "subspace": "each decoded image moved (at the PSNR) so that its encoding steps off its mode's subspace "
+                       "along the key's direction, read as the residual of a fit of the decoder's manifold"}[method]
     lines = [f"# {title} watermark: {res['run']} ({res['kind']}), {res['n']} marked / {res['n']} clean images", "",
              how + "; PSNR marked vs clean "
              f"(same noise) {res['psnr_db']:.1f} dB; FID change {res['fid_change']:+.2f} (median of "
@@ -657,9 +677,9 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     marked, _, info = embed(expert, vae, n, key, seed=seed, **how)
     _, clean, _ = embed(expert, vae, n, key, seed=seed + 1, **how)
     detect = {"fraction": fraction, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma}
-    threshold = float(np.quantile(_read(sig, expert, vae, clean, key, detect).numpy(), 0.99))
+    threshold = float(np.quantile(_read(sig, expert, vae, clean, key, detect, cluster).numpy(), 0.99))
     extra = {}
-    if sig and method == "field":
+    if sig and method in MARKED_IMAGES:
         extra = sig["facts"]
     elif sig:
         from safetensors.torch import save_file
@@ -704,6 +724,10 @@ def detect_run(run, images, *, keyfile=None, out=None, kind: str | None = None) 
 
         folder = inside(path.parent, kf["detector"], "the key's detector folder")
         return field_scores(FieldDetector.load(folder, "watermark field detector").eval(), x), kf
+    if kf["method"] == "subspace":
+        from molrmog.applications.subspacemark import subspace_scores
+
+        return subspace_scores(r.expert(kind, k), r.vae(k), x, kf, k), kf
     scores = detection_scores(r.expert(kind, k), r.vae(k), x, kf["key"], fraction=kf["t"], method=kf["method"],
                               invert_steps=kf["invert_steps"], invert_sigma=kf["invert_sigma"])
     return scores, kf
