@@ -758,6 +758,7 @@ def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run,
 
     from molrmog.applications.subspacemark import key_directions, statistic
     from molrmog.applications.watermark import embed, roc
+    from molrmog.core.errors import MolrmogError
     from molrmog.pipeline.run import Run
 
     out = tmp_path / "wm-subspace"
@@ -782,3 +783,5 @@ def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run,
     assert main(["watermark", "embed", str(cycle_run), "--method", "subspace", "--kind", "unet", "--n", "4",
                  "--out", str(tmp_path / "wm-unet"), "--no-progress"]) == 2
     assert "MoG expert" in capsys.readouterr().err
+    with pytest.raises(MolrmogError, match="subspace method"):  # the subspace method marks the decoded images
+        embed(e, vae, 2, "k", method="subspace")

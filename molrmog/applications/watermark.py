@@ -135,7 +135,7 @@ def embed(expert, vae, n: int, key, *, strength: float = 0.3, fraction: float = 
     if (method == "decoder") != (marked_vae is not None):
         raise MolrmogError("the decoder method, and only it, decodes with a marked VAE (signature.mark_decoder)")
     if (method in MARKED_IMAGES) != (mark is not None):
-        raise MolrmogError("the field and subspace methods, and only they, mark the decoded images "
+        raise MolrmogError("the field method and the subspace method, and only they, mark the decoded images "
                            "(fieldmark.prepare_field, subspacemark.prepare_subspace)")
     sched = expert.schedule
     t_w = edit_time(sched, fraction)
