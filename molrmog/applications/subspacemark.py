@@ -184,7 +184,8 @@ def prepare_subspace(run, kind: str, key, draw, *, psnr: float = PSNR, seed: int
                      calibration: int = CALIBRATION, clusters=None, progress: bool = False) -> dict:
     """Per cluster (`clusters`, default all): the key's directions, the calibration of the statistic (mean and std
     on `calibration` clean images the expert makes, `draw(expert, vae, n, seed)`, noise seeded apart from the
-    evaluation's) and the mark. Returns {"marks": {k: images -> marked}, "scores": {k: images -> score}, "facts"}."""
+    evaluation's) and the mark. Returns {"marks": {k: images -> marked}, "scores": {k: images -> |s - m0| / sd},
+    "facts"}."""
     from molrmog.pipeline.run import Run, cluster_seed
 
     r = Run.coerce(run)
@@ -232,6 +233,6 @@ def check_calibration(key: dict, cluster: int, bad) -> None:
 
 
 def subspace_scores(expert, vae, images: Tensor, key: dict, cluster: int) -> Tensor:
-    """`watermark detect`: the standardised statistic of images of `cluster` under a checked subspace key.json."""
+    """`watermark detect`: the score |s - m0| / sd of images of `cluster` under a checked subspace key.json."""
     m0, sd = key["calibration"][str(cluster)]
     return (statistic(expert, vae, images, key_directions(key["key"], expert, cluster)) - m0).abs() / sd

@@ -567,7 +567,8 @@ def _score_clusters(r, kind: str, key, n: int, seed: int, marking: dict, detect:
 def _read(sig, expert, vae, x: Tensor, key, detect: dict, k: int) -> Tensor:
     """The detection statistic of cluster k's images x: `sig["score"]` (decoder: the extractor's agreement with the
     key's bits; field: the detector's map correlated with the key's field), `sig["scores"][k]` (subspace: the
-    fitted residual along the key's direction, standardised), or `detection_scores` (the latent keys)."""
+    fitted residual along the key's direction, its distance from the clean mean in clean standard deviations), or
+    `detection_scores` (the latent keys)."""
     if sig and "scores" in sig:
         return sig["scores"][k](x)
     if sig:
