@@ -16,12 +16,20 @@ from torch import Tensor
 
 from molrmog.core.errors import MolrmogError
 
-__all__ = ["ATTACKS", "attack", "blur", "jpeg", "roc", "frozen", "key_seed"]
+__all__ = ["ATTACKS", "attack", "blur", "jpeg", "roc", "frozen", "key_seed", "psnr_mse"]
 
 
 def key_seed(key) -> int:
     """A random seed drawn from a secret key (any integer or string): the first 60 bits of its SHA-256."""
     return int(hashlib.sha256(str(key).encode()).hexdigest()[:15], 16)
+
+
+def psnr_mse(psnr: float) -> float:
+    """The per-pixel MSE 10^(-psnr / 10) of a watermark's PSNR target (images in [0, 1]), the target checked to
+    lie in [10, 80] dB."""
+    if not 10 <= psnr <= 80:
+        raise MolrmogError(f"the watermark's PSNR target must lie in [10, 80] dB, got {psnr}", param="psnr")
+    return 10 ** (-psnr / 10)
 
 
 @contextlib.contextmanager

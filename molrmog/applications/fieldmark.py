@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from molrmog.applications.attacks import frozen, key_seed
+from molrmog.applications.attacks import frozen, key_seed, psnr_mse
 from molrmog.applications.signature import train_attack
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
@@ -73,9 +73,7 @@ def strengths(images: Tensor, f: Tensor, psnr: float = PSNR, cap: float = CAP, i
     """eps_i (N,) per image such that clip(x_i (1 + eps_i f)) lies `psnr` dB from x_i (bisection on [0, cap], the
     PSNR falling as eps grows, to the side of at least `psnr` dB). Images that do not reach it at eps = cap
     (nearly black; black ones carry no mark at all) get cap, and lie further than `psnr` dB."""
-    if not 10 <= psnr <= 80:
-        raise MolrmogError(f"the watermark's PSNR target must lie in [10, 80] dB, got {psnr}", param="psnr")
-    target = 10 ** (-psnr / 10)
+    target = psnr_mse(psnr)
     lo, hi = torch.zeros(len(images)), torch.full((len(images),), float(cap))
     for _ in range(iters):
         mid = (lo + hi) / 2

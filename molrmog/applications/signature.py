@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from molrmog.applications.attacks import ATTACKS, blur, frozen, jpeg, key_seed
+from molrmog.applications.attacks import ATTACKS, blur, frozen, jpeg, key_seed, psnr_mse
 from molrmog.core.artefacts import Model, register_to_config
 from molrmog.core.errors import MolrmogError
 from molrmog.training.train import CHECKPOINT, fit
@@ -150,9 +150,7 @@ class _Lagrange(nn.Module):
 
     def __init__(self, psnr: float, rate: float = 0.01, start: float = 1e-3):
         super().__init__()
-        if not 10 <= psnr <= 80:
-            raise MolrmogError(f"the watermark's PSNR target must lie in [10, 80] dB, got {psnr}", param="psnr")
-        self.target, self.rate = 10 ** (-psnr / 10), rate
+        self.target, self.rate = psnr_mse(psnr), rate
         self.register_buffer("log_lam", torch.tensor(math.log(start), dtype=torch.float64))
 
     def loss(self, task: Tensor, mse: Tensor, cost: Tensor | None = None) -> Tensor:

@@ -34,7 +34,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from molrmog.applications.attacks import ATTACKS, blur, frozen, key_seed
+from molrmog.applications.attacks import ATTACKS, blur, frozen, key_seed, psnr_mse
 from molrmog.core.errors import MolrmogError
 
 __all__ = ["key_directions", "fit_residuals", "mark_images", "statistic", "prepare_subspace", "subspace_scores",
@@ -154,14 +154,13 @@ def mark_images(expert, vae, images: Tensor, w: Tensor, psnr: float = PSNR, step
     mean step, which a distance between feature means (FID) would see."""
     from molrmog.applications.signature import train_attack
 
-    if not 10 <= psnr <= 80:
-        raise MolrmogError(f"the watermark's PSNR target must lie in [10, 80] dB, got {psnr}", param="psnr")
+    mse = psnr_mse(psnr)
     if steps < 1:
         raise MolrmogError(f"the subspace mark needs steps >= 1, got {steps}")
     rho, j, p = _best_fit(expert, vae, images, fit_steps)
     side = torch.where((rho * w[j]).sum(1) >= 0, 1.0, -1.0)[:, None]  # the side of w_j the image already lies on
     target = side * _off_tangent(expert, vae, j, p, w[j])
-    radius = (images[0].numel() * 10 ** (-psnr / 10)) ** 0.5
+    radius = (images[0].numel() * mse) ** 0.5
     g = torch.Generator().manual_seed(seed)
     m = torch.zeros_like(images)
 
