@@ -503,8 +503,10 @@ def _signature(r, kind: str, key, method: str, out: Path, options: dict | None, 
     if method == "subspace":
         from molrmog.applications.subspacemark import prepare_subspace
 
-        return prepare_subspace(r, kind, key, lambda e, v, n, s: embed(e, v, n, key, seed=s)[1], seed=seed,
-                                progress=progress, clusters=o.get("clusters"),
+        def clean(e, v, n: int, s: int) -> Tensor:  # embed's clean images only: one ODE, no latent key drawn
+            return embed(e, v, n, key, seed=s, method="subspace", mark=lambda x: x)[1]
+
+        return prepare_subspace(r, kind, key, clean, seed=seed, progress=progress, clusters=o.get("clusters"),
                                 **({"psnr": o["psnr"]} if "psnr" in o else {}))
     if method == "field":
         from molrmog.applications.fieldmark import SIGMA, STEPS, prepare_field
