@@ -753,6 +753,26 @@ def test_the_manifold_fit_leaves_images_the_decoder_makes_near_zero_and_fits_awa
     assert float((rho_m * w[jm]).sum(1).abs().median()) > 5 * float((rho_c * w[jc]).sum(1).abs().median())
 
 
+def test_the_manifold_fit_reads_the_noise_attacks_sd_from_the_noised_images(cycle_run):
+    """The fit's third nuisance, the mean of clipped pixel noise (`attacks.noisy_mean`): on images the decoder makes,
+    noised by the attack (sd 0.03, clipped), the median fitted sd is near the attack's; on the same images clean it
+    is a fraction of that."""
+    from molrmog.applications import subspacemark as S
+    from molrmog.applications.attacks import attack
+    from molrmog.pipeline.run import Run
+
+    r = Run.load(cycle_run)
+    e, vae = r.expert("mog", 2), r.vae(2)
+    mu, Q = S._modes(e)
+    j = torch.arange(48) % len(mu)
+    c = torch.randn(48, Q.shape[-1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = torch.sigmoid(vae.decode(e.unstandardise(mu[j] + torch.einsum("ndr,nr->nd", Q[j], c))))
+    sd_noised, sd_clean = (float(S.noise_sd(S._best_fit(e, vae, img, 80)[2][:, -2]).median())
+                           for img in (attack("gaussian_noise", x, vae, 1), x))
+    assert 0.02 < sd_noised < 0.05 and sd_clean < sd_noised / 2
+
+
 def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
     import numpy as np
 

@@ -111,6 +111,26 @@ def test_attacks_keep_images_in_range_and_roc_is_sklearns():
         wm.attack("crop", x, None)
 
 
+def test_noisy_mean_is_the_noise_attacks_expectation_by_monte_carlo():
+    """attacks.noisy_mean: E[clip(x + sigma eps, 0, 1)] in closed form, against 200,000 draws of the clipped
+    noise per pixel (pixels at 0, 1 and inside, where the clip lifts, lowers or leaves the mean) and the noise
+    attack's own images (sigma 0.03); sigma -> 0 leaves x."""
+    from molrmog.applications.attacks import noisy_mean
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([0.0, 0.01, 0.3, 0.99, 1.0]).view(5, 1, 1, 1)
+    for sigma in (0.03, 0.2):
+        draws = (x + sigma * torch.randn(5, 200_000, 1, 1, generator=g, dtype=torch.float64)).clamp(0, 1).mean(1)
+        torch.testing.assert_close(noisy_mean(x.double(), sigma).view(5), draws.view(5), atol=4 * sigma / 447, rtol=0)
+    assert float(noisy_mean(x, 0.03)[0]) == pytest.approx(0.03 * 0.3989, rel=1e-3)  # sigma phi(0) at the dark end
+    torch.testing.assert_close(noisy_mean(x, 1e-6), x)
+    per_image = noisy_mean(x, torch.tensor([0.03, 0.2, 0.03, 0.2, 0.03]))
+    torch.testing.assert_close(per_image[1], noisy_mean(x[1:2], 0.2)[0])
+    y = torch.rand(2, 1, 8, 8, generator=g)
+    attacked = torch.stack([wm.attack("gaussian_noise", y, None, seed=s) for s in range(4000)]).mean(0)
+    torch.testing.assert_close(noisy_mean(y, 0.03), attacked, atol=4 * 0.03 / 63, rtol=0)
+
+
 def test_watermark_cli_embed_then_detect(mog_run, tmp_path, capsys):
     out = tmp_path / "wm"
     assert main(["watermark", "embed", str(mog_run), "--n", "4", "--out", str(out)]) == 0

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from molrmog.core.errors import MolrmogError
 
-__all__ = ["ATTACKS", "attack", "blur", "jpeg", "roc", "frozen", "key_seed", "psnr_mse"]
+__all__ = ["ATTACKS", "attack", "blur", "jpeg", "noisy_mean", "roc", "frozen", "key_seed", "psnr_mse"]
 
 
 def key_seed(key) -> int:
@@ -68,6 +68,18 @@ def blur(x: Tensor, sigma: float = 0.6) -> Tensor:
     k = (k / k.sum())
     k2 = (k[:, None] * k[None, :])[None, None].expand(x.shape[1], 1, -1, -1)
     return F.conv2d(F.pad(x, (r,) * 4, mode="reflect"), k2, groups=x.shape[1])
+
+
+def noisy_mean(x: Tensor, sigma: Tensor | float) -> Tensor:
+    """E[clip(x + sigma eps, 0, 1)], eps ~ N(0, 1) per pixel: what the noise attack leaves on average, in closed
+    form: E[max(X, 0)] - E[max(X - 1, 0)] for X ~ N(x, sigma^2), E[max(X, 0)] = x Phi(x / sigma) + sigma phi(x /
+    sigma). `sigma` > 0, a number or one per image (N,). Clipping at 0 lifts a dark background (by 0.4 sigma where
+    x = 0), which an encoder reads as content."""
+    s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    a, b = x / s, (x - 1) / s
+    cdf = lambda t: 0.5 * (1 + torch.erf(t / 2**0.5))  # noqa: E731
+    pdf = lambda t: torch.exp(-t * t / 2) / (2 * torch.pi) ** 0.5  # noqa: E731
+    return x * cdf(a) + s * pdf(a) - (x - 1) * cdf(b) - s * pdf(b)
 
 
 ATTACKS = {
