@@ -37,6 +37,7 @@ from molrmog.applications.fieldmark import STEPS as FIELD_STEPS
 from molrmog.applications.signature import BITS, EXTRACTOR_STEPS, MARK_STEPS, PSNR, SMOOTH, WEBER
 from molrmog.applications.subspacemark import PSNR as SUBSPACE_PSNR
 from molrmog.applications.watermark import ATTACKS as WATERMARK_ATTACKS
+from molrmog.applications.watermark import AUTO as WATERMARK_AUTO
 from molrmog.applications.watermark import INVERT_SIGMA, INVERT_STEPS
 from molrmog.applications.watermark import METHODS as WATERMARK_METHODS
 from molrmog.core.errors import MolrmogError, TrainingDiverged
@@ -179,14 +180,15 @@ class WatermarkOptions:
     action: str = option(None, "embed, detect or evaluate", positional=True, choices=("embed", "detect", "evaluate"))
     n: int = option(64, "images to embed / evaluate", low=2, high=100_000)
     key: str = option("12345", "the secret key (any string)")
-    method: str = option("ring", "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic; "
+    method: str = option(WATERMARK_AUTO, "auto: subspace where the experts have low-rank modes (MoG), else field; "
+                         "ring: ring key, L1 statistic; null: null-space pattern, cosine statistic; "
                          "decoder: Stable Signature, each cluster's decoder fine-tuned to write the key's bits, read "
                          "by an extractor network trained once per --out; field: each decoded image times (1 + eps f), "
                          "f a smooth field drawn from the key, eps set per image for --psnr, read by a detector "
                          "network correlating with f, trained once per key and --out; subspace: each decoded image "
                          "moved (at --psnr) so its encoding steps off its mode's subspace along the key's direction, "
                          "read as the residual of a fit of the decoder's manifold (MoG experts)",
-                         choices=WATERMARK_METHODS)
+                         choices=(WATERMARK_AUTO, *WATERMARK_METHODS))
     invert_steps: int = option(INVERT_STEPS, "embed / evaluate: Adam steps of decoder inversion before detection "
                                "(0: the encoder's mean)", low=0, high=100_000)
     invert_sigma: float = option(INVERT_SIGMA, "embed / evaluate: pixel noise std of decoder inversion, the MAP "
@@ -673,25 +675,24 @@ KEY_BOUND_HELP = (
     "far from the keyed images as clean ones, no statistic finds the key. Also the AUC of -excess itself (a "
     "generalised likelihood ratio). Writes key_bound.json/.csv/.md/.png into --out.")
 WATERMARK_HELP = (
-    "embed: generate --n watermarked images of --cluster (at the small time --t, the ring key of Tree-Ring / Shallow "
-    "Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null space of the "
-    "denoiser's Jacobian, or with --method decoder the key's --bits written by the cluster's decoder fine-tuned "
-    "against an extractor network, Stable Signature's way, or with --method field the decoded images multiplied by "
-    "1 + eps f, f a smooth field drawn from the key, eps per image, or with --method subspace the decoded images "
-    "moved so that their encodings step off their modes' subspaces along the key's directions) into "
-    "watermarked.npy/.png and key.json (with the "
-    "detection threshold: 1% false positives on clean images; decoder: also the extractor's folder and "
-    "marked-vae-<cluster>.safetensors; field: the detector's folder and sigma; subspace: the statistic's "
-    "calibration); detect: a score and a decision "
-    "per image of an .npy file (encoder mean, MAP decoder inversion under the expert's law, ODE back to --t, "
-    "statistic; decoder: the extractor's agreement with the key's bits; field: the "
-    "detector's map correlated with the field; subspace: the residual of a fit of the decoder's manifold along the "
-    "key's direction); "
-    "evaluate: AUC and TPR at 1% FPR over --n "
-    "watermarked and --n clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with "
-    "PSNR of watermarked vs clean images and the FID change the key makes (median over --draws sets of --fid-samples "
-    "marked / clean pairs from the same noise, beside that of white noise with each mark's MSE on the same clean "
-    "images): watermark.json/.md/.png.")
+    "embed: generate --n watermarked images of --cluster (by default, --method auto, with the subspace mark where the"
+    " expert has low-rank modes (MoG) and the field otherwise; with --method ring at the small time --t the ring key "
+    "of Tree-Ring / Shallow Diffuse on latent channel 0's spectrum, or with --method null a keyed pattern in the null"
+    " space of the denoiser's Jacobian, or with --method decoder the key's --bits written by the cluster's decoder "
+    "fine-tuned against an extractor network, Stable Signature's way, or with --method field the decoded images "
+    "multiplied by 1 + eps f, f a smooth field drawn from the key, eps per image, or with --method subspace the "
+    "decoded images moved so that their encodings step off their modes' subspaces along the key's directions) into "
+    "watermarked.npy/.png and key.json (with the detection threshold: 1% false positives on clean images; decoder: "
+    "also the extractor's folder and marked-vae-<cluster>.safetensors; field: the detector's folder and sigma; "
+    "subspace: the statistic's calibration); detect: a score and a decision per image of an .npy file (encoder mean, "
+    "MAP decoder inversion under the expert's law, ODE back to --t, statistic; decoder: the extractor's agreement "
+    "with the key's bits; field: the detector's map correlated with the field; subspace: the residual of a fit of the"
+    " decoder's manifold along the key's direction); evaluate: AUC and TPR at 1% FPR over --n watermarked and --n "
+    "clean images, clean and under attacks (noise, blur, JPEG, brightness, VAE re-encoding), with PSNR of watermarked"
+    " vs clean images and the FID change the key makes (median over --draws sets of --fid-samples marked / clean "
+    "pairs from the same noise, beside that of white noise with each mark's MSE on the same clean images): "
+    "watermark.json/.md/.png."
+)
 COMPARE_HELP = (
     "Train (or resume) OUT/dedicated with every expert kind of --experts on one VAE per cluster and OUT/unified with "
     "the headline kind (MoG) on one shared VAE, evaluate both (see `molrmog evaluate`) and write comparison.md, "

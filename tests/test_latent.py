@@ -223,8 +223,9 @@ def test_watermark_evaluate_measures_the_fid_change_on_its_own_larger_sets(cycle
     from molrmog.pipeline.run import Run, cluster_seed
 
     out = tmp_path / "wm-eval"
-    assert main(["watermark", "evaluate", str(cycle_run), "--n", "4", "--invert-steps", "2", "--fid-samples", "40",
-                 "--draws", "2", "--cache", str(featurizer_cache), "--out", str(out), "--no-progress"]) == 0
+    assert main(["watermark", "evaluate", str(cycle_run), "--method", "ring", "--n", "4", "--invert-steps", "2",
+                 "--fid-samples", "40", "--draws", "2", "--cache", str(featurizer_cache), "--out", str(out),
+                 "--no-progress"]) == 0
     res = json.loads((out / "watermark.json").read_text())
     assert res["fid_samples"] == 40 and len(res["fid_change_sets"]) == 2 and (out / "watermark.md").is_file()
     assert res["fid_change"] == pytest.approx(sum(res["fid_change_sets"]) / 2)  # the median of two sets
@@ -727,7 +728,7 @@ def test_the_manifold_fit_leaves_images_the_decoder_makes_near_zero_and_fits_awa
     """Images decoded from a mode's subspace are on the fitted manifold: their residual is a small fraction of the
     encoding's distance to the mode's mean, and the blur mix and the gain are fitted away too (the attacks' blur
     at sigma 0.6, x 1.15 clipped), while a pixel change of the same PSNR as the mark's, along the key's direction,
-    leaves a residual the fit cannot remove."""
+    leaves a residual the fit cannot remove; black pixels stay black under the mark."""
     from molrmog.applications.attacks import blur
     from molrmog.applications.subspacemark import _encode, _modes, fit_residuals, key_directions, mark_images
     from molrmog.pipeline.run import Run
@@ -748,6 +749,10 @@ def test_the_manifold_fit_leaves_images_the_decoder_makes_near_zero_and_fits_awa
     marked = mark_images(e, vae, x, w, psnr=30.0, steps=10)
     psnr = -10 * torch.log10((marked - x).pow(2).flatten(1).mean(1))
     assert float(psnr.min()) >= 30.0 - 1e-3  # the clip only shortens the change
+    dark = x.clone()
+    dark[..., :2, :] = 0  # two black rows: the mark leaves them black and moves the rest
+    dark_marked = mark_images(e, vae, dark, w, psnr=30.0, steps=2)
+    assert torch.equal(dark_marked[..., :2, :], dark[..., :2, :]) and not torch.equal(dark_marked, dark)
     rho_c, jc = fit_residuals(e, vae, x, steps=80)
     rho_m, jm = fit_residuals(e, vae, marked, steps=80)
     assert float((rho_m * w[jm]).sum(1).abs().median()) > 5 * float((rho_c * w[jc]).sum(1).abs().median())
@@ -773,6 +778,17 @@ def test_the_manifold_fit_reads_the_noise_attacks_sd_from_the_noised_images(cycl
     assert 0.02 < sd_noised < 0.05 and sd_clean < sd_noised / 2
 
 
+def test_the_default_watermark_method_is_the_subspace_mark_where_the_expert_has_modes_else_the_field(cycle_run):
+    from molrmog.applications.subspacemark import has_modes
+    from molrmog.applications.watermark import choose_method
+    from molrmog.pipeline.run import Run
+
+    r = Run.load(cycle_run)
+    assert has_modes(r.expert("mog", 0)) and not has_modes(r.expert("unet", 0))
+    assert choose_method(r, "mog", "auto") == "subspace" and choose_method(r, "unet", "auto") == "field"
+    assert [choose_method(r, "mog", m) for m in ("ring", "field")] == ["ring", "field"]  # a method given is kept
+
+
 def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tmp_path, capsys):
     import numpy as np
 
@@ -782,8 +798,8 @@ def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run,
     from molrmog.pipeline.run import Run
 
     out = tmp_path / "wm-subspace"
-    assert main(["watermark", "embed", str(cycle_run), "--method", "subspace", "--n", "24", "--cluster", "2",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["watermark", "embed", str(cycle_run), "--n", "24", "--cluster", "2", "--out", str(out),
+                 "--no-progress"]) == 0  # the default method, "auto", is the subspace mark for a MoG expert
     key = json.loads((out / "key.json").read_text())
     assert key["method"] == "subspace" and key["psnr_target"] == 35.0 and list(key["calibration"]) == ["2"]
     run = Run.load(cycle_run)

@@ -43,8 +43,8 @@ from molrmog.applications.editing import edit_time, latent_jacobian, ode
 from molrmog.core.errors import MolrmogError
 
 __all__ = ["key_pattern", "null_projector", "ring_key", "embed", "detection_scores", "latent_scores", "ATTACKS",
-           "attack", "roc", "METHODS", "invert_decoder", "INVERT_STEPS", "INVERT_SIGMA", "read_latents", "key_fit",
-           "key_bound", "white_noise_like"]
+           "attack", "roc", "METHODS", "AUTO", "choose_method", "invert_decoder", "INVERT_STEPS", "INVERT_SIGMA",
+           "read_latents", "key_fit", "key_bound", "white_noise_like"]
 
 # "null": a keyed direction in the null space of the denoiser's Jacobian (cosine statistic);
 # "ring": Tree-Ring / Shallow Diffuse's key, constant on rings of a Fourier disk of one latent channel (L1 statistic);
@@ -53,6 +53,7 @@ __all__ = ["key_pattern", "null_projector", "ring_key", "embed", "detection_scor
 # "subspace": a step off the expert's mode subspaces along the key's directions, read by fitting the decoder's
 # manifold (`subspacemark`)
 METHODS = ("null", "ring", "decoder", "field", "subspace")
+AUTO = "auto"  # the commands' default: `choose_method`
 MARKED_IMAGES = ("field", "subspace")  # methods that mark the decoded image (`embed`'s `mark`)
 
 
@@ -437,7 +438,7 @@ def _write_bound(out: Path, res: dict) -> None:
 
 def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345, strength: float = 0.3,
                        fraction: float = 0.3, seed: int = 0, cache=None, out=None, device: str = "cpu",
-                       progress: bool = True, method: str = "ring", invert_steps: int = INVERT_STEPS,
+                       progress: bool = True, method: str = AUTO, invert_steps: int = INVERT_STEPS,
                        invert_sigma: float = INVERT_SIGMA, ring_mix: float = 1.0, fid_samples: int = 1000,
                        draws: int = 3, signature: dict | None = None) -> dict:
     """n watermarked and n clean images (clusters drawn by weight, clean ones from other noise), detection AUC and
@@ -462,6 +463,7 @@ def evaluate_watermark(run, *, kind: str | None = None, n: int = 500, key=12345,
     r = Run.coerce(run, device)
     kind = kind or r.mixture_kind()
     r.check_kinds([kind])
+    method = choose_method(r, kind, method)
     out = Path(out or r.path / "watermark")
     marking = {"strength": strength, "fraction": fraction, "method": method, "ring_mix": ring_mix}
     detect = {"fraction": fraction, "method": method, "invert_steps": invert_steps, "invert_sigma": invert_sigma}
@@ -653,8 +655,20 @@ def white_noise_like(clean: Tensor, marked: Tensor, g: torch.Generator | None = 
     return (clean + torch.where(target > 0, hi, 0.0).view(shape) * w).clamp(0, 1)
 
 
+def choose_method(run, kind: str, method: str) -> str:
+    """The method "auto" stands for (the default of `embed_run`, `evaluate_watermark` and the CLI): "subspace"
+    where `kind`'s experts have low-rank modes (MoG), else "field" -- the two marks that meet issue 18's goals
+    from images (README: subspace on both datasets' MoG experts, field on Fashion-MNIST, also for a U-Net). Any
+    other method is returned as given."""
+    if method != AUTO:
+        return method
+    from molrmog.applications.subspacemark import has_modes
+
+    return "subspace" if has_modes(run.expert(kind, 0)) else "field"
+
+
 def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, key="12345", strength: float = 0.3,
-              fraction: float = 0.3, method: str = "ring", invert_steps: int = INVERT_STEPS,
+              fraction: float = 0.3, method: str = AUTO, invert_steps: int = INVERT_STEPS,
               invert_sigma: float = INVERT_SIGMA, seed: int = 0, ring_mix: float = 1.0,
               out=None, signature: dict | None = None, progress: bool = False) -> dict:
     """`molrmog watermark embed`: n watermarked images of `cluster` into OUT/watermarked.npy and .png, and
@@ -671,6 +685,7 @@ def embed_run(run, *, kind: str | None = None, cluster: int = 0, n: int = 64, ke
     r = Run.coerce(run)
     kind = kind or r.mixture_kind()
     r.check_kinds([kind])
+    method = choose_method(r, kind, method)
     if not 0 <= cluster < r.K:
         raise MolrmogError(f"cluster must lie in 0..{r.K - 1}, got {cluster}", param="cluster")
     out = Path(out or r.path / "watermark")
