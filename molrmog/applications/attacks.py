@@ -77,9 +77,11 @@ def noisy_mean(x: Tensor, sigma: Tensor | float) -> Tensor:
     x = 0), which an encoder reads as content."""
     s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     a, b = x / s, (x - 1) / s
-    cdf = lambda t: 0.5 * (1 + torch.erf(t / 2**0.5))  # noqa: E731
-    pdf = lambda t: torch.exp(-t * t / 2) / (2 * torch.pi) ** 0.5  # noqa: E731
-    return x * cdf(a) + s * pdf(a) - (x - 1) * cdf(b) - s * pdf(b)
+
+    def pdf(t: Tensor) -> Tensor:
+        return torch.exp(-t * t / 2) / (2 * torch.pi) ** 0.5
+
+    return x * torch.special.ndtr(a) + s * pdf(a) - (x - 1) * torch.special.ndtr(b) - s * pdf(b)
 
 
 ATTACKS = {
