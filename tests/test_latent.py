@@ -724,24 +724,33 @@ def test_the_subspace_keys_directions_leave_every_modes_subspace_and_come_from_t
     assert not torch.allclose(w, key_directions("other", e, 2)) and not torch.allclose(w, key_directions("k", e, 3))
 
 
+def _decoded_from_modes(run, n: int):
+    """Cluster 2's MoG expert and VAE, n images decoded from points of its modes' subspaces (modes in turn,
+    coordinates N(0, 1), seed 0), and each image's mode mean (n, d)."""
+    from molrmog.applications.subspacemark import _modes
+    from molrmog.pipeline.run import Run
+
+    r = Run.load(run)
+    e, vae = r.expert("mog", 2), r.vae(2)
+    mu, Q = _modes(e)
+    j = torch.arange(n) % len(mu)
+    c = torch.randn(n, Q.shape[-1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = torch.sigmoid(vae.decode(e.unstandardise(mu[j] + torch.einsum("ndr,nr->nd", Q[j], c))))
+    return e, vae, x, mu[j]
+
+
 def test_the_manifold_fit_leaves_images_the_decoder_makes_near_zero_and_fits_away_blur_and_gain(cycle_run):
     """Images decoded from a mode's subspace are on the fitted manifold: their residual is a small fraction of the
     encoding's distance to the mode's mean, and the blur mix and the gain are fitted away too (the attacks' blur
     at sigma 0.6, x 1.15 clipped), while a pixel change of the same PSNR as the mark's, along the key's direction,
     leaves a residual the fit cannot remove; black pixels stay black under the mark."""
     from molrmog.applications.attacks import blur
-    from molrmog.applications.subspacemark import _encode, _modes, fit_residuals, key_directions, mark_images
-    from molrmog.pipeline.run import Run
+    from molrmog.applications.subspacemark import _encode, fit_residuals, key_directions, mark_images
 
-    r = Run.load(cycle_run)
-    e, vae = r.expert("mog", 2), r.vae(2)
-    mu, Q = _modes(e)
-    g = torch.Generator().manual_seed(0)
-    j = torch.arange(24) % len(mu)
-    u = mu[j] + torch.einsum("ndr,nr->nd", Q[j], torch.randn(24, Q.shape[-1], generator=g))
+    e, vae, x, mu_j = _decoded_from_modes(cycle_run, 24)
     with torch.no_grad():
-        x = torch.sigmoid(vae.decode(e.unstandardise(u)))
-        spread = (_encode(e, vae, x) - mu[j]).norm(dim=1)
+        spread = (_encode(e, vae, x) - mu_j).norm(dim=1)
     w = key_directions("k", e, 2)
     for img in (x, blur(x, 0.6), (x * 1.15).clamp(0, 1)):
         rho, _ = fit_residuals(e, vae, img, steps=80)
@@ -764,15 +773,8 @@ def test_the_manifold_fit_reads_the_noise_attacks_sd_from_the_noised_images(cycl
     is a fraction of that."""
     from molrmog.applications import subspacemark as S
     from molrmog.applications.attacks import attack
-    from molrmog.pipeline.run import Run
 
-    r = Run.load(cycle_run)
-    e, vae = r.expert("mog", 2), r.vae(2)
-    mu, Q = S._modes(e)
-    j = torch.arange(48) % len(mu)
-    c = torch.randn(48, Q.shape[-1], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        x = torch.sigmoid(vae.decode(e.unstandardise(mu[j] + torch.einsum("ndr,nr->nd", Q[j], c))))
+    e, vae, x, _ = _decoded_from_modes(cycle_run, 48)
     sd_noised, sd_clean = (float(S.noise_sd(S._best_fit(e, vae, img, 80)[2][:, -2]).median())
                            for img in (attack("gaussian_noise", x, vae, 1), x))
     assert 0.02 < sd_noised < 0.05 and sd_clean < sd_noised / 2
