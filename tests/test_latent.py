@@ -707,21 +707,43 @@ def test_field_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run, tm
         embed(run.expert("mog", 2), run.vae(2), 2, "k", method="field")
 
 
-def test_the_subspace_keys_directions_leave_every_modes_subspace_and_come_from_the_key(cycle_run):
-    from molrmog.applications.subspacemark import _modes, key_directions
-    from molrmog.pipeline.run import Run
+def test_the_subspace_keys_direction_comes_from_the_key_and_reads_the_mark_above_the_attacks(cycle_run):
+    """`key_vector`: one unit vector per key and cluster, another for another key; per mode (`key_directions`) it
+    is projected exactly off the mode's subspace; and on fresh images it reads what a marking can move far above
+    what the attacks move, compared with random directions (the ratio v'Gv / v'Av it maximises, held out)."""
+    from molrmog.applications import subspacemark as S
+    from molrmog.applications.signature import train_attack
+    from molrmog.core.errors import MolrmogError
 
-    e = Run.load(cycle_run).expert("mog", 2)
-    mu, Q = _modes(e)
-    w = key_directions("k", e, 2)
-    assert w.shape == mu.shape and Q.shape[-1] < Q.shape[-2]
+    e, vae, x, _ = _decoded_from_modes(cycle_run, 64)
+    fit, held = x[:32], x[32:]
+    v = S.key_vector("k", e, vae, fit, 2)
+    assert v.shape == e.net.mu.shape[1:] and abs(float(v.norm()) - 1) < 1e-5
+    assert torch.equal(v, S.key_vector("k", e, vae, fit, 2))
+    assert not torch.allclose(v, S.key_vector("o", e, vae, fit, 2))
+    mu, Q = S._modes(e)
+    w = S.key_directions(v, e)
+    assert w.shape == mu.shape
     torch.testing.assert_close(w.norm(dim=1), torch.ones(len(w)))
     torch.testing.assert_close(torch.einsum("ndr,nd->nr", Q, w), torch.zeros(Q.shape[0], Q.shape[2]),
                                atol=1e-5, rtol=0)  # off the mode's subspace
     torch.testing.assert_close(torch.einsum("ndr,nds->nrs", Q, Q), torch.eye(Q.shape[-1]).expand(len(Q), -1, -1),
                                atol=1e-5, rtol=0)  # the bases are orthonormal
-    assert torch.equal(w, key_directions("k", e, 2))
-    assert not torch.allclose(w, key_directions("other", e, 2)) and not torch.allclose(w, key_directions("k", e, 3))
+    with pytest.raises(MolrmogError, match="latent"):
+        S.key_directions(torch.ones(3), e)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        u = S._encode(e, vae, held)
+        moves = torch.cat([S._encode(e, vae, train_attack(held, vae, g, [a])) - u
+                           for a in S.ATTACKS if a != "none" for _ in range(4)])
+        pushes = torch.cat([S._encode(e, vae, held + 0.01 * torch.randn(held.shape, generator=g) *
+                                      (held / S.DARK).clamp(max=1)) - u for _ in range(4)])
+
+    def ratio(d):
+        return (pushes @ d).pow(2).mean(0) / (moves @ d).pow(2).mean(0)
+
+    random = torch.randn(len(v), 200, generator=g)
+    assert float(ratio(v)) > 10 * float(ratio(random).median())  # 14-25x on four keys
 
 
 def _decoded_from_modes(run, n: int):
@@ -746,12 +768,12 @@ def test_the_manifold_fit_leaves_images_the_decoder_makes_near_zero_and_fits_awa
     at sigma 0.6, x 1.15 clipped), while a pixel change of the same PSNR as the mark's, along the key's direction,
     leaves a residual the fit cannot remove; black pixels stay black under the mark."""
     from molrmog.applications.attacks import blur
-    from molrmog.applications.subspacemark import _encode, fit_residuals, key_directions, mark_images
+    from molrmog.applications.subspacemark import _encode, fit_residuals, key_directions, key_vector, mark_images
 
     e, vae, x, mu_j = _decoded_from_modes(cycle_run, 24)
     with torch.no_grad():
         spread = (_encode(e, vae, x) - mu_j).norm(dim=1)
-    w = key_directions("k", e, 2)
+    w = key_directions(key_vector("k", e, vae, x, 2), e)
     for img in (x, blur(x, 0.6), (x * 1.15).clamp(0, 1)):
         rho, _ = fit_residuals(e, vae, img, steps=80)
         assert float((rho.norm(dim=1) / spread).median()) < 0.1
@@ -810,7 +832,8 @@ def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run,
     marked = torch.from_numpy(np.load(out / "watermarked.npy"))
     clean = embed(e, vae, 32, "12345", seed=9)[1]
     np.save(tmp_path / "clean.npy", clean.numpy())
-    s = [(statistic(e, vae, x, key_directions("12345", e, 2)) - m0).abs() / sd for x in (clean, marked)]
+    w = key_directions(torch.tensor(key["directions"]["2"]), e)
+    s = [(statistic(e, vae, x, w) - m0).abs() / sd for x in (clean, marked)]
     assert roc(*s)["auc"] > 0.95
     _detect_calls(cycle_run, out, tmp_path, capsys)
     for bad in ({"calibration": {"2": [0.0, 0.0]}}, {"calibration": {"3": [0.0, 1.0]}}, {"calibration": "x"}):
@@ -818,6 +841,15 @@ def test_subspace_watermarks_separate_marked_from_clean_on_a_tiny_run(cycle_run,
         assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
                      "--keyfile", str(tmp_path / "bad.json")]) == 2
         assert "calibration" in capsys.readouterr().err
+    for bad in ({"directions": {"2": []}}, {"directions": {"2": [1.0, "x"]}}, {"directions": {"3": [1.0]}}):
+        (tmp_path / "bad.json").write_text(json.dumps({**key, **bad}))
+        assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
+                     "--keyfile", str(tmp_path / "bad.json")]) == 2
+        assert "direction" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({**key, "directions": {"2": [1.0, 2.0]}}))  # another run's size
+    assert main(["watermark", "detect", str(cycle_run), "--images", str(tmp_path / "clean.npy"),
+                 "--keyfile", str(tmp_path / "bad.json")]) == 2
+    assert "latent" in capsys.readouterr().err
     assert main(["watermark", "embed", str(cycle_run), "--method", "subspace", "--kind", "unet", "--n", "4",
                  "--out", str(tmp_path / "wm-unet"), "--no-progress"]) == 2
     assert "MoG expert" in capsys.readouterr().err

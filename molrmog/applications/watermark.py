@@ -658,8 +658,8 @@ def white_noise_like(clean: Tensor, marked: Tensor, g: torch.Generator | None = 
 def choose_method(run, kind: str, method: str) -> str:
     """The method "auto" stands for (the default of `embed_run`, `evaluate_watermark` and the CLI): "subspace"
     where `kind`'s experts have low-rank modes (MoG), else "field" (it needs no modes) -- the two marks that meet
-    issue 18's goals from images: the subspace mark on digits at the defaults, the field on Fashion-MNIST (README;
-    the rule does not look at the dataset). Any other method is returned as given."""
+    issue 18's goals from images: the subspace mark on digits and Fashion-MNIST at the defaults, the field on
+    Fashion-MNIST too (README). Any other method is returned as given."""
     if method != AUTO:
         return method
     from molrmog.applications.subspacemark import has_modes
