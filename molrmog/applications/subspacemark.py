@@ -124,7 +124,7 @@ def key_vector(key, expert, vae, images: Tensor, cluster: int, seed: int = 0) ->
                                   .view(-1, 1, 1, 1)) - u)
     A, G = moves.T @ moves / len(moves), torch.cat(pushes).T @ torch.cat(pushes) / (len(pushes) * len(images))
     spread = torch.linalg.svd((mu - mu.mean(0)).T, full_matrices=False)[0][:, :max(len(mu) - 1, 0)]
-    unit = A.trace() / d
+    unit = (A.trace() / d).clamp_min(1e-12)  # images no attack moves still get a well-posed choice
     A = A + PENALTY * unit * (torch.einsum("ndr,ner->de", Q, Q) / len(Q) + spread @ spread.T)
     Li = torch.linalg.inv(torch.linalg.cholesky(A + 1e-3 * unit * torch.eye(d)))
     q = min(KEY_RANK, max(1, d // 4))
