@@ -115,13 +115,12 @@ def key_vector(key, expert, vae, images: Tensor, cluster: int, seed: int = 0) ->
         u = _encode(expert, vae, images)
         moves = torch.cat([_encode(expert, vae, train_attack(images, vae, g, [a])) - u
                            for a in names for _ in range(ATTACK_DRAWS)])
-        weight = (images / DARK).clamp(max=1)
+        weight = _weight(images)
         small = 0.1 * (images[0].numel() * psnr_mse(PSNR)) ** 0.5
         pushes = []
         for _ in range(ATTACK_DRAWS):
             e = torch.randn(images.shape, generator=g) * weight
-            pushes.append(_encode(expert, vae, images + small * e / e.flatten(1).norm(dim=1).clamp_min(1e-12)
-                                  .view(-1, 1, 1, 1)) - u)
+            pushes.append(_encode(expert, vae, images + small * _unit(e)) - u)
     A, G = moves.T @ moves / len(moves), torch.cat(pushes).T @ torch.cat(pushes) / (len(pushes) * len(images))
     spread = torch.linalg.svd((mu - mu.mean(0)).T, full_matrices=False)[0][:, :max(len(mu) - 1, 0)]
     unit = (A.trace() / d).clamp_min(1e-12)  # images no attack moves still get a well-posed choice
@@ -146,6 +145,16 @@ def key_directions(v: Tensor, expert) -> Tensor:
     w = v.expand(mu.shape)
     w = w - torch.einsum("ndr,nr->nd", Q, torch.einsum("ndr,nd->nr", Q, w))
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _weight(images: Tensor) -> Tensor:
+    """The marking's per-pixel weight min(1, x / DARK): a black pixel of the clean image is not moved."""
+    return (images / DARK).clamp(max=1)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """Each image (row of v, (N, C, H, W)) scaled to unit norm."""
+    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
 def _encode(expert, vae, images: Tensor) -> Tensor:
@@ -239,12 +248,9 @@ def mark_images(expert, vae, images: Tensor, w: Tensor, psnr: float = PSNR, step
     side = torch.where((rho * w[j]).sum(1) >= 0, 1.0, -1.0)[:, None]  # the side of w_j the image already lies on
     target = side * _off_tangent(expert, vae, j, p, w[j])
     radius = (images[0].numel() * mse) ** 0.5
-    weight = (images / DARK).clamp(max=1)  # the background stays black
+    weight = _weight(images)  # the background stays black
     g = torch.Generator().manual_seed(seed)
     m = torch.zeros_like(images)
-
-    def unit(v: Tensor) -> Tensor:
-        return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
     with frozen(vae, expert), torch.enable_grad():
         for it in range(steps):
@@ -253,7 +259,7 @@ def mark_images(expert, vae, images: Tensor, w: Tensor, psnr: float = PSNR, step
             gain = sum((_encode(expert, vae, train_attack(x, vae, g, [a])) * target).sum() for a in ATTACKS)
             grad, = torch.autograd.grad(gain, m)
             with torch.no_grad():
-                m = m.detach() + radius * (1.0 if it == 0 else 0.5) * unit(grad * weight)
+                m = m.detach() + radius * (1.0 if it == 0 else 0.5) * _unit(grad * weight)
                 m = m * (radius / m.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(-1, 1, 1, 1)
     return (images + m.detach()).clamp(0, 1)
 
